@@ -1,0 +1,1697 @@
+"""Shared plumbing for the three method scripts (maem_gan.py, invert_gan.py, pgm_gan.py).
+
+Nothing in this file is specific to one paper's method: only the things every script needs
+(runtime / DDP, checkpoints, logging, pictures, datasets, network architectures, and the
+Inception-based and mode-coverage metrics). A reader who wants the *method* should open the
+method script; a reader who wants to know *how* a batch reaches the GPU comes here.
+
+Sections (search for the `# ====` markers):
+    0. Errors           UsageError and run_cli: bad input -> one line on stderr, exit code 2
+    1. Runtime          device, torchrun/DDP, seeds, AMP, TF32, torch.compile, shutdown
+    2. Checkpoints      atomic save, weights_only load, RNG capture/restore
+    3. Logging          args.json, log.jsonl, console line with it/s and ETA
+    4. Pictures         image grids and 2-D scatter plots (PIL only)
+    5. Datasets         synthetic ring/grid, torchvision datasets, stacked MNIST, folders, loaders
+    6. Architectures    MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F, EMA
+    7. Metrics          FID Inception, FID/IS/Mode Score/KID/PR/PRD/I-Variance, mode coverage
+
+Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
+so `import common` stays fast (it only pays for `import torch`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+# ==================================================================================================
+# 0. Errors
+# ==================================================================================================
+
+
+class UsageError(Exception):
+    """Bad input from the user (unknown dataset, empty folder, corrupt file, ...).
+
+    Raised anywhere; `run_cli` turns it into one line on stderr and exit code 2, with no
+    traceback. Raise it *before* anything is written, so nothing is left half-done.
+    """
+
+
+def run_cli(main_fn, argv=None):
+    """Call `main_fn(argv)`; a UsageError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        return main_fn(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ==================================================================================================
+# 1. Runtime
+# ==================================================================================================
+
+import contextlib
+import datetime
+import gzip
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _env_int(name, default):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs. Built once by `setup_runtime`, passed everywhere.
+
+    `rank`/`world_size` are the global torchrun values (0/1 for a plain `python` launch);
+    `is_main` is True on exactly one process: only it logs, draws samples and saves.
+    """
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+    amp: str = "none"          # none | bf16 | fp16
+    compile: bool = False      # wrap networks with torch.compile
+    scaler: object = None      # torch.amp.GradScaler for fp16, else None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed-precision context for forward passes (a no-op with --amp none).
+
+        bf16 keeps fp32's exponent range, so it needs no loss scaling; fp16 does (see `scaler`).
+        """
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def backward_step(self, loss, optimizer, params=None, clip=None):
+        """loss.backward() + optimizer.step(), through the GradScaler when --amp fp16.
+
+        `clip` (optional) clips the gradient norm of `params` after unscaling.
+        """
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip is not None:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+
+    def wrap(self, module, compile_module=True):
+        """Put `module` on the device, optionally torch.compile it, and wrap it in DDP.
+
+        GAN-specific DDP rules the method scripts follow (they matter for correctness):
+        - `broadcast_buffers=False`: spectral-norm power-iteration vectors and BN running stats
+          are buffers; re-broadcasting them from rank 0 at every forward would overwrite them
+          in the middle of a step (two forwards before one backward). Each rank keeps its own
+          copy; they only affect evaluation, and rank 0's copy is the one that is saved.
+        - Run the *wrapped* network only in the step that trains it (its backward all-reduces
+          its gradients); elsewhere call `unwrap(net)` (e.g. D inside G's loss), so no rank
+          waits for a gradient reduction that never comes.
+        """
+        module = module.to(self.device)
+        if self.compile and compile_module:
+            module = torch.compile(module)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            module = DDP(module, device_ids=ids, broadcast_buffers=False)
+        return module
+
+    def barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_mean(self, tensor):
+        """Average a tensor over ranks (for logging: every rank contributes its batch)."""
+        if self.distributed:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
+    """Choose the device, join the torchrun process group if launched by torchrun, set AMP.
+
+    torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; a plain `python` launch has none of them.
+    NCCL is the backend on CUDA, gloo on CPU. Every rank is seeded with the *same* `seed` here,
+    so networks built next start from identical weights (DDP also broadcasts rank 0's weights);
+    call `seed_rank(rt, seed)` after building them to give each rank its own noise stream.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown --device {device!r}: choose auto, cpu or cuda")
+    if amp not in ("none", "bf16", "fp16"):
+        raise UsageError(f"unknown --amp {amp!r}: choose none, bf16 or fp16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if use_cuda:
+        if distributed:
+            torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
+        if tf32:
+            # TF32 matmuls/convs on Ampere+: ~2x faster, 10-bit mantissa; standard for GANs.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        dev = torch.device("cpu")
+    if amp == "fp16" and not use_cuda:
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"device_id": dev} if use_cuda else {}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+
+    scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
+    seed_everything(seed)
+    return Runtime(device=dev, rank=rank, local_rank=local_rank, world_size=world_size,
+                   distributed=distributed, amp=amp, compile=compile, scaler=scaler)
+
+
+def seed_rank(rt, seed):
+    """Per-rank RNG streams (noise, augmentation) once the shared-weight networks are built.
+
+    Rank 0 gets `seed` itself, so a 1-process run and rank 0 of a torchrun job draw the same z.
+    """
+    seed_everything(seed + 1_000_003 * rt.rank)
+
+
+def shutdown(rt):
+    """Leave the process group cleanly (torchrun otherwise prints warnings at exit)."""
+    if rt.distributed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def add_runtime_args(parser):
+    """The launch flags every method script shares (CLI contract in METHODS.md)."""
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same weights on all ranks)")
+    g.add_argument("--out", default=None, help="output folder (default runs/<method>-<dataset>-<seed>)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when visible, else CPU")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="mixed precision for forward passes (fp16 adds a GradScaler)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank (image folders)")
+    g.add_argument("--log-every", type=int, default=None, help="log (and check losses are finite) every N steps")
+    g.add_argument("--sample-every", type=int, default=None, help="save a sample picture every N steps")
+    g.add_argument("--ckpt-every", type=int, default=None, help="write OUT/ckpt.pt every N steps (multiple of --log-every)")
+    g.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    return g
+
+
+# ==================================================================================================
+# 2. Checkpoints
+# ==================================================================================================
+
+def save_checkpoint(path, state):
+    """Write `state` to `path` atomically: a crash mid-write never leaves a broken ckpt.pt.
+
+    torch.save goes to `path.tmp` first; os.replace is atomic on POSIX and Windows, so a
+    reader sees either the previous checkpoint or the new one, never half of one.
+    """
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, method=None):
+    """Load a checkpoint with `weights_only=True` (tensors and plain Python values only).
+
+    `method` (e.g. "invert_gan") is compared with the checkpoint's "method" entry so that a
+    checkpoint of another script is refused with one clear line instead of a key error.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-torch files
+        raise UsageError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} is not a checkpoint of this project")
+    if method is not None and ckpt.get("method") != method:
+        raise UsageError(f"{path} is a checkpoint of {ckpt.get('method', 'something else')!r}, "
+                         f"not of {method!r}")
+    return ckpt
+
+
+def load_state(module, state_dict, what, path=""):
+    """`module.load_state_dict(state_dict)`, with a shape/key mismatch reported as one line."""
+    try:
+        unwrap(module).load_state_dict(state_dict)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UsageError(f"checkpoint {path} does not fit this {what} (other architecture or "
+                         f"flags?): {first}") from None
+
+
+def rng_state():
+    """Every RNG this process draws from, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only refuses: store its keys as a tensor.
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Inverse of `rng_state`."""
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(value):
+    # random.setstate wants tuples all the way down; a checkpoint may give lists back.
+    return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def gather_rng_states(rt):
+    """RNG states of all ranks, gathered on every rank (rank 0 saves them in the checkpoint).
+
+    With torchrun each rank draws its own noise, so a bit-for-bit resume needs all of them.
+    """
+    mine = rng_state()
+    if not rt.distributed:
+        return [mine]
+    everyone = [None] * rt.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng_states(rt, states, seed):
+    """Give this rank its saved RNG state; a run resumed on another world size is reseeded."""
+    if len(states) == rt.world_size:
+        set_rng_state(states[rt.rank])
+    else:
+        if rt.is_main:
+            print(f"note: checkpoint was written by {len(states)} process(es), this run has "
+                  f"{rt.world_size}: RNG streams are reseeded, the run will not be bit-identical")
+        seed_rank(rt, seed + 7919)
+
+
+# ==================================================================================================
+# 3. Logging
+# ==================================================================================================
+
+def prepare_out_dir(out, args, resume, is_main):
+    """Create the output folder and write args.json (main process only).
+
+    A folder that already holds a run is never overwritten: without --resume that is an error,
+    so that re-running a command cannot silently destroy a finished run's checkpoint.
+    """
+    ckpt = os.path.join(out, "ckpt.pt")
+    if resume and not os.path.isfile(ckpt):
+        raise UsageError(f"--resume: no checkpoint at {ckpt}")
+    if not resume and os.path.isfile(ckpt):
+        raise UsageError(f"{out} already holds a run (ckpt.pt): pass --resume to continue it "
+                         f"or choose another --out")
+    if is_main:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        write_json(os.path.join(out, "args.json"), vars(args) if not isinstance(args, dict) else args)
+    return ckpt
+
+
+def write_json(path, obj):
+    """JSON file written atomically (temp file + os.replace)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_duration(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class LossMeter:
+    """Running sums of the losses, kept on the device: no `.item()` (GPU sync) per step.
+
+    `add(d_loss=..., g_loss=...)` every step; `flush()` at a log step returns the means since
+    the last flush as Python floats (one sync), averaged over ranks under torchrun.
+    `flush()` also reports whether any value was NaN/inf since the last flush, which the scripts
+    turn into an error *before* writing a checkpoint, so the last checkpoint is a good one.
+    """
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.sums, self.counts = {}, {}
+
+    def add(self, **values):
+        for name, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            value = value.to(self.rt.device)
+            if name in self.sums:
+                self.sums[name] += value
+                self.counts[name] += 1
+            else:
+                self.sums[name] = value.clone()
+                self.counts[name] = 1
+
+    def flush(self):
+        if not self.sums:
+            return {}, True
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        stacked = self.rt.all_mean(stacked)
+        values = stacked.tolist()                       # the one sync
+        self.sums, self.counts = {}, {}
+        means = dict(zip(names, values))
+        return means, all(math.isfinite(v) for v in values)
+
+
+class Logger:
+    """log.jsonl (one JSON object per log step) and a console line; main process only.
+
+    Console: `step 1200/24000 | d_loss 1.3412 | g_loss 0.7021 | 85.3 it/s | eta 0:04:27`.
+    On --resume, lines of log.jsonl beyond the checkpoint's step (written after the last
+    checkpoint by the run that stopped) are dropped, so the log matches the resumed run.
+    """
+
+    def __init__(self, out, is_main, total_steps, start_step=0):
+        self.is_main = is_main
+        self.total = total_steps
+        self.path = os.path.join(out, "log.jsonl")
+        self.last_time, self.last_step = time.perf_counter(), start_step
+        self.start_time, self.start_step = self.last_time, start_step
+        if is_main and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
+    def log(self, step, values, **extra):
+        now = time.perf_counter()
+        speed = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        avg = (step - self.start_step) / max(now - self.start_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        if not self.is_main:
+            return
+        record = {"step": step, **values, **extra, "it_s": round(speed, 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        parts = [f"step {step}/{self.total}"]
+        parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+        parts += [f"{speed:.1f} it/s", f"eta {format_duration((self.total - step) / max(avg, 1e-9))}"]
+        print(" | ".join(parts), flush=True)
+
+    def info(self, message):
+        if self.is_main:
+            print(message, flush=True)
+
+
+# ==================================================================================================
+# 4. Pictures
+# ==================================================================================================
+
+# Colours used by every 2-D picture: real data grey, generated points red, mode centres black.
+REAL_COLOR, FAKE_COLOR, CENTER_COLOR = (150, 150, 150), (214, 39, 40), (0, 0, 0)
+# A qualitative palette for "coloured by mode / partition" pictures (cycled when K > 20).
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+           (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+           (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)]
+
+
+def save_image_grid(images, path, nrow=None):
+    """Save a batch of images in [-1, 1], shape (B, C, H, W), as one PNG grid."""
+    from torchvision.utils import save_image
+
+    images = images.detach().float().cpu()
+    nrow = nrow or max(1, int(math.sqrt(images.shape[0])))
+    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+
+
+def plot_points(layers, extent, size=480, title=None, centers=None):
+    """Draw 2-D point clouds with PIL and return the image (no matplotlib dependency).
+
+    layers:  list of (points (N, 2) array-like, colour) where colour is one RGB tuple or an
+             (N,) integer array of palette indices (points coloured by mode/partition).
+    extent:  (xmin, xmax, ymin, ymax) in data units, mapped to the square canvas.
+    centers: optional (K, 2) mode centres, drawn as black crosses on top.
+    """
+    from PIL import Image, ImageDraw
+
+    margin, top = 24, 22 if title else 4
+    img = Image.new("RGB", (size + 2 * margin, size + margin + top), "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = extent
+
+    def to_px(p):
+        p = np.asarray(p, dtype=np.float64).reshape(-1, 2)
+        u = margin + (p[:, 0] - x0) / (x1 - x0) * size
+        v = top + (1.0 - (p[:, 1] - y0) / (y1 - y0)) * size   # y axis points up
+        return u, v
+
+    draw.rectangle([margin, top, margin + size, top + size], outline=(0, 0, 0))
+    for tick in range(math.ceil(x0), math.floor(x1) + 1):       # integer ticks on both axes
+        u, _ = to_px([[tick, y0]])
+        draw.line([u[0], top + size, u[0], top + size + 4], fill=(0, 0, 0))
+        draw.text((u[0] - 3, top + size + 5), str(tick), fill=(0, 0, 0))
+    for tick in range(math.ceil(y0), math.floor(y1) + 1):
+        _, v = to_px([[x0, tick]])
+        draw.line([margin - 4, v[0], margin, v[0]], fill=(0, 0, 0))
+        draw.text((2, v[0] - 5), str(tick), fill=(0, 0, 0))
+    for points, colour in layers:
+        u, v = to_px(points)
+        inside = (u >= margin) & (u <= margin + size) & (v >= top) & (v <= top + size)
+        if isinstance(colour, tuple):
+            cols = [colour] * len(u)
+        else:
+            cols = [PALETTE[int(c) % len(PALETTE)] for c in np.asarray(colour).reshape(-1)]
+        for a, b, c, ok in zip(u, v, cols, inside):
+            if ok:
+                draw.rectangle([a - 1, b - 1, a + 1, b + 1], fill=c)
+    if centers is not None:
+        u, v = to_px(centers)
+        for a, b in zip(u, v):
+            draw.line([a - 5, b, a + 5, b], fill=CENTER_COLOR, width=2)
+            draw.line([a, b - 5, a, b + 5], fill=CENTER_COLOR, width=2)
+    if title:
+        draw.text((margin, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def plot_bars(values, size=(480, 240), title=None, reference=None):
+    """Bar chart (PIL) of `values` (e.g. the share of samples per mode); a dashed line at
+    `reference` (e.g. 1/K, the share every mode has in the data)."""
+    from PIL import Image, ImageDraw
+
+    values = np.asarray(values, dtype=np.float64)
+    w, h = size
+    margin, top = 24, 22 if title else 6
+    img = Image.new("RGB", (w + 2 * margin, h + top + 18), "white")
+    draw = ImageDraw.Draw(img)
+    vmax = max(float(values.max()) if values.size else 1.0, reference or 0.0, 1e-12) * 1.1
+    bar = w / max(len(values), 1)
+    for i, val in enumerate(values):
+        x = margin + i * bar
+        draw.rectangle([x + 1, top + h * (1 - val / vmax), x + bar - 1, top + h],
+                       fill=PALETTE[i % len(PALETTE)])
+    if reference is not None:
+        y = top + h * (1 - reference / vmax)
+        for x in range(margin, margin + w, 8):
+            draw.line([x, y, x + 4, y], fill=(0, 0, 0))
+    draw.line([margin, top + h, margin + w, top + h], fill=(0, 0, 0))
+    draw.text((margin, top + h + 3), f"max {values.max() if values.size else 0:.3f}", fill=(0, 0, 0))
+    if title:
+        draw.text((margin, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def plot_heatmap(values, extent, size=480, title=None):
+    """A (H, W) array of values over the plane `extent` as a blue(low)->yellow(high) map."""
+    from PIL import Image, ImageDraw
+
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    t = (v - lo) / max(hi - lo, 1e-12)
+    rgb = np.stack([t * 253 + (1 - t) * 68, t * 231 + (1 - t) * 1, t * 37 + (1 - t) * 84], -1)
+    heat = Image.fromarray(rgb[::-1].astype(np.uint8)).resize((size, size), Image.NEAREST)
+    top = 22 if title else 4
+    img = Image.new("RGB", (size + 8, size + top + 18), "white")
+    img.paste(heat, (4, top))
+    draw = ImageDraw.Draw(img)
+    draw.text((4, top + size + 3), f"x, y in [{extent[0]}, {extent[1]}] x [{extent[2]}, {extent[3]}]; "
+              f"min {lo:.3g} (dark) max {hi:.3g} (yellow)", fill=(0, 0, 0))
+    if title:
+        draw.text((4, 4), title, fill=(0, 0, 0))
+    return img
+
+
+def hconcat(images, path=None):
+    """Paste PIL images side by side (top-aligned); save to `path` if given."""
+    from PIL import Image
+
+    width = sum(im.width for im in images)
+    height = max(im.height for im in images)
+    canvas = Image.new("RGB", (width, height), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    if path is not None:
+        canvas.save(path)
+    return canvas
+
+
+def extent_for(dataset, margin=1.0):
+    """Plot window of the synthetic datasets: all modes plus a margin, square."""
+    centers, _ = synthetic_modes(dataset)
+    lim = float(centers.abs().max()) + margin
+    return (-lim, lim, -lim, lim)
+
+
+# ==================================================================================================
+# 5. Datasets
+# ==================================================================================================
+
+# --- The table of datasets -------------------------------------------------------------------
+# kind "points": 2-D synthetic mixtures (x is a (2,) vector); kind "image": (C, H, W) in [-1, 1].
+# img_size is the default resolution (METHODS.md); n_classes is the number of labels/modes
+# (None for folder: it is the number of sub-folders; 0 when the data has no labels).
+DATASETS = {
+    "ring": dict(kind="points", channels=2, img_size=1, n_classes=8),
+    "grid": dict(kind="points", channels=2, img_size=1, n_classes=25),
+    "mnist": dict(kind="image", channels=1, img_size=28, n_classes=10),
+    "fashion-mnist": dict(kind="image", channels=1, img_size=28, n_classes=10),
+    "stacked-mnist": dict(kind="image", channels=3, img_size=32, n_classes=1000),
+    "stacked-fashion-mnist": dict(kind="image", channels=3, img_size=32, n_classes=1000),
+    "cifar10": dict(kind="image", channels=3, img_size=32, n_classes=10),
+    "cifar100": dict(kind="image", channels=3, img_size=32, n_classes=100),
+    "stl10": dict(kind="image", channels=3, img_size=48, n_classes=10),
+    "celeba": dict(kind="image", channels=3, img_size=256, n_classes=0),
+    "folder": dict(kind="image", channels=3, img_size=64, n_classes=None),
+}
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian dataset-fashion-mnist
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def dataset_info(name):
+    """The DATASETS entry of `name`, or a UsageError listing the known names."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return dict(DATASETS[name])
+
+
+def default_data_root(name):
+    """./data/<family>, except Fashion-MNIST, read from the Debian package's folder if present."""
+    family = {"stacked-mnist": "mnist", "stacked-fashion-mnist": "fashion-mnist"}.get(name, name)
+    if family == "fashion-mnist" and os.path.isdir(FASHION_MNIST_SYSTEM_DIR):
+        return FASHION_MNIST_SYSTEM_DIR
+    return os.path.join("data", family)
+
+
+# --- Synthetic 2-D mixtures (ring, grid) ------------------------------------------------------
+# Standard deviations: 0.01 (ring) and 0.05 (grid), the values of the mode-collapse literature
+# (VEEGAN, PacGAN and the PGMGAN code). InvertGAN's Sec. 5.1 says "standard deviation 0.001 /
+# 0.0025", which read like variances (sqrt(0.0025) = 0.05 is exactly the grid's std), and writes
+# the ring means as (2cos, 2cos), a typo for (2cos, 2sin). `--data-std` overrides the default.
+SYNTHETIC_STD = {"ring": 0.01, "grid": 0.05}
+
+
+def synthetic_modes(name, data_std=None):
+    """Mode centres (K, 2) and the per-mode std of `ring` (K=8, radius 2) or `grid` (K=25)."""
+    if name == "ring":
+        angle = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+        centers = torch.stack([2 * torch.cos(angle), 2 * torch.sin(angle)], 1)
+    elif name == "grid":
+        ij = torch.arange(-2, 3, dtype=torch.float64)
+        centers = torch.stack(torch.meshgrid(2 * ij, 2 * ij, indexing="ij"), -1).reshape(-1, 2)
+    else:
+        raise UsageError(f"{name!r} is not a 2-D dataset (ring, grid)")
+    return centers.float(), float(SYNTHETIC_STD[name] if data_std is None else data_std)
+
+
+class PointDataset(torch.utils.data.Dataset):
+    """In-memory (N, 2) points with their mode labels; `get_batch` indexes without a DataLoader."""
+
+    def __init__(self, points, labels):
+        self.points, self.labels = points, labels
+
+    def __len__(self):
+        return len(self.points)
+
+    def __getitem__(self, i):
+        return self.points[i], self.labels[i]
+
+    def get_batch(self, idx):
+        return self.points[idx], self.labels[idx]
+
+
+def make_synthetic(name, n_points=100_000, data_std=None, seed=0):
+    """`n_points` samples split equally over the modes (12.5K per ring mode, 4K per grid mode,
+    InvertGAN Sec. 5.1), drawn with a fixed seed so every run sees the same training set."""
+    centers, std = synthetic_modes(name, data_std)
+    k = len(centers)
+    per_mode = n_points // k
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(k).repeat_interleave(per_mode)
+    points = centers[labels] + std * torch.randn(len(labels), 2, generator=gen)
+    return PointDataset(points, labels)
+
+
+# --- In-memory image arrays (MNIST, CIFAR, STL-10, stacked MNIST) --------------------------------
+def _resize_uint8(images, size, chunk=2048):
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear with antialias, in chunks."""
+    import torch.nn.functional as F
+
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[i:i + chunk] = x.round().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) kept in memory; items are float in [-1, 1] and int labels."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
+
+    def get_batch(self, idx):
+        return self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
+
+
+class StackedDataset(torch.utils.data.Dataset):
+    """Stacked (Fashion-)MNIST: three grey images in the R, G, B channels, 1000 modes.
+
+    Item i stacks base images (i, p[i], q[i]) for two fixed random permutations p, q (seeded),
+    so the training set is a fixed set of len(base) triplets. Label = 100*a + 10*b + c, where
+    a, b, c are the labels of the R, G and B channels.
+    """
+
+    def __init__(self, base_images, base_labels, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        n = len(base_images)
+        self.triplets = torch.stack([torch.arange(n), torch.randperm(n, generator=gen),
+                                     torch.randperm(n, generator=gen)], 1)   # (N, 3)
+        self.base_images, self.base_labels = base_images, base_labels
+        digits = base_labels[self.triplets]                                  # (N, 3)
+        self.labels = digits[:, 0] * 100 + digits[:, 1] * 10 + digits[:, 2]
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, i):
+        x, y = self.get_batch(torch.tensor([i]))
+        return x[0], int(y[0])
+
+    def get_batch(self, idx):
+        trip = self.triplets[idx]                                            # (B, 3)
+        x = self.base_images[trip.reshape(-1)]                               # (3B, 1, H, W)
+        x = x.reshape(len(trip), 3, *x.shape[-2:])                           # (B, 3, H, W)
+        return x.float() / 127.5 - 1.0, self.labels[idx]
+
+
+def read_idx(path):
+    """Read an IDX file (the MNIST format), gzipped or not, into a uint8 tensor."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+            raise ValueError("bad magic number")
+        ndim = data[3]
+        dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return torch.from_numpy(body.reshape(dims).copy())
+    except (OSError, EOFError, ValueError) as err:
+        raise UsageError(f"cannot read IDX file {path}: {err}") from None
+
+
+def _find_file(root, names, subdirs):
+    for sub in subdirs:
+        for name in names:
+            path = os.path.join(root, sub, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def load_mnist_like(name, root, split="train", download=False):
+    """MNIST / Fashion-MNIST as (uint8 (N, 1, 28, 28), labels).
+
+    Looks for the four IDX files (gzipped or not) directly in `root` (the layout of Debian's
+    dataset-fashion-mnist package) and in torchvision's `root/<Class>/raw` layout.
+    """
+    tv_class = "MNIST" if name == "mnist" else "FashionMNIST"
+    subdirs = ["", "raw", os.path.join(tv_class, "raw")]
+    if download:
+        import torchvision
+
+        getattr(torchvision.datasets, tv_class)(root, train=True, download=True)
+        getattr(torchvision.datasets, tv_class)(root, train=False, download=True)
+    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}
+    if split not in parts:
+        raise UsageError(f"unknown split {split!r} for {name}: choose train, test or all")
+    images, labels = [], []
+    for prefix in parts[split]:
+        found = []
+        for kind, magic in (("images", "idx3"), ("labels", "idx1")):
+            base = f"{prefix}-{kind}-{magic}-ubyte"
+            path = _find_file(root, [base + ".gz", base], subdirs)
+            if path is None:
+                raise UsageError(f"no {name} files in {root} (looked for {base}[.gz] in "
+                                 f"{root} and {os.path.join(root, tv_class, 'raw')}); "
+                                 f"pass --data-root or --download")
+            found.append(read_idx(path))
+        if found[0].shape[0] != found[1].shape[0]:
+            raise UsageError(f"{name} in {root}: {found[0].shape[0]} images but "
+                             f"{found[1].shape[0]} labels")
+        images.append(found[0].unsqueeze(1))
+        labels.append(found[1].long())
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_cifar(name, root, split="train", download=False):
+    """CIFAR-10/100 from the python pickle batches (torchvision's layout), uint8 (N, 3, 32, 32).
+
+    Read directly (not through torchvision's class, which insists on the official MD5 sums,
+    so that the tests can feed it small files written in the same format).
+    """
+    import pickle
+
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    if download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(root, train=True, download=True)
+    if name == "cifar10":
+        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    else:
+        files = {"train": ["train"], "test": ["test"]}
+    files["all"] = files["train"] + files["test"]
+    if split not in files:
+        raise UsageError(f"unknown split {split!r} for {name}: choose train, test or all")
+    images, labels = [], []
+    for fname in files[split]:
+        path = os.path.join(root, folder, fname)
+        if not os.path.isfile(path):
+            raise UsageError(f"missing {name} file {path}; pass --data-root or --download")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            lab = batch["labels"] if "labels" in batch else batch["fine_labels"]
+        except Exception as err:
+            raise UsageError(f"cannot read {name} batch {path}: {type(err).__name__}") from None
+        images.append(torch.from_numpy(data.copy()))
+        labels.append(torch.as_tensor(lab, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_stl10(root, split="train+unlabeled", download=False):
+    """STL-10 binary files (torchvision's `stl10_binary` layout) as uint8 (N, 3, 96, 96).
+
+    Unlabeled images get label -1. The files store each image column-major: transpose H and W.
+    """
+    if download:
+        import torchvision
+
+        torchvision.datasets.STL10(root, split="train", download=True)
+    parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
+             "train+unlabeled": ["train", "unlabeled"], "all": ["train", "test", "unlabeled"]}
+    if split not in parts:
+        raise UsageError(f"unknown split {split!r} for stl10: choose {', '.join(parts)}")
+    images, labels = [], []
+    for part in parts[split]:
+        xpath = os.path.join(root, "stl10_binary", f"{part}_X.bin")
+        if not os.path.isfile(xpath):
+            raise UsageError(f"missing STL-10 file {xpath}; pass --data-root or --download")
+        raw = np.fromfile(xpath, dtype=np.uint8)
+        if raw.size % (3 * 96 * 96):
+            raise UsageError(f"cannot read STL-10 file {xpath}: size is not a whole number of images")
+        x = torch.from_numpy(raw.reshape(-1, 3, 96, 96)).transpose(2, 3).contiguous()
+        ypath = os.path.join(root, "stl10_binary", f"{part}_y.bin")
+        if os.path.isfile(ypath):
+            y = torch.from_numpy(np.fromfile(ypath, dtype=np.uint8).astype(np.int64) - 1)
+        else:
+            y = torch.full((len(x),), -1, dtype=torch.long)
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+# --- Image files (CelebA, folders: AnimeFace, FFHQ, ImageNet) ----------------------------------
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Images read from files on the fly: centre crop (square, or `crop` pixels), resize, [-1, 1].
+
+    An unreadable file stops the run with a UsageError that names it.
+    """
+
+    def __init__(self, files, labels, img_size, crop=None):
+        self.files, self.labels, self.img_size, self.crop = files, labels, img_size, crop
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as err:
+            raise UsageError(f"cannot read image {path}: {type(err).__name__}") from None
+        w, h = im.size
+        side = min(w, h) if self.crop is None else min(self.crop, w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        if side != self.img_size:
+            im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return x.float() / 127.5 - 1.0, self.labels[i]
+
+
+def list_images(root):
+    """Every image file under `root` (recursive, sorted) and ImageFolder-style labels: the index
+    of its first-level sub-folder (0 for files directly in `root`)."""
+    if not os.path.isdir(root):
+        raise UsageError(f"data folder {root} does not exist")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UsageError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({os.path.relpath(f, root).split(os.sep)[0] for f in files
+                      if os.sep in os.path.relpath(f, root)})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(os.path.relpath(f, root).split(os.sep)[0], 0) for f in files]
+    return files, labels
+
+
+def load_celeba_files(root, split="train", download=False):
+    """CelebA's aligned images (torchvision layout: root/celeba/img_align_celeba/*.jpg) and
+    the official partition file list_eval_partition.txt (0 train, 1 valid, 2 test)."""
+    if download:
+        import torchvision
+
+        torchvision.datasets.CelebA(root, split="all", download=True)
+    base = os.path.join(root, "celeba") if os.path.isdir(os.path.join(root, "celeba")) else root
+    img_dir = os.path.join(base, "img_align_celeba")
+    files, _ = list_images(img_dir)
+    parts = {"train": {0}, "valid": {1}, "test": {2}, "all": {0, 1, 2}}
+    if split not in parts:
+        raise UsageError(f"unknown split {split!r} for celeba: choose {', '.join(parts)}")
+    part_file = os.path.join(base, "list_eval_partition.txt")
+    if split != "all":
+        if not os.path.isfile(part_file):
+            raise UsageError(f"missing {part_file} (needed for split {split!r}; or use split all)")
+        with open(part_file) as f:
+            keep = {line.split()[0] for line in f if line.strip() and int(line.split()[1]) in parts[split]}
+        files = [p for p in files if os.path.basename(p) in keep]
+        if not files:
+            raise UsageError(f"no CelebA images of split {split!r} in {img_dir}")
+    return files
+
+
+# --- One entry point ----------------------------------------------------------------------------
+def build_dataset(name, root=None, split="train", img_size=None, download=False, data_std=None,
+                  n_points=100_000, seed=0):
+    """Any dataset of DATASETS as a torch Dataset of (x, y); x in [-1, 1].
+
+    split: "train" (default), "test", "all" (train+test; MaEM's CIFAR-10 runs use it), and for
+    STL-10 also "unlabeled" / "train+unlabeled". img_size: None = the dataset's default.
+    """
+    info = dataset_info(name)
+    if info["kind"] == "points":
+        return make_synthetic(name, n_points, data_std, seed)
+    root = root or default_data_root(name)
+    size = img_size or info["img_size"]
+    if name in ("mnist", "fashion-mnist", "stacked-mnist", "stacked-fashion-mnist"):
+        base = "mnist" if "fashion" not in name else "fashion-mnist"
+        if not download and not os.path.isdir(root):
+            raise UsageError(f"data folder {root} does not exist; pass --data-root or --download")
+        images, labels = load_mnist_like(base, root, split, download)
+        images = _resize_uint8(images, size)
+        if name.startswith("stacked"):
+            return StackedDataset(images, labels, seed)
+        return TensorImageDataset(images, labels)
+    if name in ("cifar10", "cifar100"):
+        images, labels = load_cifar(name, root, split, download)
+        return TensorImageDataset(_resize_uint8(images, size), labels)
+    if name == "stl10":
+        images, labels = load_stl10(root, "train+unlabeled" if split == "train" else split, download)
+        return TensorImageDataset(_resize_uint8(images, size), labels)
+    if name == "celeba":
+        files = load_celeba_files(root, split, download)
+        # Crop the central 178x178 face region of the aligned 178x218 images, then resize.
+        return ImageFileDataset(files, [0] * len(files), size, crop=178)
+    files, labels = list_images(root)                   # "folder"
+    return ImageFileDataset(files, labels, size)
+
+
+# --- Batches -----------------------------------------------------------------------------------
+def _clean_worker_error(err):
+    # A UsageError raised in a DataLoader worker comes back with the worker's traceback in its
+    # message; keep only the original one-line message.
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(err)
+    return last.split("UsageError: ", 1)[-1]
+
+
+class BatchStream:
+    """An endless stream of batches for training: DistributedSampler + set_epoch, resumable.
+
+    `batch_size` is the *global* batch; each of the `world_size` ranks gets batch_size/world_size
+    different samples (DistributedSampler splits each epoch's permutation). The stream counts
+    epochs and the batches used in the current one; `state_dict()` saves them, so a resumed run
+    continues with exactly the next batch. In-memory datasets are indexed directly
+    (`get_batch`), file-backed ones go through a DataLoader with `num_workers` workers.
+    """
+
+    def __init__(self, dataset, batch_size, rt, shuffle=True, seed=0, num_workers=0):
+        from torch.utils.data.distributed import DistributedSampler
+
+        if batch_size % rt.world_size:
+            raise UsageError(f"--batch-size {batch_size} is not divisible by the world size "
+                             f"{rt.world_size}")
+        self.dataset, self.rt, self.num_workers = dataset, rt, num_workers
+        self.per_rank = batch_size // rt.world_size
+        self.sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank,
+                                          shuffle=shuffle, seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.per_rank
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"the dataset has {len(dataset)} samples, fewer than one batch of "
+                             f"{batch_size}")
+        self.epoch, self.pos, self._it = 0, 0, None
+
+    def _start_epoch(self):
+        self.sampler.set_epoch(self.epoch)
+        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        n = self.steps_per_epoch * self.per_rank
+        batches = idx[:n].view(self.steps_per_epoch, self.per_rank)[self.pos:]
+        if hasattr(self.dataset, "get_batch"):
+            self._it = (self.dataset.get_batch(b) for b in batches)
+        else:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches.tolist(), num_workers=self.num_workers,
+                pin_memory=self.rt.device.type == "cuda")
+            self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._start_epoch()
+        try:
+            x, y = next(self._it)
+        except StopIteration:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._start_epoch()
+            x, y = next(self._it)
+        except UsageError as err:
+            raise UsageError(_clean_worker_error(err)) from None
+        self.pos += 1
+        non_blocking = self.rt.device.type == "cuda"
+        return x.to(self.rt.device, non_blocking=non_blocking), torch.as_tensor(y).to(self.rt.device)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._it = int(state["epoch"]), int(state["pos"]), None
+
+
+def make_loader(dataset, batch_size, rt=None, shuffle=False, drop_last=False, num_workers=0, seed=0):
+    """A plain DataLoader for one pass over a dataset (evaluation, statistics, pretext features).
+
+    Under torchrun (rt.distributed) each rank reads its own share through a DistributedSampler.
+    """
+    sampler = None
+    if rt is not None and rt.distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        drop_last=drop_last, num_workers=num_workers, generator=gen)
+
+
+# ==================================================================================================
+# 6. Architectures
+# ==================================================================================================
+
+# Every network the three scripts train, built from a handful of shared pieces. Sources:
+#
+#   MLP                      InvertGAN Sec. 5.1 ("four linear layers with ReLU") for G, D and F on
+#                            2-D data; PGMGAN's 2-D D/G with a per-class head / label embedding.
+#   DCGANGenerator/-Disc.    MaEM-GAN's CIFAR-10 / CelebA backbone. Kernel sizes, strides, bias-free
+#                            convs and the orthogonal-initialised SN linear head are read from the
+#                            official code (HaozheLiu-ST/MEE, models.py: DCGAN_G / DCGAN_D).
+#   ResNetGenerator/-Disc.   SNGAN (Miyato et al. 2018, pfnet-research/sngan_projection) layouts at
+#                            32 / 48 / 64 / 128, used by PGMGAN (Sec. 5: "architecture of SN-GAN"),
+#                            InvertGAN's image D and MaEM-GAN's AnimeFace backbone.
+#   InvertResNetGenerator,   InvertGAN Appendix A.2, Tables 4 and 3. The tables match, block for block
+#   ResNetEncoder            (hidden width min(c_in, c_out), 1x1 shortcut only where channels change,
+#                            3x3/stride-2 average pools), the ResnetBlock of Mescheder et al. 2018
+#                            (LMescheder/GAN_stability, resnet2.py), so we take the details the tables
+#                            leave out (LeakyReLU 0.2 pre-activation, residual scaled by 0.1, no
+#                            normalisation, nearest upsampling, PyTorch's default init) from there.
+#
+# Conventions shared by all of them:
+#   * G.forward(z, y=None) -> images in [-1, 1] (tanh), (B, channels, img_size, img_size); the MLP
+#     generator returns flat vectors (B, data_dim) with no output activation (2-D data is not bounded).
+#   * D.forward(x, y=None) -> (B, out_dim). A class-conditional D (n_classes > 0) has one output head
+#     per class: with y it returns each sample's own head (B, out_dim); without y all heads
+#     (B, n_classes, out_dim) (PGMGAN's guide and its rejection step look at every head).
+#   * `width` is the base channel count; each class says how its channel numbers derive from it, and
+#     width=64 always gives the paper's numbers.
+#   * Spectral norm uses torch's parametrization API, so the raw weight lives at
+#     `<layer>.parametrizations.weight.original` and `parametrize.is_parametrized(layer, "weight")`
+#     tells whether a layer has it. Weights are initialised *before* SN is attached (so SN's first
+#     power iterations see the final weights).
+
+import copy
+import math
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
+
+
+def _check_size(arch, img_size, supported):
+    """Raise a one-line UsageError if `arch` has no layout for `img_size`."""
+    if img_size not in supported:
+        sizes = ", ".join(str(s) for s in supported)
+        raise UsageError(f"architecture '{arch}' supports img_size {sizes}; got {img_size}")
+
+
+def _raw_weight(layer):
+    """The trainable weight of a layer, also when spectral norm wraps it (the `original` tensor)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def add_spectral_norm(module):
+    """Put spectral norm (Miyato et al. 2018: W / sigma_max(W), one power iteration per training
+    forward) on every Conv / ConvTranspose / Linear weight inside `module`, in place; returns it.
+    Embeddings and norm layers are left alone (SNGAN puts SN on convs and linears only)."""
+    for layer in list(module.modules()):
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and \
+                not parametrize.is_parametrized(layer, "weight"):
+            _torch_spectral_norm(layer)
+    return module
+
+
+def init_weights(module, scheme):
+    """Initialise every layer of `module` in place following one paper's code; returns `module`.
+
+    scheme:
+      "dcgan"   Radford et al. / MaEM official `weights_init`: conv and conv-transpose weights
+                N(0, 0.02); BatchNorm weight N(1, 0.02), bias 0. Linear layers orthogonal, as the
+                official DCGAN_D initialises its (spectral-normed) output layer.
+      "sngan"   SNGAN's Chainer code: GlorotUniform(sqrt(2)) on the two 3x3 convs of each residual
+                branch (layers named `conv1` / `conv2`), GlorotUniform(1) on everything else
+                (1x1 shortcuts, first linear, last conv, output heads); biases 0.
+      "n02"     BigGAN's 'N02' (what PGMGAN's official config uses): N(0, 0.02) on every conv and
+                linear weight, biases left as PyTorch made them.
+      "default" PyTorch's own initialisation (Mescheder et al.'s GAN_stability does no re-init;
+                used for InvertGAN's networks and the MLPs).
+    Conditional-BN gains/biases are never touched: they start at 1 / 0 in every scheme.
+    Spectral-normed layers are handled (the raw `original` weight is initialised).
+    """
+    if scheme not in ("dcgan", "sngan", "n02", "default"):
+        raise ValueError(f"unknown init scheme {scheme!r}")
+    if scheme == "default":
+        return module
+    with torch.no_grad():
+        for name, layer in module.named_modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                w = _raw_weight(layer)
+                if scheme == "dcgan":
+                    if isinstance(layer, nn.Linear):
+                        nn.init.orthogonal_(w)
+                    else:
+                        nn.init.normal_(w, 0.0, 0.02)
+                elif scheme == "sngan":
+                    residual = name.rsplit(".", 1)[-1] in ("conv1", "conv2")
+                    nn.init.xavier_uniform_(w, gain=math.sqrt(2.0) if residual else 1.0)
+                    if layer.bias is not None:
+                        nn.init.zeros_(layer.bias)
+                else:  # n02
+                    nn.init.normal_(w, 0.0, 0.02)
+            elif isinstance(layer, nn.BatchNorm2d) and layer.affine and scheme == "dcgan":
+                nn.init.normal_(layer.weight, 1.0, 0.02)
+                nn.init.zeros_(layer.bias)
+    return module
+
+
+class CondBatchNorm2d(nn.Module):
+    """BatchNorm2d whose gain and bias are looked up per class (de Vries et al. 2017; SNGAN's
+    conditional G, BigGAN). With n_classes=0 it is a plain affine BatchNorm2d.
+
+    Official code (PGMGAN, BigGAN's ccbn): gain = 1 + Embedding(y) with the embedding drawn from
+    N(0, 0.02); here gain = Embedding(y) started at exactly 1 and bias at 0, i.e. every class
+    starts as the same unconditional BN (the difference is the 0.02 noise at step 0).
+    """
+
+    def __init__(self, num_features, n_classes=0):
+        super().__init__()
+        self.n_classes = n_classes
+        self.bn = nn.BatchNorm2d(num_features, affine=(n_classes == 0))
+        if n_classes > 0:
+            self.gain = nn.Embedding(n_classes, num_features)
+            self.bias = nn.Embedding(n_classes, num_features)
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x, y=None):
+        x = self.bn(x)
+        if self.n_classes == 0:
+            return x
+        if y is None:
+            raise ValueError("a class-conditional generator needs labels y")
+        return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]  # (B, C, H, W)
+
+
+class OutputHeads(nn.Module):
+    """The last linear layer of every D: a shared head plus, if n_classes > 0, one head per class.
+
+    out_c(h) = shared(h) + per_class_c(h). This is how PGMGAN's official D realises its k
+    discriminators (biggan.py: `linear(h)` plus the row of `linear_c(h)` of the label): one shared
+    trunk, a per-partition output. Adding a shared term to a per-class term is the same function
+    class as separate per-class heads; the shared bias makes a separate per-class bias redundant.
+    """
+
+    def __init__(self, in_features, out_dim, n_classes=0, bias=True):
+        super().__init__()
+        # Spectral norm, where wanted, is added by the owning network after its init.
+        self.out_dim, self.n_classes = out_dim, n_classes
+        self.shared = nn.Linear(in_features, out_dim, bias=bias)
+        self.per_class = nn.Linear(in_features, n_classes * out_dim, bias=False) if n_classes > 0 else None
+
+    def forward(self, h, y=None):
+        out = self.shared(h)  # (B, out_dim)
+        if self.per_class is None:
+            return out
+        out = out.unsqueeze(1) + self.per_class(h).view(h.shape[0], self.n_classes, self.out_dim)
+        if y is None:
+            return out  # (B, n_classes, out_dim): every head
+        return out[torch.arange(h.shape[0], device=h.device), y]  # (B, out_dim): each sample's head
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """n_layers Linear layers with `act` in between and nothing after the last (InvertGAN Sec. 5.1:
+    G, D and F on the 2-D ring/grid are "four linear layers with ReLU"). Input is flattened.
+
+    Conditioning (n_classes > 0), two kinds, chosen by `cond`:
+      "head"  (a discriminator, PGMGAN 2-D D): the last layer is an OutputHeads; forward(x, y)
+              -> (B, out_dim) for each sample's class, forward(x) -> (B, n_classes, out_dim).
+      "input" (a generator, PGMGAN 2-D G): a learned per-class embedding of `embed_dim` numbers is
+              *concatenated* to the input (z), as in Mescheder et al.'s conditional generators;
+              forward(z, y) -> (B, out_dim).
+    """
+
+    def __init__(self, in_dim, out_dim, hidden=128, n_layers=4, act="relu", n_classes=0,
+                 cond="head", embed_dim=32):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError("MLP needs n_layers >= 1")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose from {sorted(_ACTIVATIONS)}")
+        if cond not in ("head", "input"):
+            raise ValueError("cond must be 'head' or 'input'")
+        self.n_classes, self.cond = n_classes, cond
+        self.embed = nn.Embedding(n_classes, embed_dim) if (n_classes > 0 and cond == "input") else None
+        dims = [in_dim + (embed_dim if self.embed is not None else 0)] + [hidden] * (n_layers - 1)
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), _ACTIVATIONS[act]()]
+        self.body = nn.Sequential(*layers)  # (B, hidden), empty when n_layers == 1
+        head_classes = n_classes if cond == "head" else 0
+        self.head = OutputHeads(dims[-1], out_dim, head_classes)
+
+    def forward(self, x, y=None):
+        x = x.flatten(1)  # (B, in_dim)
+        if self.embed is not None:
+            if y is None:
+                raise ValueError("a class-conditional MLP generator needs labels y")
+            x = torch.cat([x, self.embed(y)], dim=1)  # (B, in_dim + embed_dim)
+        return self.head(self.body(x), y)
+
+
+# ------------------------------------------------------------------------------------------------
+# DCGAN (MaEM-GAN CIFAR-10 / CelebA)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dcgan_channels(res, img_size, width, max_mult):
+    """Channels of the DCGAN feature map at resolution `res` (G and D mirror each other).
+
+    2*width at img_size/2, doubling at every halving of the resolution, so at img_size 32 and
+    width 64: 16x16 -> 128, 8x8 -> 256, 4x4 -> 512 (the paper's 512-256-128 / 128-256-512).
+    Official code: G_h_size * img_size/8 at 4x4 with no cap (1024 at 64, 4096 at 256); we cap at
+    max_mult*width (512 by default) so large sizes stay trainable. max_mult=None = no cap (official).
+    """
+    ch = 2 * width * (img_size // 2) // res
+    return ch if max_mult is None else min(ch, max_mult * width)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN G (official MaEM DCGAN_G): z -> ConvT 4x4 s1 to 4x4 -> [ConvT 4x4 s2 p1 + BN + ReLU]
+    until img_size/2 -> ConvT 4x4 s2 p1 to `channels` -> tanh. Bias-free convs (BN follows).
+    Sizes 32/64/128/256 differ only in the number of stride-2 blocks. With n_classes > 0 every
+    BN becomes a conditional BN (per-class gain/bias)."""
+
+    def __init__(self, z_dim, img_size, channels=3, width=64, n_classes=0, max_mult=8):
+        super().__init__()
+        _check_size("dcgan", img_size, (32, 64, 128, 256))
+        self.z_dim = z_dim
+        res = [4 * 2 ** i for i in range(int(math.log2(img_size)) - 2)]  # 4, 8, ..., img_size/2
+        ch = [_dcgan_channels(r, img_size, width, max_mult) for r in res]
+        # convs[0]: (B, z, 1, 1) -> (B, ch0, 4, 4); convs[i]: doubles the resolution.
+        self.convs = nn.ModuleList(
+            [nn.ConvTranspose2d(z_dim, ch[0], 4, 1, 0, bias=False)]
+            + [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False) for a, b in zip(ch[:-1], ch[1:])])
+        self.norms = nn.ModuleList([CondBatchNorm2d(c, n_classes) for c in ch])
+        self.to_img = nn.ConvTranspose2d(ch[-1], channels, 4, 2, 1, bias=False)
+        init_weights(self, "dcgan")
+
+    def forward(self, z, y=None):
+        h = z.view(z.shape[0], self.z_dim, 1, 1)  # (B, z, 1, 1)
+        for conv, norm in zip(self.convs, self.norms):
+            h = F.relu(norm(conv(h), y))  # (B, ch_r, r, r), r = 4 ... img_size/2
+        return torch.tanh(self.to_img(h))  # (B, channels, img_size, img_size)
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN D (official MaEM DCGAN_D): [Conv 4x4 s2 p1 + LeakyReLU 0.2] from img_size down to
+    4x4, no BN, bias-free convs, spectral norm on every conv and on the linear head
+    (ch*4*4 -> out_dim, orthogonal init, no bias). MaEM-GAN reads its m-dim code (or mu/logvar:
+    out_dim = 2m) from this head."""
+
+    def __init__(self, img_size, channels=3, width=64, out_dim=1, n_classes=0, spectral_norm=True,
+                 max_mult=8):
+        super().__init__()
+        _check_size("dcgan", img_size, (32, 64, 128, 256))
+        res = [img_size // 2 ** i for i in range(1, int(math.log2(img_size)) - 1)]  # img/2 ... 4
+        ch = [_dcgan_channels(r, img_size, width, max_mult) for r in res]
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 4, 2, 1, bias=False)
+                                    for a, b in zip([channels] + ch[:-1], ch)])
+        self.head = OutputHeads(ch[-1] * 4 * 4, out_dim, n_classes, bias=False)
+        init_weights(self, "dcgan")
+        if spectral_norm:
+            add_spectral_norm(self)
+
+    def forward(self, x, y=None):
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)  # (B, ch_r, r, r), r = img_size/2 ... 4
+        return self.head(h.flatten(1), y)  # (B, out_dim) or (B, n_classes, out_dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# SNGAN-style ResNets (PGMGAN, InvertGAN's image D, MaEM-GAN AnimeFace)
+# ------------------------------------------------------------------------------------------------
+
+# Per image size: G starts from bottom x bottom; `g` lists G's channels as multiples of `width`
+# (input of each up-block, then the output of the last: len(g) - 1 up-blocks); `d` lists D's block
+# output channels and `down` which D blocks halve the resolution (the first one is SNGAN's
+# "optimized" block). With width=64 these are SNGAN's layouts (Miyato et al. 2018, Tables 3-6):
+#   32  (CIFAR):  G 256 ch from 4x4, 3 up-blocks;    D 128 ch, 4 blocks, 32 -> 16 -> 8 -> 8 -> 8
+#   48  (STL-10): G 512 -> 64 from 6x6, 3 up-blocks; D 64 -> 1024, 48 -> 24 -> 12 -> 6 -> 3 -> 3
+#   64:           G 1024 -> 64 from 4x4, 4 blocks;   D 64 -> 1024, 64 -> ... -> 2
+#   128:          G 1024 -> 64 from 4x4, 5 blocks;   D 64 -> 1024 -> 1024, 128 -> ... -> 4 -> 4
+# Official code (PGMGAN, BigGAN code base): at 32 it uses 256 channels in D as well ("wide" D),
+# SN also in G, and N(0, 0.02) init; we follow SNGAN, which its paper cites (Sec. 5). Pass
+# init="n02" / spectral_norm=True (G) for the official choices.
+_RESNET_LAYOUTS = {
+    32: dict(bottom=4, g=(4, 4, 4, 4), d=(2, 2, 2, 2), down=(True, True, False, False)),
+    48: dict(bottom=6, g=(8, 4, 2, 1), d=(1, 2, 4, 8, 16), down=(True, True, True, True, False)),
+    64: dict(bottom=4, g=(16, 8, 4, 2, 1), d=(1, 2, 4, 8, 16), down=(True,) * 5),
+    128: dict(bottom=4, g=(16, 16, 8, 4, 2, 1), d=(1, 2, 4, 8, 16, 16),
+              down=(True, True, True, True, True, False)),
+}
+
+
+class GBlock(nn.Module):
+    """SNGAN generator block: (c)BN - ReLU - up x2 - conv3x3 - (c)BN - ReLU - conv3x3, plus a
+    shortcut up x2 - conv1x1 (always learned: the block upsamples). Nearest-neighbour upsampling
+    as SNGAN's unpooling and BigGAN's F.interpolate."""
+
+    def __init__(self, c_in, c_out, n_classes=0):
+        super().__init__()
+        self.bn1 = CondBatchNorm2d(c_in, n_classes)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.bn2 = CondBatchNorm2d(c_out, n_classes)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x, y=None):
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2)  # (B, c_in, 2H, 2W)
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))  # (B, c_out, 2H, 2W)
+        return h + self.shortcut(F.interpolate(x, scale_factor=2))
+
+
+class DBlock(nn.Module):
+    """SNGAN discriminator block: ReLU - conv3x3 - ReLU - conv3x3 (- avgpool 2), shortcut
+    conv1x1 (- avgpool 2) when channels change or it downsamples, identity otherwise.
+    Hidden width = c_in (SNGAN's BlockDisc). `first=True` is SNGAN's "optimized" first block:
+    no ReLU on the raw image, hidden width c_out. Shortcut: a 1x1 conv and a 2x2 average pool
+    commute (both linear and per-pixel / per-channel), so we pool first, the cheaper order."""
+
+    def __init__(self, c_in, c_out, downsample, first=False):
+        super().__init__()
+        self.downsample, self.first = downsample, first
+        hidden = c_out if first else c_in
+        self.conv1 = nn.Conv2d(c_in, hidden, 3, 1, 1)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if (c_in != c_out or downsample) else None
+
+    def forward(self, x):
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))  # (B, c_out, H, W)
+        sc = x
+        if self.downsample:
+            h, sc = F.avg_pool2d(h, 2), F.avg_pool2d(sc, 2)  # (B, ., H/2, W/2)
+        if self.shortcut is not None:
+            sc = self.shortcut(sc)
+        return h + sc
+
+
+class ResNetGenerator(nn.Module):
+    """SNGAN ResNet G: Linear(z -> c0*b*b) -> (B, c0, b, b) -> GBlocks (x2 each) -> BN - ReLU -
+    conv3x3 -> tanh. Layout from _RESNET_LAYOUTS[img_size]; channels = multiples of `width`.
+    n_classes > 0: conditional BN in every block (the final BN stays unconditional, as in SNGAN).
+    Init "sngan" (GlorotUniform, see init_weights); spectral_norm=True adds SN to every layer
+    (BigGAN / PGMGAN official); off by default as in SNGAN."""
+
+    def __init__(self, z_dim, img_size, channels=3, width=64, n_classes=0, init="sngan",
+                 spectral_norm=False):
+        super().__init__()
+        _check_size("resnet", img_size, tuple(_RESNET_LAYOUTS))
+        layout = _RESNET_LAYOUTS[img_size]
+        ch = [m * width for m in layout["g"]]
+        self.bottom, self.c0 = layout["bottom"], ch[0]
+        self.linear = nn.Linear(z_dim, ch[0] * self.bottom ** 2)
+        self.blocks = nn.ModuleList([GBlock(a, b, n_classes) for a, b in zip(ch[:-1], ch[1:])])
+        self.bn = nn.BatchNorm2d(ch[-1])
+        self.to_img = nn.Conv2d(ch[-1], channels, 3, 1, 1)
+        init_weights(self, init)
+        if spectral_norm:
+            add_spectral_norm(self)
+
+    def forward(self, z, y=None):
+        h = self.linear(z).view(z.shape[0], self.c0, self.bottom, self.bottom)  # (B, c0, b, b)
+        for block in self.blocks:
+            h = block(h, y)  # (B, c_i, 2r, 2r)
+        return torch.tanh(self.to_img(F.relu(self.bn(h))))  # (B, channels, img_size, img_size)
+
+
+class ResNetDiscriminator(nn.Module):
+    """SNGAN ResNet D: optimized first DBlock, then DBlocks (_RESNET_LAYOUTS[img_size]) -> ReLU ->
+    global *sum* pooling -> linear head(s). Spectral norm on every conv and linear.
+    n_classes > 0: per-class output heads (OutputHeads)."""
+
+    def __init__(self, img_size, channels=3, width=64, out_dim=1, n_classes=0, init="sngan"):
+        super().__init__()
+        _check_size("resnet", img_size, tuple(_RESNET_LAYOUTS))
+        layout = _RESNET_LAYOUTS[img_size]
+        ch = [m * width for m in layout["d"]]
+        self.blocks = nn.ModuleList([
+            DBlock(a, b, down, first=(i == 0))
+            for i, (a, b, down) in enumerate(zip([channels] + ch[:-1], ch, layout["down"]))])
+        self.head = OutputHeads(ch[-1], out_dim, n_classes)
+        init_weights(self, init)
+        add_spectral_norm(self)
+
+    def forward(self, x, y=None):
+        h = x
+        for block in self.blocks:
+            h = block(h)  # (B, c_i, r_i, r_i)
+        h = F.relu(h).sum(dim=(2, 3))  # (B, c_last): SNGAN sums (not averages) over positions
+        return self.head(h, y)
+
+
+# ------------------------------------------------------------------------------------------------
+# InvertGAN's real-image G and F (Appendix A.2, Tables 3 and 4)
+# ------------------------------------------------------------------------------------------------
+
+
+class InvertResBlock(nn.Module):
+    """ResnetBlock of InvertGAN Tables 3-4: conv3x3 (c_in -> min(c_in, c_out)), conv3x3 (-> c_out),
+    and a 1x1 bias-free shortcut only where c_in != c_out (the tables' "1x1, C" rows).
+    From Mescheder et al.'s GAN_stability, which the tables match: LeakyReLU(0.2) before each
+    conv, no normalisation, and out = shortcut + 0.1 * residual (`res_scale`; the small factor keeps
+    a deep unnormalised stack near identity at initialisation)."""
+
+    def __init__(self, c_in, c_out, res_scale=0.1):
+        super().__init__()
+        hidden = min(c_in, c_out)
+        self.res_scale = res_scale
+        self.conv1 = nn.Conv2d(c_in, hidden, 3, 1, 1)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else None
+
+    def forward(self, x):
+        dx = self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.2)), 0.2))  # (B, c_out, H, W)
+        sc = x if self.shortcut is None else self.shortcut(x)
+        return sc + self.res_scale * dx
+
+
+class InvertResNetGenerator(nn.Module):
+    """InvertGAN Table 4. At img_size 32, width 64:
+        Linear z -> 8192 = (512, 4, 4)
+        ResnetBlock 512 -> 256 at 4x4,   Upsample x2 -> 8x8
+        ResnetBlock 256 -> 128 at 8x8,   Upsample x2 -> 16x16
+        ResnetBlock 128 -> 64  at 16x16, Upsample x2 -> 32x32
+        ResnetBlock 64 -> 64   at 32x32
+        Conv2d 3x3 64 -> channels (after LeakyReLU, as GAN_stability), tanh
+    i.e. each block works *before* its upsampling, in the table's order (GAN_stability's own
+    generator upsamples first). img_size 48 (STL-10, not in the paper's table): the same stack
+    from 6x6 (Linear to 512*6*6 = 18432), 6 -> 12 -> 24 -> 48. Channels: 8w, 4w, 2w, w, w."""
+
+    def __init__(self, z_dim, img_size=32, channels=3, width=64, res_scale=0.1):
+        super().__init__()
+        _check_size("invert-resnet", img_size, (32, 48))
+        self.s0, self.c0 = img_size // 8, 8 * width
+        ch = [8 * width, 4 * width, 2 * width, width, width]
+        self.linear = nn.Linear(z_dim, self.c0 * self.s0 ** 2)
+        self.blocks = nn.ModuleList([InvertResBlock(a, b, res_scale) for a, b in zip(ch[:-1], ch[1:])])
+        self.to_img = nn.Conv2d(width, channels, 3, 1, 1)
+
+    def forward(self, z, y=None):
+        h = self.linear(z).view(z.shape[0], self.c0, self.s0, self.s0)  # (B, 8w, s0, s0)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i < len(self.blocks) - 1:
+                h = F.interpolate(h, scale_factor=2)  # (B, c, 2r, 2r); no upsampling after the last
+        return torch.tanh(self.to_img(F.leaky_relu(h, 0.2)))  # (B, channels, img_size, img_size)
+
+
+class ResNetEncoder(nn.Module):
+    """InvertGAN's inverse network F, Table 3. At img_size 32, width 64:
+        Conv2d 3x3 channels -> 64 at 32x32
+        ResnetBlock 64 -> 64 at 32x32,    AvgPool 3x3 s2 (pad 1) -> 16x16
+        ResnetBlock 64 -> 128 at 16x16,   AvgPool -> 8x8
+        ResnetBlock 128 -> 256 at 8x8,    AvgPool -> 4x4
+        ResnetBlock 256 -> 512 at 4x4
+        Linear 512*4*4 -> out_dim (20 in the table; the latent dim in practice), after LeakyReLU
+    img_size 48 (STL-10): the same three poolings (48 -> 24 -> 12 -> 6) and a Linear from 512*6*6,
+    so the layer list is unchanged and only the flattened size grows."""
+
+    def __init__(self, img_size, channels=3, out_dim=20, width=64, res_scale=0.1):
+        super().__init__()
+        _check_size("invert-resnet", img_size, (32, 48))
+        ch = [width, width, 2 * width, 4 * width, 8 * width]
+        self.from_img = nn.Conv2d(channels, width, 3, 1, 1)
+        self.blocks = nn.ModuleList([InvertResBlock(a, b, res_scale) for a, b in zip(ch[:-1], ch[1:])])
+        self.linear = nn.Linear(8 * width * (img_size // 8) ** 2, out_dim)
+
+    def forward(self, x):
+        h = self.from_img(x)  # (B, w, S, S)
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                h = F.avg_pool2d(h, 3, stride=2, padding=1)  # (B, c, S/2, S/2)
+            h = block(h)
+        return self.linear(F.leaky_relu(h, 0.2).flatten(1))  # (B, out_dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders
+# ------------------------------------------------------------------------------------------------
+
+ARCHS = ("mlp", "dcgan", "resnet", "invert-resnet")
+_DEFAULT_WIDTH = {"mlp": 128, "dcgan": 64, "resnet": 64, "invert-resnet": 64}
+
+
+def _check_arch(arch):
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture '{arch}'; choose from {', '.join(ARCHS)}")
+
+
+def _mlp_dim(img_size, channels):
+    """"mlp" is for flat vectors: the caller passes img_size=1 and channels=data dimension
+    (2 for the ring/grid), so the data is (B, channels)."""
+    if img_size != 1:
+        raise UsageError(f"architecture 'mlp' is for flat vectors (pass img_size=1); got img_size {img_size}")
+    return channels
+
+
+def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0):
+    """G for `arch` in ARCHS. forward(z, y=None) -> (B, channels, img_size, img_size) in [-1, 1];
+    for "mlp" -> (B, channels) with no output activation. width=None = the arch's default
+    (hidden 128 for mlp, 64 otherwise). "invert-resnet" is unconditional."""
+    _check_arch(arch)
+    width = width or _DEFAULT_WIDTH[arch]
+    if arch == "mlp":
+        return MLP(z_dim, _mlp_dim(img_size, channels), hidden=width, n_classes=n_classes, cond="input")
+    if arch == "dcgan":
+        return DCGANGenerator(z_dim, img_size, channels, width, n_classes)
+    if arch == "resnet":
+        return ResNetGenerator(z_dim, img_size, channels, width, n_classes)
+    if n_classes:
+        raise UsageError("architecture 'invert-resnet' has no class-conditional generator")
+    return InvertResNetGenerator(z_dim, img_size, channels, width)
+
+
+def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0):
+    """D for `arch`. forward(x, y=None) -> (B, out_dim); conditional D without y -> (B, n_classes,
+    out_dim). "invert-resnet" uses the SNGAN ResNet D (InvertGAN A.2 gives no D table)."""
+    _check_arch(arch)
+    width = width or _DEFAULT_WIDTH[arch]
+    if arch == "mlp":
+        return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width, n_classes=n_classes, cond="head")
+    if arch == "dcgan":
+        return DCGANDiscriminator(img_size, channels, width, out_dim, n_classes)
+    return ResNetDiscriminator(img_size, channels, width, out_dim, n_classes)
+
+
+def build_encoder(arch, img_size, channels, out_dim, width=None):
+    """InvertGAN's F: x -> (B, out_dim). "mlp" (2-D data) or "invert-resnet" (Table 3)."""
+    _check_arch(arch)
+    width = width or _DEFAULT_WIDTH[arch]
+    if arch == "mlp":
+        return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width)
+    if arch == "invert-resnet":
+        return ResNetEncoder(img_size, channels, out_dim, width)
+    raise UsageError(f"no encoder for architecture '{arch}'; use 'mlp' or 'invert-resnet'")
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA and small helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel / DataParallel (`.module`) and
+    torch.compile (`._orig_mod`), in any nesting. Checked by type, so a user module that happens
+    to have a child called `module` is left alone."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile's wrapper (not imported: torch._dynamo is slow)
+        else:
+            return model
+
+
+def count_params(model, trainable_only=False):
+    """Number of parameters (all, or only those with requires_grad)."""
+    return sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only)
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Yazici et al. 2019; BigGAN's G_ema).
+
+    `shadow` is a deep copy in eval mode with no gradients. update(model):
+        shadow_param <- decay * shadow_param + (1 - decay) * param   (torch.lerp)
+        shadow_buffer <- buffer                                     (BN running stats, SN vectors)
+    Buffers are copied, not averaged: averaging BN statistics of different weights means nothing.
+    `update(model, decay=0.0)` copies the weights outright (BigGAN's / PGMGAN's `ema_start`).
+    state_dict() is the shadow's own state dict (tensors only: torch.load(weights_only=True)
+    works, and it loads into a freshly built network for sampling).
+    """
+
+    def __init__(self, model, decay=0.999):
+        self.decay = decay
+        self.shadow = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, decay=None):
+        decay = self.decay if decay is None else decay
+        src = unwrap(model)
+        params = dict(src.named_parameters())
+        for name, p in self.shadow.named_parameters():
+            p.lerp_(params[name].detach().to(p.dtype), 1.0 - decay)
+        buffers = dict(src.named_buffers())
+        for name, b in self.shadow.named_buffers():
+            b.copy_(buffers[name])
+
+    def __call__(self, *args, **kwargs):
+        return self.shadow(*args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        self.shadow.to(*args, **kwargs)
+        return self
+
+    def state_dict(self):
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, state_dict):
+        return self.shadow.load_state_dict(state_dict)
+
+
+# ==================================================================================================
+# 7. Metrics
+# ==================================================================================================
+
+# (section 7 being written)
