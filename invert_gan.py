@@ -1,0 +1,468 @@
+"""InvertGAN: Reducing Mode Collapse with Multi-dimensional Gaussian Inversion.
+
+Paper: "InvertGAN: Reducing Mode Collapse with Multi-dimensional Gaussian Inversion" (anonymous
+submission under double-blind review). The authors released no code; every value the paper
+leaves out is marked below as "ours".
+
+The idea in three lines:
+  * Train an inverse network F: x -> z beside the GAN's G: z -> x, with a consistency loss that
+    makes F = G^-1 (Eq. 5): then every real x has a latent code z~ = F(x) with G(z~) = x.
+  * If G is mode complete (Def. 1), the codes F(x_i) of independent real samples are independent
+    samples of P_z = N(0, I_l) (Prop. 1) ...
+  * ... so push the batch of codes F(x) towards N(0, I) with a *multi-dimensional* Gaussian loss
+    on their mean and full covariance (Eq. 6-9), not only their per-dimension variance (Eq. 11).
+
+Launch:
+    python invert_gan.py --dataset ring                       # 2-D quick start (CPU, ~2 min)
+    python invert_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
+    torchrun --standalone --nproc_per_node=8 invert_gan.py --dataset stl10       # one node
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 invert_gan.py --dataset cifar100              # two nodes
+    python invert_gan.py --dataset ring --out runs/x --resume                    # continue a run
+    python evaluate.py ckpt runs/invert_gan-ring-0/ckpt.pt --n 50000             # evaluate
+
+Map of the paper to this file:
+    Eq. 4   GAN objective V(G, D)                -> gan_losses_d / gan_loss_g
+    Eq. 5   consistency loss L_cons              -> consistency_loss
+    Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
+    Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
+    Eq. 8-9 p-norm distance                      -> gaussian_loss("pnorm")
+    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> train() (the two optimizer steps)
+    Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
+    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> train(), --gauss-loss zdisc
+    Table 1 modes / quality / reverse KL         -> evaluate_points
+    Fig. 3  inverse, latent, samples, mode share -> figure3
+    App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F_nn
+
+import common
+
+METHOD = "invert_gan"
+
+# ==================================================================================================
+# 1. Arguments and per-dataset presets
+# ==================================================================================================
+
+# Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
+# Where the paper states a value we cite it; "ours" marks a value the paper does not give.
+PRESETS = {
+    # Sec. 5.1: batch 128, four linear layers with ReLU, Fig. 3 after 24K mini-batches; the
+    # latent space is 2-D (Fig. 3 plots z~ = F(x) in the plane). 50K (ring) / 100K (grid) test samples.
+    "ring": dict(arch="mlp", z_dim=2, batch_size=128, steps=24_000, lr=1e-3, beta1=0.5, beta2=0.999,
+                 n_dis=1, width=128, eval_samples=50_000, log_every=500, sample_every=4000,
+                 ckpt_every=4000),
+    "grid": dict(arch="mlp", z_dim=2, batch_size=128, steps=24_000, lr=1e-3, beta1=0.5, beta2=0.999,
+                 n_dis=1, width=128, eval_samples=100_000, log_every=500, sample_every=4000,
+                 ckpt_every=4000),
+    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
+    # layer is Linear 20: the latent dimension l = 20), SNGAN-style D. IS/FID/MS on 10K samples
+    # (5K for STL-10). Optimiser settings are ours (the paper gives none).
+    "cifar10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
+                    beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
+                    log_every=200, sample_every=5000, ckpt_every=5000),
+    "cifar100": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
+                     beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
+                     log_every=200, sample_every=5000, ckpt_every=5000),
+    "stl10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
+                  beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=5_000,
+                  log_every=200, sample_every=5000, ckpt_every=5000),
+}
+GAUSS_LOSSES = ("pnorm", "w2", "kl", "w2-1d", "zdisc", "none")
+def parse_args(argv=None):
+    p = common.ArgParser(description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
+                   help="ring/grid (Sec. 5.1) or cifar10/cifar100/stl10 (Sec. 5.2)")
+    p.add_argument("--steps", type=int, default=None, help="G updates (24K on 2-D, Fig. 3; 100K on images, Sec. 5.2)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (128 on 2-D, Sec. 5.1; 64 on images, Sec. 5.2)")
+    p.add_argument("--z-dim", type=int, default=None, help="latent dimension l (2 on 2-D; 20 on images, Table 3)")
+    p.add_argument("--arch", default=None, choices=["mlp", "invert-resnet"], help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2)")
+    p.add_argument("--width", type=int, default=None, help="MLP hidden units (ours: 128) / ResNet base channels (64, Tables 3-4)")
+    p.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's, 48 for STL-10)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate for G, F, D and D_z (ours)")
+    p.add_argument("--beta1", type=float, default=None, help="Adam beta1 (ours)")
+    p.add_argument("--beta2", type=float, default=None, help="Adam beta2 (ours)")
+    p.add_argument("--n-dis", type=int, default=None, help="D updates per G update (ours: 1)")
+    p.add_argument("--gauss-loss", default="pnorm", choices=GAUSS_LOSSES,
+                   help="L_Gau on F(x): pnorm Eq. 9 (the paper's choice, Sec. 5.1), w2 Eq. 6, kl Eq. 7, "
+                        "w2-1d Eq. 11 (1-D baseline), zdisc App. A.1, none")
+    p.add_argument("--p", type=float, default=2.0, help="p of the p-norm distance (Eq. 8-9; not stated in the paper, ours: 2)")
+    p.add_argument("--lambda-cons", type=float, default=1.0, help="weight of L_cons (Eq. 10: 1); 0 with --gauss-loss none = plain GAN")
+    p.add_argument("--lambda-gauss", type=float, default=1.0, help="weight of L_Gau (Eq. 10: 1)")
+    p.add_argument("--eig-eps", type=float, default=1e-6, help="eigenvalue floor of the batch covariance in w2/kl")
+    p.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid; see common.SYNTHETIC_STD)")
+    p.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (50K ring, 100K grid, Sec. 5.1; 10K/5K images, Sec. 5.2)")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID/MS (else hub cache / download)")
+    p.add_argument("--fid-stats", default=None, help="real-data statistics .npz (mu, sigma) for FID (else computed from the dataset)")
+    common.add_runtime_args(p)
+    args = p.parse_args(argv)
+    common.apply_presets(args, PRESETS[args.dataset], METHOD)
+    if args.img_size is None:
+        args.img_size = 1 if args.arch == "mlp" else common.DATASETS[args.dataset]["img_size"]
+    common.check_flags(args, positive=("z_dim", "n_dis", "width", "img_size", "eval_samples", "lr"),
+                       nonnegative=("beta1", "beta2", "lambda_cons", "lambda_gauss", "eig_eps"))
+    if not args.p >= 1 or not math.isfinite(args.p):
+        raise common.UsageError("--p must be a finite number >= 1 (the p-norm of Eq. 8)")
+    return args
+
+
+# ==================================================================================================
+# 2. The GAN objective (Eq. 4)
+# ==================================================================================================
+
+def gan_loss_d(d_real, d_fake):
+    """max_D E log D(x) + E log(1 - D(G(z)))  ==  min_D BCE(D(x), 1) + BCE(D(G(z)), 0).
+
+    D outputs logits; sigmoid is folded into the numerically stable BCE-with-logits.
+    """
+    return (F_nn.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F_nn.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+
+
+def gan_loss_g(d_fake):
+    """G's side of Eq. 4 in the usual non-saturating form: min_G -E log D(G(z)).
+
+    (min_G E log(1 - D(G(z))) has vanishing gradients when D wins early; Goodfellow et al. 2014.)
+    """
+    return F_nn.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+# ==================================================================================================
+# 3. The consistency loss (Eq. 5)
+# ==================================================================================================
+
+def consistency_loss(z, z_rec, x, x_rec):
+    """L_cons = E ||z - F(G(z))||_2 + E ||x - G(F(x))||_2  (Eq. 5).
+
+    The first term makes F invert G on generated data; the second makes every real x reachable:
+    G(F(x)) = x, i.e. x has a code in R^l (against mode missing). Norms are plain (not squared)
+    L2 norms of each sample, averaged over the batch, as written in Eq. 5.
+    """
+    return ((z - z_rec).flatten(1).norm(dim=1).mean()
+            + (x - x_rec).flatten(1).norm(dim=1).mean())
+
+
+# ==================================================================================================
+# 4. The multi-dimensional Gaussian losses on z~ = F(x) (Eq. 6-9, 11)
+# ==================================================================================================
+# Sec. 4.2: the batch of codes z~_i = F(x_i) is summarised by its mean mu and covariance Sigma
+# (batch estimates), and a distance between N(mu, Sigma) and P_z = N(0, I_l) is minimised.
+
+def batch_gaussian(z):
+    """Mean (l,) and unbiased covariance (l, l) of a batch of codes (B, l), in float32."""
+    z = z.float()
+    mu = z.mean(0)
+    centred = z - mu
+    sigma = centred.T @ centred / (z.shape[0] - 1)
+    return mu, sigma
+
+
+def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
+    """Distance between N(mu, Sigma) and N(0, I) for `kind` in pnorm | w2 | kl | w2-1d.
+
+    Matrix square roots, inverses and log-determinants go through the eigenvalues of the
+    symmetric Sigma, clamped below at `eps`: defined and differentiable for a singular batch
+    covariance (e.g. a collapsed F), never NaN. Where only a trace or determinant is needed we use
+    `eigvalsh`, whose backward (V diag(dL/dlambda) V^T) stays finite even for repeated
+    eigenvalues, unlike the eigenvector backward of `eigh`.
+    """
+    l = mu.shape[0]
+    eye = torch.eye(l, device=mu.device, dtype=mu.dtype)
+    if kind == "pnorm":
+        # Eq. 9: D^p = ||mu||_p + ||Sigma - I||_p, with the entry-wise matrix norm of Eq. 8,
+        # (sum_ij |S_ij|^p)^(1/p). The paper writes S_ij^p; we take absolute values so that odd
+        # and fractional p give a norm (for even p the two agree).
+        return _pnorm(mu, p) + _pnorm(sigma - eye, p)
+    if kind == "w2-1d":
+        # Eq. 11: W2 between the 1-D marginals: sqrt(||mu||^2 + ||sigma - 1||^2), sigma = per-dim std.
+        std = torch.sqrt(torch.diagonal(sigma).clamp_min(eps))
+        return _safe_sqrt((mu ** 2).sum() + ((std - 1) ** 2).sum(), eps)
+    evals = torch.linalg.eigvalsh(0.5 * (sigma + sigma.T)).clamp_min(eps)   # (l,)
+    if kind == "w2":
+        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))); tr Sigma^(1/2) = sum sqrt(lambda).
+        return _safe_sqrt((mu ** 2).sum() + (evals + 1 - 2 * evals.sqrt()).sum(), eps)
+    if kind == "kl":
+        # Eq. 7: KL(P_z || P_z~) = 1/2 {log det Sigma - l + tr(Sigma^-1) + mu^T Sigma^-1 mu}.
+        # The quadratic form uses a linear solve with the same eigenvalue floor added to the
+        # diagonal (a stable substitute for V diag(1/lambda) V^T, whose eigenvector backward
+        # blows up for near-equal eigenvalues).
+        quad = mu @ torch.linalg.solve(sigma + eps * eye, mu)
+        return 0.5 * (evals.log().sum() - l + (1.0 / evals).sum() + quad)
+    raise ValueError(f"unknown Gaussian loss {kind!r}")
+
+
+def _pnorm(t, p):
+    return t.abs().pow(p).sum().pow(1.0 / p)
+
+
+def _safe_sqrt(x, eps):
+    # sqrt has an infinite slope at 0, which is exactly where a perfect F sits: floor the argument.
+    return torch.sqrt(x.clamp_min(eps))
+
+
+# ==================================================================================================
+# 5. Networks
+# ==================================================================================================
+
+def build_networks(args, channels):
+    """G: z -> x, D: x -> logit, F: x -> z (the inverse), and D_z: z -> logit for zdisc.
+
+    2-D data: four linear layers with ReLU for each (Sec. 5.1). Images: App. A.2 (Table 4 G,
+    Table 3 F, SNGAN-style ResNet D; D_z is then a 4-layer MLP on the 20-d codes, ours).
+    """
+    size = args.img_size
+    G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width)
+    D = common.build_discriminator(args.arch if args.arch == "mlp" else "resnet", size, channels,
+                                   width=args.width if args.arch == "mlp" else None)
+    F = common.build_encoder(args.arch, size, channels, args.z_dim, width=args.width)
+    Dz = (common.MLP(args.z_dim, 1, hidden=args.width if args.arch == "mlp" else 128)
+          if args.gauss_loss == "zdisc" else None)
+    return G, D, F, Dz
+
+
+# ==================================================================================================
+# 6. Evaluation and pictures (Table 1, Figure 3)
+# ==================================================================================================
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, batch=10_000):
+    """n samples of G(z), z ~ N(0, I), in chunks, on the CPU."""
+    out = []
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), z_dim, device=device)
+        out.append(G(z).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_points(G, args, device):
+    """Table 1 metrics: modes covered, high-quality fraction (within 3 std), reverse KL."""
+    samples = generate(G, args.eval_samples, args.z_dim, device)
+    return common.mode_metrics_2d(samples.numpy(), args.dataset, args.data_std)
+
+
+@torch.no_grad()
+def figure3(G, F, real, args, device, path, n=2000):
+    """Figure 3, one row: (a) z~ = F(x) of real data coloured by mode, (b) z ~ P_z coloured by the
+    mode its G(z) lands nearest to, (c) samples G(z) (red) over the data (grey), (d) share of
+    samples per mode, with the uniform share 1/K dashed."""
+    centers, std = common.synthetic_modes(args.dataset, args.data_std)
+    x, y = real
+    z_inv = F(x[:n].to(device)).float().cpu()
+    z = common.fixed_noise(n, args.z_dim, device)
+    fake = G(z).float().cpu()
+    dist = torch.cdist(fake, centers)                                   # (n, K)
+    nearest = dist.argmin(1)
+    good = dist.min(1).values <= 3 * std                                # Table 1's quality rule
+    share = torch.bincount(nearest[good], minlength=len(centers)).float() / n
+    zlim = (-4, 4, -4, 4)
+    panels = [
+        common.plot_points([(z_inv[:, :2].numpy(), y[:n].numpy())], zlim, size=300,
+                           title="F(x): inverse of real data, by mode"),
+        common.plot_points([(z[:, :2].cpu().numpy(), nearest.numpy())], zlim, size=300,
+                           title="z ~ N(0,I), by mode of G(z)"),
+        common.plot_points([(x[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
+                           common.extent_for(args.dataset), size=300, centers=centers,
+                           title="samples G(z) (red), data (grey)"),
+        common.plot_bars(share.numpy(), size=(300, 150), reference=1.0 / len(centers),
+                         title="share of samples per mode (high quality)"),
+    ]
+    common.hconcat(panels, path)
+
+
+def save_samples(G, F, stream_data, args, device, step, out, is_points):
+    path = os.path.join(out, "samples", f"step_{step:07d}.png")
+    if is_points:
+        figure3(common.unwrap(G), common.unwrap(F), stream_data, args, device, path)
+    else:
+        with torch.no_grad():
+            z = common.fixed_noise(64, args.z_dim, device)
+            common.save_image_grid(common.unwrap(G)(z), path, nrow=8)
+
+
+def load_sampler(ckpt_path, device="cpu"):
+    """For evaluate.py: a function n -> n samples of the checkpoint's G (points or images in [-1, 1])."""
+    ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+    args = argparse.Namespace(**ckpt["args"])
+    channels = common.DATASETS[args.dataset]["channels"]
+    G, _, _, _ = build_networks(args, channels)
+    common.load_state(G, ckpt["G"], "generator", ckpt_path)
+    G = G.to(device).eval()
+
+    def sample(n):
+        return generate(G, n, args.z_dim, device)
+
+    sample.dataset = args.dataset
+    sample.data_std = args.data_std
+    return sample
+
+
+# ==================================================================================================
+# 7. Training (Eq. 10: min_{G,F} max_D V(G, D) + L_cons(G, F) + L_Gau(F))
+# ==================================================================================================
+
+def load_data(args):
+    """The training set (built before anything is written, so bad data leaves no output)."""
+    is_points = common.DATASETS[args.dataset]["kind"] == "points"
+    return common.build_dataset(args.dataset, root=args.data_root, split="train",
+                                img_size=None if is_points else args.img_size,
+                                download=args.download, data_std=args.data_std, seed=0)
+
+
+def train(args, rt, dataset):
+    info = common.DATASETS[args.dataset]
+    is_points = info["kind"] == "points"
+    channels = info["channels"]
+    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
+                                num_workers=args.num_workers)
+
+    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
+    G, D, F, Dz = build_networks(args, channels)
+    common.seed_rank(rt, args.seed)
+    G, D, F = rt.wrap(G), rt.wrap(D), rt.wrap(F)
+    Dz = rt.wrap(Dz) if Dz is not None else None
+    betas = (args.beta1, args.beta2)
+    # One optimiser for G and F together: Eq. 10 minimises over (G, F) jointly.
+    opt_gf = common.adam(list(G.parameters()) + list(F.parameters()), lr=args.lr, betas=betas)
+    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
+    opt_dz = common.adam(Dz.parameters(), lr=args.lr, betas=betas) if Dz is not None else None
+
+    step = 0
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+        for name, net in (("G", G), ("D", D), ("F", F), ("Dz", Dz)):
+            if net is not None:
+                common.load_state(net, ckpt[name], name, ckpt_path)
+        for name, opt in (("opt_gf", opt_gf), ("opt_d", opt_d), ("opt_dz", opt_dz)):
+            if opt is not None:
+                opt.load_state_dict(ckpt[name])
+        if rt.scaler is not None and ckpt.get("scaler"):
+            rt.scaler.load_state_dict(ckpt["scaler"])
+        stream.load_state_dict(ckpt["stream"])
+        step = ckpt["step"]
+        common.restore_rng_states(rt, ckpt["rng"], args.seed)
+
+    def state():
+        return {"method": METHOD, "args": vars(args), "step": step,
+                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
+                "F": common.unwrap(F).state_dict(),
+                "Dz": common.unwrap(Dz).state_dict() if Dz is not None else None,
+                "opt_gf": opt_gf.state_dict(), "opt_d": opt_d.state_dict(),
+                "opt_dz": opt_dz.state_dict() if opt_dz is not None else None,
+                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+                "stream": stream.state_dict(), "rng": rng_states}
+
+    log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
+    meter = common.LossMeter(rt)
+    log.info(f"InvertGAN on {args.dataset}: {args.steps} steps, global batch {args.batch_size} on "
+             f"{rt.world_size} process(es), {rt.device}, L_Gau={args.gauss_loss}, "
+             f"lambda_cons={args.lambda_cons}, lambda_gauss={args.lambda_gauss}, seed {args.seed}; "
+             f"G {common.count_params(G)} / D {common.count_params(D)} / F {common.count_params(F)} params")
+    D_plain = common.unwrap(D)          # D inside G's loss: no DDP gradient sync (see common.Runtime.wrap)
+    Dz_plain = common.unwrap(Dz) if Dz is not None else None
+    # A fixed random subset of the data for the Figure 3 panels (the dataset is sorted by mode).
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
+    fixed_real = (dataset.points[pick], dataset.labels[pick]) if is_points else None
+    per_rank = args.batch_size // rt.world_size
+
+    while step < args.steps:
+        # ---- D step(s): max_D V(G, D) (Eq. 4); G is not trained here, so no graph through it.
+        for _ in range(args.n_dis):
+            x, _ = next(stream)
+            z = torch.randn(per_rank, args.z_dim, device=rt.device)
+            with rt.autocast():
+                with torch.no_grad():
+                    fake = G(z)
+                # Real and fake in one forward: one DDP reduction per backward, and the same
+                # spectral-norm power iteration for both halves.
+                logits = D(torch.cat([x, fake.to(x.dtype)])).float()
+                d_loss = gan_loss_d(logits[:per_rank], logits[per_rank:])
+            opt_d.zero_grad(set_to_none=True)
+            rt.backward_step(d_loss, opt_d)
+            if Dz is not None:
+                # App. A.1, Eq. 13: max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))).
+                with rt.autocast():
+                    with torch.no_grad():
+                        z_inv = F(x)
+                    zlog = Dz(torch.cat([torch.randn_like(z_inv), z_inv])).float()
+                    dz_loss = gan_loss_d(zlog[:per_rank], zlog[per_rank:])
+                opt_dz.zero_grad(set_to_none=True)
+                rt.backward_step(dz_loss, opt_dz)
+                meter.add(dz_loss=dz_loss)
+
+        # ---- G and F step: min_{G,F} V + lambda_cons L_cons + lambda_gauss L_Gau (Eq. 10).
+        z = torch.randn(per_rank, args.z_dim, device=rt.device)
+        with rt.autocast():
+            fake = G(z)                                 # G(z)
+            z_rec = F(fake)                             # F(G(z))
+            z_inv = F(x)                                # z~ = F(x)
+            x_rec = G(z_inv)                            # G(F(x))
+            g_adv = gan_loss_g(D_plain(fake).float())
+        cons = consistency_loss(z.float(), z_rec.float(), x.float(), x_rec.float())
+        if args.gauss_loss == "none":
+            gauss = torch.zeros((), device=rt.device)
+        elif args.gauss_loss == "zdisc":
+            # Eq. 13 for F: fool D_z (non-saturating form, as for G).
+            with rt.autocast():
+                gauss = gan_loss_g(Dz_plain(z_inv).float())
+        else:
+            mu, sigma = batch_gaussian(z_inv)
+            gauss = gaussian_loss(args.gauss_loss, mu, sigma, p=args.p, eps=args.eig_eps)
+        gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
+        opt_gf.zero_grad(set_to_none=True)
+        rt.backward_step(gf_loss, opt_gf)
+        step += 1
+        meter.add(d_loss=d_loss, g_loss=g_adv, cons=cons, gauss=gauss)
+
+        # ---- logging / checks / pictures / checkpoint (main process writes)
+        if step % args.log_every == 0 or step == args.steps:
+            common.log_step(meter, log, step, ckpt_path, lr=args.lr)
+        if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
+            save_samples(G, F, fixed_real, args, rt.device, step, args.out, is_points)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            rng_states = common.gather_rng_states(rt)           # collective: every rank calls it
+            if rt.is_main:
+                common.save_checkpoint(ckpt_path, state())
+    return G, F, dataset
+
+
+def final_metrics(G, args, rt, dataset):
+    """metrics.json: Table 1 metrics for 2-D data; IS/FID/Mode Score for images (Sec. 5.2)."""
+    G = common.unwrap(G).eval()
+    if common.DATASETS[args.dataset]["kind"] == "points":
+        return evaluate_points(G, args, rt.device)
+    try:
+        model = common.load_fid_inception(args.inception_weights, rt.device)
+        # FID against the training images (cached per dataset, resolution and weights).
+        real = args.fid_stats or common.dataset_stats(args.dataset, model, rt.device,
+                                                      root=args.data_root, img_size=args.img_size)
+        return common.image_metrics(lambda n: generate(G, n, args.z_dim, rt.device, batch=100),
+                                    args.eval_samples, real, ["fid", "is", "ms"], rt.device,
+                                    model=model)
+    except common.UsageError as err:       # no Inception weights offline: training still counts
+        print(f"note: image metrics skipped: {err}", flush=True)
+        return {"skipped": str(err)}
+
+
+def main(argv=None):
+    args = common.restore_saved_args(parse_args(argv), METHOD, common.RUN_CONTROL)
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    dataset = load_data(args)
+    common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
+    start = time.perf_counter()
+    G, F, dataset = train(args, rt, dataset)
+    if rt.is_main:
+        common.finish_run(rt, args, final_metrics(G, args, rt, dataset), start)
+    common.shutdown(rt)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
