@@ -341,17 +341,22 @@ def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def gather_per_rank(rt, obj):
+    """`obj` of every rank, as a list on every rank (rank 0 saves it). A collective: every rank
+    must call it. For per-rank state a checkpoint needs (RNG streams, replay buffers)."""
+    if not rt.distributed:
+        return [obj]
+    everyone = [None] * rt.world_size
+    torch.distributed.all_gather_object(everyone, obj)
+    return everyone
+
+
 def gather_rng_states(rt):
     """RNG states of all ranks, gathered on every rank (rank 0 saves them in the checkpoint).
 
     With torchrun each rank draws its own noise, so a bit-for-bit resume needs all of them.
     """
-    mine = rng_state()
-    if not rt.distributed:
-        return [mine]
-    everyone = [None] * rt.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return everyone
+    return gather_per_rank(rt, rng_state())
 
 
 def restore_rng_states(rt, states, seed):
@@ -1806,15 +1811,7 @@ class EMA:
 #
 # Everything here is inference: no gradients, float64 wherever a score is accumulated.
 
-import hashlib
-import math
-import os
-import sys
-import time
-
-import numpy as np
-import torch.nn as nn
-import torch.nn.functional as F
+import hashlib    # (math, os, sys, time, numpy, nn and F are imported by the sections above)
 
 # --- 7a. The FID Inception network ---------------------------------------------------------------
 # FID is only comparable across papers when computed with *the* network of the TensorFlow
@@ -2703,6 +2700,10 @@ def mode_stats(samples, centers, std):
     high quality = within 3 std of the nearest centre (VEEGAN / PacGAN); modes = centres with at
     least one high-quality sample; reverse KL = sum_i p_i log(p_i K) over the histogram of the
     nearest centre of *all* samples (natural log; 0 for a uniform histogram, log K for one mode)."""
+    if torch.is_tensor(samples):
+        samples = samples.detach().cpu().numpy()
+    if torch.is_tensor(centers):
+        centers = centers.detach().cpu().numpy()
     x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
     c = torch.as_tensor(np.asarray(centers, dtype=np.float64))
     if x.dim() != 2 or x.shape[1] != 2 or len(x) == 0:

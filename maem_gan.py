@@ -1,0 +1,763 @@
+"""MaEM-GAN: Combating Mode Collapse in GANs via Manifold Entropy Estimation.
+
+Paper: Liu, Li, Wu, Liang, Huang, Li, Ghanem, Zheng, "Combating Mode Collapse in GANs via Manifold
+Entropy Estimation", AAAI 2023 (arXiv:2208.12055; text in ../shared/papers/maem_gan.txt).
+Authors' code: https://github.com/HaozheLiu-ST/MEE (read for facts; `--variant official`).
+
+The idea in three lines:
+  * A WGAN-style critic that outputs an m-dimensional code V = D(x) instead of a scalar; the mean
+    of the code is the realness (L_MaF, Eq. 7). WGAN + the entropy of P_g bounds the EBM loss
+    (Eq. 6), so a GAN that also maximises H(P_g) should not collapse.
+  * H(P_g) is intractable; maximise the entropy of the codes instead (Prop. 2), with a
+    non-parametric estimate: push each new code away from its nearest code in a FIFO replay
+    buffer of past codes (RB-MaEM, Eq. 8).
+  * That only helps if D's code space follows the data manifold: DLLE (Eq. 12-13) makes a sample
+    and a slightly transformed copy close, DIsoMap (Eq. 14) makes the code of a mixture of two
+    images the same mixture of their codes.
+
+Launch:
+    python maem_gan.py --dataset ring                                  # 2-D quick start (CPU)
+    python maem_gan.py --dataset cifar10 --data-root data/cifar10 --download      # one GPU
+    torchrun --standalone --nproc_per_node=8 maem_gan.py --dataset celeba --data-root data/celeba
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 maem_gan.py --dataset ffhq --data-root data/ffhq   # two nodes
+    python maem_gan.py --dataset cifar10 --variant official            # the authors' code's losses
+    python maem_gan.py --dataset cifar10 --no-entropy --no-dlle        # a Table 1 ablation row
+    python maem_gan.py --dataset ring --out runs/x --resume            # continue a run
+    python evaluate.py ckpt runs/maem_gan-cifar10-0/ckpt.pt --n 50000 --metrics fid,is,ivar
+
+Map of the paper to this file:
+    Eq. 7     L_MaF, the m-dim WGAN loss           -> maf_loss_d / maf_loss_g
+    (Sec. 3)  re-parameterised code V              -> embed
+    Eq. 8     RB-MaEM entropy loss + buffer        -> ReplayBuffer, entropy_loss ("paper")
+    Eq. 9-11  why nearest-neighbour distances      -> the comment above entropy_loss
+    Eq. 12-13 DLLE                                 -> dlle_transform, dlle_loss
+    Eq. 14    DIsoMap                              -> isomap_mix, isomap_loss
+    Table 1   ablations                            -> --no-disomap / --no-dlle / --no-entropy
+    Table 2   DLLE transforms                      -> --dlle-transform rot-noise|noise|adv|flip-noise|none
+    Table 3   buffer size                          -> --buffer-size
+    Fig. 3    top-5 samples per code dimension     -> figure3 (OUT/figure3.png)
+    Suppl.    settings per dataset                 -> PRESETS
+"""
+
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F_nn
+
+import common
+
+METHOD = "maem_gan"
+
+# ==================================================================================================
+# 1. Arguments and per-dataset presets
+# ==================================================================================================
+
+# Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
+# Sources: "Suppl." = the paper's Implementation Details; "README" = the official repository's
+# README/train.py; "ours" = a value neither gives. `data` is the common.py dataset behind a preset.
+_CIFAR = dict(  # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), x0.9 / 50 epochs,
+    # batch 64, sigma 5e-4, lambda 0, rotation + Gaussian noise, buffer 1024; n_critic 3 (README);
+    # train+test images (official train.py concatenates both). Step count: ours.
+    arch="dcgan", img_size=32, z_dim=64, m=16, batch_size=64, steps=100_000, lr=1e-4, beta1=0.0,
+    beta2=0.999, n_critic=3, sigma=5e-4, lambda_norm=0.0, lr_decay=0.9, lr_decay_epochs=50,
+    dlle_transform="rot-noise", dlle_noise=0.05, width=64, eval_samples=50_000,
+    log_every=200, sample_every=5000, ckpt_every=5000)
+PRESETS = {
+    "cifar10": dict(_CIFAR, data="cifar10", split="all"),
+    # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
+    # 5e-2 with DCGAN; "the remaining settings ... are the same as those of CIFAR-10".
+    "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
+                   lr_decay_epochs=1, dlle_transform="noise", steps=100_000, log_every=100,
+                   sample_every=2000, ckpt_every=2000),
+    # Suppl. "ANIMEFACE": 64x64, ResNet backbone, z 128, m 32, Adam 1e-4 (0, 0.9), sigma 5e-4,
+    # lambda 5, Gaussian noise for F. Batch, n_critic, steps: ours (CIFAR-10's); no lr decay stated.
+    "animeface": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=64, z_dim=128,
+                      m=32, beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0,
+                      dlle_transform="noise", eval_samples=50_000),
+    # Suppl. "FFHQ": the paper plugs the loss into StyleGAN2 at 1024; "other hyper-parameters are
+    # similar to those of ANIMEFACE". We have no StyleGAN2: the SNGAN ResNet at 128 (ours).
+    "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
+                 beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
+    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours).
+    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
+                          log_every=100, sample_every=2000, ckpt_every=2000),
+    "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
+                                  eval_samples=26_000, log_every=100, sample_every=2000,
+                                  ckpt_every=2000),
+    # 2-D mixtures (not in the paper; all ours): 4-layer MLPs, spectral norm on D (as on every
+    # paper D; L_MaF is a WGAN loss and needs a Lipschitz critic), z 2, m 16; sigma as CelebA.
+    "ring": dict(data="ring", split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=128,
+                 steps=20_000, lr=1e-4, beta1=0.0, beta2=0.9, n_critic=3, sigma=5e-2,
+                 lambda_norm=0.0, lr_decay=1.0, lr_decay_epochs=1, dlle_transform="noise",
+                 dlle_noise=0.02, width=128, eval_samples=50_000, log_every=500,
+                 sample_every=5000, ckpt_every=5000),
+    "grid": dict(data="grid", split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=128,
+                 steps=20_000, lr=1e-4, beta1=0.0, beta2=0.9, n_critic=3, sigma=5e-2,
+                 lambda_norm=0.0, lr_decay=1.0, lr_decay_epochs=1, dlle_transform="noise",
+                 dlle_noise=0.05, width=128, eval_samples=100_000, log_every=500,
+                 sample_every=5000, ckpt_every=5000),
+}
+# Where each preset comes from, for --help.
+PRESET_SOURCES = {
+    "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
+    "celeba": "Suppl. 'CelebA' (256, DCGAN, sigma 5e-2, lr x0.9 per epoch, noise F)",
+    "animeface": "Suppl. 'ANIMEFACE' (64, ResNet, betas (0, 0.9), sigma 5e-4, lambda 5); image folder",
+    "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours); image folder",
+    "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
+    "stacked-fashion-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
+    "ring": "ours: MLPs (SN on D), z 2, m 16, sigma 5e-2 (not in the paper)",
+    "grid": "ours: MLPs (SN on D), z 2, m 16, sigma 5e-2 (not in the paper)",
+}
+VARIANTS = ("paper", "official")
+DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
+# --variant official changes these defaults (where the flag was not given): the code's F(x) is a
+# random flip + N(0, 0.001) noise, and its entropy weight warms up linearly over 100 epochs.
+OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100)
+# Flags a --resume may change besides common.RUN_CONTROL.
+RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in each flag's help, and the presets epilog printed as written."""
+
+
+def parse_args(argv=None):
+    epilog = "presets (flags left unset take these values):\n" + "\n".join(
+        f"  {name}: {PRESET_SOURCES[name]}\n    " + ", ".join(f"{k}={v}" for k, v in sorted(PRESETS[name].items()))
+        for name in sorted(PRESETS))
+    p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                         formatter_class=_HelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
+                   help="cifar10 (Suppl., DCGAN), celeba (Suppl., 256, DCGAN), animeface / ffhq "
+                        "(image folders, ResNet; Suppl.), stacked-(fashion-)mnist, ring, grid (ours)")
+    p.add_argument("--variant", default="paper", choices=VARIANTS,
+                   help="paper: Eq. 8, 12-14 as written; official: the losses of the authors' "
+                        "train.py (L2 nearest neighbour with -log, real+fake buffers, warm-up, "
+                        "flip+noise DLLE with MSE and stop-gradient, a ~ N(0,1) DIsoMap with MSE)")
+    g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
+    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K images, 20K 2-D)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
+    g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet"],
+                   help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace)")
+    g.add_argument("--width", type=int, default=None, help="base channels (64 = the paper's 512-256-128) / MLP units")
+    g.add_argument("--img-size", type=int, default=None, help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace)")
+    g.add_argument("--z-dim", type=int, default=None, help="noise dimension (Suppl.: 64 CIFAR-10, 128 CelebA/AnimeFace)")
+    g.add_argument("--m", type=int, default=None, help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D (Suppl.: 1e-4)")
+    g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (Suppl.: 0.0)")
+    g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
+    g.add_argument("--n-critic", type=int, default=None, help="D updates per G update (official README: 3)")
+    g.add_argument("--lr-decay", type=float, default=None, help="lr factor per --lr-decay-epochs (Suppl.: 0.9)")
+    g.add_argument("--lr-decay-epochs", type=int, default=None,
+                   help="data epochs between lr decays (Suppl.: 50 CIFAR-10, 1 CelebA)")
+    g = p.add_argument_group("MaEM terms (Eq. 8, 12-14) and the Table 1-3 ablations")
+    g.add_argument("--sigma", type=float, default=None,
+                   help="weight of the entropy term (Suppl.: 5e-4 CIFAR-10/AnimeFace, 5e-2 CelebA)")
+    g.add_argument("--lambda-norm", type=float, default=None,
+                   help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
+    g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
+    g.add_argument("--entropy-warmup", type=int, default=None,
+                   help="epochs over which sigma rises linearly from 0 (paper: 0 = none; official code: 100)")
+    g.add_argument("--dlle-transform", default=None, choices=DLLE_TRANSFORMS,
+                   help="F(x) of DLLE (Table 2): rot-noise (CIFAR-10), noise (CelebA/AnimeFace), adv "
+                        "(adversarial noise), flip-noise (official code), none (= --no-dlle)")
+    g.add_argument("--dlle-noise", type=float, default=None,
+                   help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
+    g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
+    g.add_argument("--no-disomap", action="store_true", help="drop DIsoMap (Eq. 14; Table 1)")
+    g.add_argument("--no-dlle", action="store_true", help="drop DLLE (Eq. 12-13; Table 1)")
+    g.add_argument("--no-entropy", action="store_true", help="drop RB-MaEM (Eq. 8; Table 1)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid)")
+    g.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (paper: 50K)")
+    g.add_argument("--fig3-samples", type=int, default=5000, help="generated samples ranked for Figure 3 (paper: 50K)")
+    g.add_argument("--classifier", default=None,
+                   help="stacked-(fashion-)mnist: mode classifier from `evaluate.py classifier` (modes, reverse KL)")
+    g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for FID/IS")
+    g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
+    common.add_runtime_args(p)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.dataset]
+    if args.variant == "official":
+        for key, value in OFFICIAL_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.entropy_warmup = 0 if args.entropy_warmup is None else args.entropy_warmup
+    common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
+    args.data_name, args.split = preset["data"], preset["split"]
+    common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
+                                       "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples"),
+                       nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
+                                    "dlle_noise", "rot_degrees"))
+    if args.no_dlle:
+        args.dlle_transform = "none"
+    return args
+
+
+# ==================================================================================================
+# 2. The generalised discriminator and L_MaF (Sec. "Manifold Representation", Eq. 7)
+# ==================================================================================================
+
+def embed(D, x, sample=True):
+    """V = D(x) in R^m with the re-parameterisation trick (Suppl.: "m ... with a re-parameterization
+    trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
+    V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
+
+    Official code: its forward always samples; only its `embedding()` (used for Figure 3) returns
+    mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
+    """
+    mu, logvar = D(x).float().chunk(2, dim=1)             # (B, m) each
+    if not sample:
+        return mu
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+def maf_loss_d(v_real, v_fake):
+    """Eq. 7 for D: min_D E[(1/m) sum_k D_k(G(z))] - E[(1/m) sum_k D_k(x)]: the realness of x is
+    the mean of its code, so a mean over batch *and* code dimensions."""
+    return v_fake.mean() - v_real.mean()
+
+
+def maf_loss_g(v_fake):
+    """Eq. 7 for G, which maximises L_MaF: min_G -E[(1/m) sum_k D_k(G(z))]."""
+    return -v_fake.mean()
+
+
+# ==================================================================================================
+# 3. RB-MaEM: replay-buffer manifold entropy (Eq. 8-11)
+# ==================================================================================================
+# Eq. 9: a non-parametric entropy estimate grows with E log d(x_i, x_i*), the distance of each sample
+# to its nearest neighbour. Eq. 10-11: D is (about) 1-Lipschitz, so distances between codes are lower
+# bounds of distances between images; pushing codes apart from their nearest neighbours therefore
+# raises (a lower bound of) H(P_g). A batch is too small to hold a sample's real neighbours, so the
+# neighbours are searched in a FIFO buffer of the last `--buffer-size` codes.
+
+class ReplayBuffer:
+    """A first-in-first-out buffer of the last `size` codes (detached), Eq. 8's R.
+
+    Stored as a circular array: `push` overwrites the oldest entries; `codes()` returns the contents
+    oldest first (V_1 ... V_n of the paper; the code being scored plays V_0). Codes are detached on
+    the way in: the buffer is a fixed set of neighbours, gradients flow only through V_0.
+    """
+
+    def __init__(self, size, dim, device, fill_uniform=False, generator=None):
+        self.size = size
+        self.data = torch.zeros(size, dim, device=device)
+        self.ptr, self.count = 0, 0                        # next write position, number stored
+        if fill_uniform:
+            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()).
+            self.data.uniform_(-1, 1, generator=generator)
+            self.count = size
+
+    def __len__(self):
+        return self.count
+
+    @torch.no_grad()
+    def push(self, codes):
+        codes = codes.detach().float()[-self.size:]       # a batch longer than the buffer: its tail
+        k = codes.shape[0]
+        idx = (self.ptr + torch.arange(k, device=self.data.device)) % self.size
+        self.data[idx] = codes
+        self.ptr = (self.ptr + k) % self.size
+        self.count = min(self.count + k, self.size)
+
+    def codes(self):
+        """(n, m), oldest first. Where the buffer is full the oldest entry sits at `ptr`."""
+        if self.count < self.size:
+            return self.data[:self.count]
+        return torch.cat([self.data[self.ptr:], self.data[:self.ptr]])
+
+    def state_dict(self):
+        # The raw circular array and its pointers (not the reordered view): a resumed run then does
+        # its nearest-neighbour search over the identical memory layout, bit for bit.
+        return {"data": self.data.cpu().clone(), "ptr": self.ptr, "count": self.count}
+
+    def load_state_dict(self, state):
+        if tuple(state["data"].shape) != tuple(self.data.shape):
+            raise common.UsageError(f"checkpoint replay buffer has shape {tuple(state['data'].shape)}, "
+                                    f"this run wants {tuple(self.data.shape)}")
+        self.data.copy_(state["data"].to(self.data.device))
+        self.ptr, self.count = int(state["ptr"]), int(state["count"])
+
+
+def nearest_by_cosine(v0, bank):
+    """For each row of v0 (B, m), the row of bank (n, m) with the largest cosine similarity (Eq. 8's
+    V* = argmax_{V_i in R} V0.V_i / (|V0||V_i|)). Returns (V* (B, m), index (B,))."""
+    sim = F_nn.normalize(v0.detach(), dim=1) @ F_nn.normalize(bank, dim=1).T     # (B, n)
+    idx = sim.argmax(dim=1)
+    return bank[idx], idx
+
+
+def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
+    """RB-MaEM loss of the codes v0 (B, m) against the buffer; 0 while the buffer is empty.
+
+    paper (Eq. 8): L_ent = cos(V0, V*) + lambda ||V0||, V* the most cosine-similar buffered code,
+        averaged over the batch. Minimising the cosine pushes V0 away from its nearest neighbour in
+        angle; lambda ||V0|| keeps D's codes from growing ("stabilization of the discriminator").
+    official: d_i = min_j mean_k (V0_ik - R_jk)^2 (squared L2 averaged over the m dimensions, the
+        nearest neighbour in L2), L_ent = -log(mean_i d_i): Eq. 9's log-distance, with the log
+        outside the batch mean, and no lambda term.
+    """
+    bank = buffer.codes()
+    if bank.shape[0] == 0:
+        return v0.sum() * 0.0
+    if variant == "paper":
+        v_star, _ = nearest_by_cosine(v0, bank)
+        cos = F_nn.cosine_similarity(v0, v_star, dim=1)                       # (B,)
+        return (cos + lambda_norm * v0.norm(dim=1)).mean()
+    # Official code: the buffer there is (slots, batch, m) and sample i is only compared with the
+    # entries at batch position i of earlier batches; we search the whole buffer (same estimator,
+    # n neighbours instead of n / batch). Its update, cat(buffer[batch_size:], new_batch), drops
+    # batch_size slots and adds one, so the buffer shrinks to a single batch after a few steps; we
+    # do not copy that bug: our buffer keeps the last --buffer-size codes.
+    dist = (v0.unsqueeze(1) - bank.unsqueeze(0)).pow(2).mean(dim=2)          # (B, n)
+    return -torch.log(dist.min(dim=1).values.mean())
+
+
+def entropy_weight(args, epoch):
+    """sigma, or sigma * min(epoch / warm-up, 1) with --entropy-warmup (official code: 100 epochs,
+    which makes the term 0 during the whole first epoch)."""
+    if args.no_entropy:
+        return 0.0
+    if args.entropy_warmup > 0:
+        return args.sigma * min(epoch / args.entropy_warmup, 1.0)
+    return args.sigma
+
+
+# ==================================================================================================
+# 4. Manifold regularisation: DLLE (Eq. 12-13) and DIsoMap (Eq. 14)
+# ==================================================================================================
+
+def random_rotate(x, max_degrees):
+    """Rotate each image of (B, C, H, W) by its own angle ~ U(-max, max) about the centre (bilinear,
+    zero padding outside). The paper names "rotation" without an angle range; the range is ours."""
+    angle = (torch.rand(x.shape[0], device=x.device) * 2 - 1) * math.radians(max_degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F_nn.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F_nn.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def dlle_transform(x, args, D_plain=None):
+    """F(x) of Eq. 12: a "different view of x" that counts as its neighbour on the manifold.
+
+    rot-noise  random rotation + N(0, dlle_noise^2) noise (Suppl. CIFAR-10; Table 2 row 3)
+    noise      N(0, dlle_noise^2) noise only (Suppl. CelebA, AnimeFace, FFHQ)
+    adv        adversarial noise (Table 2 row 2): one signed-gradient step of size dlle_noise that
+               increases ||D(x + delta) - D(x)||^2 from a random start (FGSM-style; the paper gives
+               no recipe, this one is ours). Needs D (unwrapped, no DDP sync, no update of SN).
+    flip-noise Official code (data_aug): flip the whole batch along height or width (one coin per
+               batch) and add N(0, 0.001^2) noise.
+    On 2-D points rotations and flips are not small moves, so only the noise part is applied.
+    """
+    kind, std = args.dlle_transform, args.dlle_noise
+    images = x.dim() == 4
+    if kind == "rot-noise" and images:
+        x = random_rotate(x, args.rot_degrees)
+    elif kind == "flip-noise" and images:
+        x = torch.flip(x, dims=[2 + int(torch.randint(0, 2, ()).item())])
+    elif kind == "adv":
+        was_training = D_plain.training
+        D_plain.eval()                      # no spectral-norm power iteration for this probe
+        with torch.enable_grad():
+            delta = (std * torch.randn_like(x)).requires_grad_(True)
+            target = embed(D_plain, x, sample=False).detach()
+            gap = (embed(D_plain, x + delta, sample=False) - target).pow(2).sum()
+            grad, = torch.autograd.grad(gap, delta)
+        D_plain.train(was_training)
+        return (x + std * grad.sign()).detach()
+    return x + std * torch.randn_like(x)
+
+
+def dlle_loss(v, v_aug, variant="paper"):
+    """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, the per-sample L2 norm averaged over
+    the real and fake samples given (gradient through both branches).
+    official: MSE(D(x), D(F(x)).detach()): squared error averaged over elements, stop-gradient on
+    the transformed branch (the caller passes real and fake separately and sums)."""
+    if variant == "paper":
+        return (v_aug - v).norm(dim=1).mean()
+    return F_nn.mse_loss(v, v_aug.detach())
+
+
+def isomap_mix(x_real, x_fake, variant="paper"):
+    """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i); returns (x^, a (B, 1)).
+
+    paper: a ~ U(0, 1) per pair (a convex combination, Eq. 14's text).
+    official: a ~ N(0, 1) per pair: the "mix" is mostly an extrapolation (official train.py).
+    """
+    shape = (x_real.shape[0], 1)
+    a = torch.rand(shape, device=x_real.device) if variant == "paper" else \
+        torch.randn(shape, device=x_real.device)
+    a_x = a.view(-1, *([1] * (x_real.dim() - 1))).to(x_real.dtype)
+    return a_x * x_real + (1 - a_x) * x_fake, a
+
+
+def isomap_loss(v_mix, v_real, v_fake, a, variant="paper"):
+    """paper (Eq. 14): psi = cos(V_x^, V^) with V^ = a V_i + (1 - a) V_j, the same combination in code
+    space. Eq. 14 writes the similarity itself; as a loss to minimise we use 1 - cos (mean over pairs).
+    official: MSE(V_x^, (a V_i + (1 - a) V_j + N(0, 0.05^2)).detach()).
+    """
+    target = a * v_real + (1 - a) * v_fake                                     # (B, m)
+    if variant == "paper":
+        return (1 - F_nn.cosine_similarity(v_mix, target, dim=1)).mean()
+    target = target + 0.05 * torch.randn_like(target)
+    return F_nn.mse_loss(v_mix, target.detach())
+
+
+# ==================================================================================================
+# 5. The two losses of a training step
+# ==================================================================================================
+
+def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
+    """D's loss: L_MaF (Eq. 7) + DIsoMap (Eq. 14) + DLLE (Eq. 12) + sigma * L_ent (Eq. 8).
+
+    x, fake: (B, ...) with fake = G(z) computed without a graph (G is not trained here). Every input
+    of D (real, fake, mixes, transformed real and fake) goes through the DDP-wrapped D in *one*
+    forward: one gradient all-reduce and one spectral-norm power iteration per D step. An ablation
+    leaves its inputs out, so the L_MaF-only baseline costs exactly a plain D step.
+    Returns (total loss, dict of the terms for the log).
+    """
+    variant, B = args.variant, x.shape[0]
+    parts = [x, fake]
+    use_iso, use_dlle = not args.no_disomap, args.dlle_transform != "none"
+    if use_iso:
+        x_mix, a = isomap_mix(x, fake, variant)
+        parts.append(x_mix)
+    if use_dlle:
+        parts += [dlle_transform(x, args, D_plain), dlle_transform(fake, args, D_plain)]
+    v = embed(D, torch.cat(parts))                                             # (k B, m), k = 2..5
+    chunks = list(v.split(B))
+    v_real, v_fake = chunks[0], chunks[1]
+    terms = {"maf": maf_loss_d(v_real, v_fake)}
+    if use_iso:
+        terms["iso"] = isomap_loss(chunks[2], v_real, v_fake, a, variant)
+    if use_dlle:
+        v_real_aug, v_fake_aug = chunks[-2], chunks[-1]
+        if variant == "paper":
+            terms["dlle"] = dlle_loss(torch.cat([v_real, v_fake]), torch.cat([v_real_aug, v_fake_aug]))
+        else:
+            terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
+                             + dlle_loss(v_fake, v_fake_aug, "official"))
+    if not args.no_entropy:
+        if variant == "paper":
+            # Eq. 8 on the generated codes (Prop. 2: the entropy of P_g in D's space). D minimises it
+            # too: RB-MaEM sits "on the discriminator side" (Fig. 2), and lambda ||V0|| exists "to
+            # ensure the stabilization of the discriminator", which only D's gradient can do.
+            terms["ent"] = entropy_loss(v_fake, buffers["fake"], args.lambda_norm, variant)
+            buffers["fake"].push(v_fake)
+        else:
+            # Official code: D spreads the codes of *real* images, with their own buffer.
+            terms["ent"] = entropy_loss(v_real, buffers["real"], variant=variant)
+            buffers["real"].push(v_real)
+    total = sum(val for key, val in terms.items() if key != "ent")
+    if "ent" in terms:
+        total = total + ent_w * terms["ent"]
+    return total, terms
+
+
+def g_step_loss(D_plain, fake, args, buffers, ent_w):
+    """G's loss: -L_MaF (Eq. 7) + sigma * L_ent (Eq. 8) on the codes of its samples, which pushes each
+    new sample away from its nearest buffered neighbour in D's space (maximises H(P_g), Eq. 6).
+    D_plain is the unwrapped D: its gradients here are never applied (zeroed before D's next step)."""
+    v_fake = embed(D_plain, fake)
+    terms = {"g_maf": maf_loss_g(v_fake)}
+    total = terms["g_maf"]
+    if not args.no_entropy:
+        lam = args.lambda_norm if args.variant == "paper" else 0.0
+        terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], lam, args.variant)
+        buffers["fake"].push(v_fake)
+        total = total + ent_w * terms["g_ent"]
+    return total, terms
+
+
+def make_buffers(args, device):
+    """paper: one FIFO buffer of generated codes, shared by D's and G's entropy terms.
+    official: a buffer of real codes (D) and one of generated codes (G), each starting full of
+    U(-1, 1) codes. Under torchrun each rank keeps its own buffers of its own codes (no all-gather):
+    the estimator stays local and costs no extra collective per step; with W ranks there are W
+    buffers of --buffer-size codes each. All of them are saved in the checkpoint."""
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    official = args.variant == "official"
+    names = ("real", "fake") if official else ("fake",)
+    bufs = {}
+    for name in names:
+        buf = ReplayBuffer(args.buffer_size, args.m, "cpu", fill_uniform=official, generator=gen)
+        buf.data = buf.data.to(device)
+        bufs[name] = buf
+    return bufs
+
+
+# ==================================================================================================
+# 6. Networks, sampling and pictures (Figure 3)
+# ==================================================================================================
+
+def build_networks(args, channels):
+    """G: z -> x and the generalised D: x -> (mu, logvar) in R^{2m} (split by `embed`)."""
+    G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width)
+    D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width, out_dim=2 * args.m)
+    if args.arch == "mlp":
+        common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
+    return G, D
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, batch=1000, generator=None):
+    """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
+    statistics, as the official test()); the caller restores train mode."""
+    out = []
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), z_dim, generator=generator).to(device)
+        out.append(G(z).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def figure3(G, D, args, device, path, dims=4, top=5):
+    """Fig. 3: rank args.fig3_samples generated samples by each of the first `dims` code dimensions
+    (mu, no sampling) and show the top `top` per dimension, one row per dimension. Running top-k over
+    chunks, so 50K samples at 256x256 never sit in memory at once. 2-D data: a scatter plot, the
+    top samples of each dimension in their own colour over all samples (grey)."""
+    G, D = common.unwrap(G), common.unwrap(D)
+    g_mode, d_mode = G.training, D.training
+    G.eval(), D.eval()
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    dims = min(dims, args.m)
+    best_v, best_x, seen = None, None, []
+    for i in range(0, args.fig3_samples, 500):
+        x = generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen)
+        v = embed(D, x.to(device), sample=False)[:, :dims].cpu()               # (b, dims)
+        if args.arch == "mlp":
+            seen.append(x)
+        cand_v = v if best_v is None else torch.cat([best_v, v])               # (t, dims)
+        cand_x = x if best_x is None else torch.cat([best_x, x])
+        keep = torch.unique(cand_v.topk(min(top, len(cand_v)), dim=0).indices.flatten())
+        best_v, best_x = cand_v[keep], cand_x[keep]
+    G.train(g_mode), D.train(d_mode)
+    rows = best_v.topk(min(top, len(best_v)), dim=0).indices.T                 # (dims, top)
+    picks = best_x[rows.flatten()]
+    if args.arch == "mlp":
+        labels = torch.arange(dims).repeat_interleave(rows.shape[1]).numpy()
+        centers, _ = common.synthetic_modes(args.data_name, args.data_std)
+        img = common.plot_points([(torch.cat(seen).numpy(), common.REAL_COLOR), (picks.numpy(), labels)],
+                                 common.extent_for(args.data_name), size=400, centers=centers,
+                                 title=f"top-{top} samples of code dims 1-{dims} (colour = dim)")
+        img.save(path)
+    else:
+        common.save_image_grid(picks, path, nrow=rows.shape[1])
+
+
+@torch.no_grad()
+def save_samples(G, args, device, z_fixed, real_points, path):
+    """A progress picture from a fixed z (no draw from the training RNG: a resumed run stays
+    bit-identical): an 8x8 grid, or for 2-D data the samples (red) over the data (grey)."""
+    G = common.unwrap(G)
+    mode = G.training
+    G.eval()
+    fake = G(z_fixed.to(device)).float().cpu()
+    G.train(mode)
+    if args.arch == "mlp":
+        centers, _ = common.synthetic_modes(args.data_name, args.data_std)
+        common.plot_points([(real_points.numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
+                           common.extent_for(args.data_name), size=400, centers=centers,
+                           title="samples G(z) (red), data (grey)").save(path)
+    else:
+        common.save_image_grid(fake[:64], path, nrow=8)
+
+
+def load_sampler(ckpt_path, device="cpu"):
+    """For evaluate.py: a function n -> n samples of the checkpoint's G (points or images in [-1, 1]).
+    `sample.dataset` is the common.py dataset name (animeface / ffhq -> folder)."""
+    ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+    args = argparse.Namespace(**ckpt["args"])
+    channels = common.DATASETS[args.data_name]["channels"]
+    G, _ = build_networks(args, channels)
+    common.load_state(G, ckpt["G"], "generator", ckpt_path)
+    G = G.to(device).eval()
+
+    def sample(n):
+        return generate(G, n, args.z_dim, device)
+
+    sample.dataset = args.data_name
+    sample.data_std = args.data_std
+    return sample
+
+
+# ==================================================================================================
+# 7. Training: D minimises L_MaF + L_Iso + L_LLE + sigma L_ent; G minimises -L_MaF + sigma L_ent
+# ==================================================================================================
+
+def learning_rate(args, epoch):
+    """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
+    once per epoch). Derived from the stream's epoch, so a resumed run needs no scheduler state."""
+    return args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
+
+
+def load_data(args):
+    """The training set (built before anything is written, so bad data leaves no output)."""
+    is_points = common.DATASETS[args.data_name]["kind"] == "points"
+    return common.build_dataset(args.data_name, root=args.data_root, split=args.split,
+                                img_size=None if is_points else args.img_size,
+                                download=args.download, data_std=args.data_std, seed=0)
+
+
+def train(args, rt, dataset):
+    info = common.DATASETS[args.data_name]
+    is_points = info["kind"] == "points"
+    channels = info["channels"]
+    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
+                                num_workers=args.num_workers)
+
+    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
+    G, D = build_networks(args, channels)
+    common.seed_rank(rt, args.seed)
+    G, D = rt.wrap(G), rt.wrap(D)
+    D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
+    betas = (args.beta1, args.beta2)
+    opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
+    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
+    buffers = make_buffers(args, rt.device)
+
+    step = 0
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+        common.load_state(G, ckpt["G"], "generator", ckpt_path)
+        common.load_state(D, ckpt["D"], "discriminator", ckpt_path)
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        if rt.scaler is not None and ckpt.get("scaler"):
+            rt.scaler.load_state_dict(ckpt["scaler"])
+        stream.load_state_dict(ckpt["stream"])
+        step = ckpt["step"]
+        saved = ckpt["buffers"]
+        if len(saved) == rt.world_size:
+            for name, buf in buffers.items():
+                buf.load_state_dict(saved[rt.rank][name])
+        elif rt.is_main:
+            print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
+                  f"{rt.world_size}: the buffers start afresh")
+        common.restore_rng_states(rt, ckpt["rng"], args.seed)
+
+    def state():
+        return {"method": METHOD, "args": vars(args), "step": step,
+                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+                "stream": stream.state_dict(), "buffers": buffer_states, "rng": rng_states}
+
+    log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
+    meter = common.LossMeter(rt)
+    terms_on = [n for n, off in (("DIsoMap", args.no_disomap), ("DLLE", args.dlle_transform == "none"),
+                                 ("RB-MaEM", args.no_entropy)) if not off]
+    log.info(f"MaEM-GAN ({args.variant}) on {args.dataset}: {args.steps} steps, global batch "
+             f"{args.batch_size} on {rt.world_size} process(es), {rt.device}, m={args.m}, "
+             f"terms: L_MaF {' '.join(terms_on)}, sigma={args.sigma}, lambda={args.lambda_norm}, "
+             f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
+             f"G {common.count_params(G)} / D {common.count_params(D)} params")
+    per_rank = args.batch_size // rt.world_size
+    z_fixed = torch.randn(64 if not is_points else 2000, args.z_dim,
+                          generator=torch.Generator().manual_seed(args.seed + 1))
+    real_points = None
+    if is_points:
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
+        real_points = dataset.points[pick]
+
+    while step < args.steps:
+        # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
+        epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
+        lr = learning_rate(args, epoch)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        ent_w = entropy_weight(args, epoch)
+
+        # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma L_ent (G fixed: no graph through it).
+        for _ in range(args.n_critic):
+            x, _ = next(stream)
+            z = torch.randn(per_rank, args.z_dim, device=rt.device)
+            with rt.autocast():
+                with torch.no_grad():
+                    fake = G(z).to(x.dtype)
+                d_loss, d_terms = d_step_loss(D, D_plain, x, fake, args, buffers, ent_w)
+            opt_d.zero_grad(set_to_none=True)
+            rt.backward_step(d_loss, opt_d)
+
+        # ---- G step: min_G -L_MaF + sigma L_ent (Official code: reuses the z of its D step; we
+        # draw a fresh z).
+        z = torch.randn(per_rank, args.z_dim, device=rt.device)
+        with rt.autocast():
+            fake = G(z)
+            g_loss, g_terms = g_step_loss(D_plain, fake, args, buffers, ent_w)
+        opt_g.zero_grad(set_to_none=True)
+        rt.backward_step(g_loss, opt_g)
+        step += 1
+        meter.add(d_loss=d_loss, g_loss=g_loss, **d_terms, **g_terms)
+
+        # ---- logging / checks / pictures / checkpoint (main process writes)
+        if step % args.log_every == 0 or step == args.steps:
+            common.log_step(meter, log, step, ckpt_path, lr=lr, ent_w=ent_w)
+        if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
+            save_samples(G, args, rt.device, z_fixed, real_points,
+                         os.path.join(args.out, "samples", f"step_{step:07d}.png"))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            rng_states = common.gather_rng_states(rt)          # collective: every rank calls it
+            buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
+            if rt.is_main:
+                common.save_checkpoint(ckpt_path, state())
+    return G, D
+
+
+def final_metrics(G, args, rt):
+    """metrics.json: modes / high-quality fraction / reverse KL (2-D); modes and reverse KL with the
+    mode classifier (stacked); FID, IS and I-Variance (Eq. 15, Table 4) for other images."""
+    G = common.unwrap(G).eval()
+    kind = common.DATASETS[args.data_name]["kind"]
+    if kind == "points":
+        samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
+        return common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
+    if args.data_name.startswith("stacked"):
+        if not args.classifier:
+            print("note: mode metrics skipped: pass --classifier (train one with "
+                  "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
+            return {"skipped": "no --classifier"}
+        classifier = common.load_mode_classifier(args.classifier, rt.device)
+        batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device)
+                   for i in range(0, args.eval_samples, 500))
+        return common.stacked_mode_metrics(batches, classifier, rt.device)
+    try:
+        sample_fn = lambda n: generate(G, n, args.z_dim, rt.device, batch=100)  # noqa: E731
+        model = common.load_fid_inception(args.inception_weights, rt.device)
+        if args.fid_stats:
+            real = args.fid_stats
+        elif args.data_name == "folder":
+            real = args.data_root                        # the image folder itself
+        else:                                            # training split, cached by common.py
+            real = common.dataset_stats(args.data_name, model, rt.device, root=args.data_root,
+                                        split="train", img_size=args.img_size, download=args.download)
+        return common.image_metrics(sample_fn, args.eval_samples, real, ["fid", "is", "ivar"],
+                                    rt.device, model=model)
+    except common.UsageError as err:       # no Inception weights offline: training still counts
+        print(f"note: image metrics skipped: {err}", flush=True)
+        return {"skipped": str(err)}
+
+
+def main(argv=None):
+    args = common.restore_saved_args(parse_args(argv), METHOD, RUN_CONTROL)
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    dataset = load_data(args)
+    common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
+    start = time.perf_counter()
+    G, D = train(args, rt, dataset)
+    if rt.is_main:
+        figure3(G, D, args, rt.device, os.path.join(args.out, "figure3.png"))
+        common.finish_run(rt, args, final_metrics(G, args, rt), start)
+    common.shutdown(rt)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

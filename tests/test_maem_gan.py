@@ -1,0 +1,331 @@
+"""Tests of maem_gan.py: the replay buffer, each loss against its equation on hand-made codes,
+where the gradients go, then the real script on tiny settings (every flag, resume, torchrun)."""
+
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import common
+import maem_gan
+from conftest import run_script, run_torchrun
+
+TINY = ["--steps", "6", "--log-every", "3", "--ckpt-every", "6", "--sample-every", "6",
+        "--eval-samples", "1000", "--fig3-samples", "300", "--batch-size", "32", "--device", "cpu"]
+
+
+def log_lines(out):
+    return [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+
+
+# ---------------------------------------------------------------- the replay buffer (Eq. 8's R)
+def test_buffer_is_fifo_with_a_fixed_length():
+    buf = maem_gan.ReplayBuffer(5, 2, "cpu")
+    assert len(buf) == 0 and buf.codes().shape == (0, 2)
+    seen = []
+    for start in (0, 3, 6, 9):                                  # batches of 3 codes: 0..11
+        batch = torch.arange(start, start + 3).float().unsqueeze(1).repeat(1, 2)
+        buf.push(batch.requires_grad_(True))
+        seen += list(range(start, start + 3))
+        assert len(buf) == min(len(seen), 5)
+        assert buf.codes()[:, 0].tolist() == seen[-5:]         # the last 5, oldest first
+    assert not buf.codes().requires_grad                       # stored detached
+    buf.push(torch.arange(100, 108).float().unsqueeze(1).repeat(1, 2))   # longer than the buffer
+    assert buf.codes()[:, 0].tolist() == [103, 104, 105, 106, 107]
+    # state round trip keeps the layout and the pointer
+    other = maem_gan.ReplayBuffer(5, 2, "cpu")
+    other.load_state_dict(buf.state_dict())
+    other.push(torch.full((1, 2), 7.0))
+    buf.push(torch.full((1, 2), 7.0))
+    assert torch.equal(other.data, buf.data) and other.codes()[:, 0].tolist() == [104, 105, 106, 107, 7]
+
+
+def test_official_buffer_starts_full_of_uniform_codes():
+    buf = maem_gan.ReplayBuffer(64, 3, "cpu", fill_uniform=True, generator=torch.Generator().manual_seed(0))
+    assert len(buf) == 64 and buf.codes().abs().max() <= 1 and buf.codes().std() > 0.3
+
+
+def test_nearest_code_by_cosine_equals_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    v0, bank = torch.randn(17, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    v_star, idx = maem_gan.nearest_by_cosine(v0, bank)
+    for i in range(len(v0)):
+        cos = [float(v0[i] @ b / (v0[i].norm() * b.norm())) for b in bank]
+        assert idx[i].item() == max(range(len(bank)), key=lambda j: cos[j])
+        assert torch.equal(v_star[i], bank[idx[i]])
+    # scale does not matter for the cosine, direction does
+    _, idx2 = maem_gan.nearest_by_cosine(v0, bank * torch.rand(40, 1, generator=gen).add(0.1) * 10)
+    assert torch.equal(idx, idx2)
+
+
+# ---------------------------------------------------------------- the losses (Eq. 7, 8, 12-14)
+def test_maf_losses_are_eq7_means_over_batch_and_code():
+    v_real = torch.tensor([[1.0, 3.0], [0.0, 4.0]])            # realness 2 and 2
+    v_fake = torch.tensor([[0.0, 2.0], [1.0, 1.0]])            # realness 1 and 1
+    assert maem_gan.maf_loss_d(v_real, v_fake).item() == pytest.approx(1.0 - 2.0)
+    assert maem_gan.maf_loss_g(v_fake).item() == pytest.approx(-1.0)
+
+
+def test_entropy_loss_paper_eq8_by_hand():
+    buf = maem_gan.ReplayBuffer(4, 2, "cpu")
+    v0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert maem_gan.entropy_loss(v0, buf, 0.5).item() == 0.0            # empty buffer: no term
+    buf.push(torch.tensor([[0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]))
+    # V0=(1,0): nearest (1,1), cos 1/sqrt2, |V0| 1.  V0=(0,2): nearest (0,1), cos 1, |V0| 2.
+    expected = ((1 / math.sqrt(2) + 0.5 * 1) + (1.0 + 0.5 * 2)) / 2
+    assert maem_gan.entropy_loss(v0, buf, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_entropy_loss_official_is_minus_log_mean_nearest_l2():
+    buf = maem_gan.ReplayBuffer(4, 2, "cpu")
+    buf.push(torch.tensor([[1.0, 1.0], [2.0, 0.0]]))
+    v0 = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    # squared L2 averaged over m=2: row 1 -> (1, 2), min 1; row 2 -> (2.5, 0.5), min 0.5
+    expected = -math.log((1.0 + 0.5) / 2)
+    assert maem_gan.entropy_loss(v0, buf, 9.0, "official").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dlle_loss_paper_l2_and_official_mse_with_stop_gradient():
+    v = torch.tensor([[0.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    v_aug = torch.tensor([[3.0, 4.0], [1.0, 1.0]], requires_grad=True)
+    assert maem_gan.dlle_loss(v, v_aug).item() == pytest.approx((5.0 + 0.0) / 2)       # Eq. 12
+    off = maem_gan.dlle_loss(v, v_aug, "official")
+    assert off.item() == pytest.approx((9 + 16) / 4)
+    off.backward()
+    assert v_aug.grad is None and v.grad.abs().sum() > 0       # official: augmented branch detached
+
+
+def test_isomap_mix_and_loss_by_hand():
+    x_real, x_fake = torch.ones(64, 1, 2, 2), torch.zeros(64, 1, 2, 2)
+    mix, a = maem_gan.isomap_mix(x_real, x_fake)
+    assert a.shape == (64, 1) and (a >= 0).all() and (a <= 1).all()          # paper: U(0, 1)
+    assert torch.allclose(mix, a.view(-1, 1, 1, 1).expand_as(mix))
+    _, a_off = maem_gan.isomap_mix(x_real, x_fake, "official")
+    assert (a_off < 0).any() and (a_off > 1).any()                          # official: N(0, 1)
+    a = torch.tensor([[0.5]])
+    v_real, v_fake = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])   # mix (1, 1)
+    v_mix = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    assert maem_gan.isomap_loss(v_mix, v_real, v_fake, a).item() == pytest.approx(1 - 1 / math.sqrt(2))
+    v_real.requires_grad_(True)
+    torch.manual_seed(0)
+    off = maem_gan.isomap_loss(v_mix, v_real, v_fake, a, "official")
+    torch.manual_seed(0)
+    noise = 0.05 * torch.randn(1, 2)
+    assert off.item() == pytest.approx(((torch.tensor([[1.0, 0.0]]) - 1 - noise) ** 2).mean().item(), rel=1e-5)
+    off.backward()
+    assert v_real.grad is None                                              # target detached
+
+
+def test_entropy_weight_warmup_and_learning_rate_decay():
+    args = argparse.Namespace(no_entropy=False, sigma=0.2, entropy_warmup=100, lr=1.0, lr_decay=0.9,
+                              lr_decay_epochs=50)
+    assert maem_gan.entropy_weight(args, 0) == 0.0
+    assert maem_gan.entropy_weight(args, 50) == pytest.approx(0.1)
+    assert maem_gan.entropy_weight(args, 300) == pytest.approx(0.2)
+    args.entropy_warmup = 0
+    assert maem_gan.entropy_weight(args, 0) == 0.2
+    args.no_entropy = True
+    assert maem_gan.entropy_weight(args, 0) == 0.0
+    assert [maem_gan.learning_rate(args, e) for e in (0, 49, 50, 120)] == pytest.approx([1, 1, 0.9, 0.81])
+
+
+# ---------------------------------------------------------------- where the gradients go
+def tiny_nets(variant, transform="noise"):
+    args = maem_gan.parse_args(["--dataset", "ring", "--variant", variant, "--m", "4", "--width", "16",
+                                "--dlle-transform", transform, "--lambda-norm", "0.5"])
+    torch.manual_seed(0)
+    G, D = maem_gan.build_networks(args, 2)
+    return args, G, D
+
+
+@pytest.mark.parametrize("variant", maem_gan.VARIANTS)
+def test_gradients_reach_only_the_network_being_trained(variant):
+    args, G, D = tiny_nets(variant, "adv")
+    buffers = maem_gan.make_buffers(args, "cpu")
+    x, z = torch.randn(8, 2), torch.randn(8, 2)
+    for _ in range(2):                                          # second pass: buffers are non-empty
+        G.zero_grad(), D.zero_grad()
+        with torch.no_grad():
+            fake = G(z)
+        loss, terms = maem_gan.d_step_loss(D, D, x, fake, args, buffers, 0.3)
+        loss.backward()
+    assert set(terms) == {"maf", "iso", "dlle", "ent"} and terms["ent"].item() != 0
+    assert all(p.grad is None for p in G.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.parameters())
+    # the total is the sum of the terms with the entropy weighted by sigma
+    expected = terms["maf"] + terms["iso"] + terms["dlle"] + 0.3 * terms["ent"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # G step: gradients into G; D is only a function here (its grads are never stepped)
+    G.zero_grad(), D.zero_grad()
+    g_loss, g_terms = maem_gan.g_step_loss(D, G(z), args, buffers, 0.3)
+    g_loss.backward()
+    assert set(g_terms) == {"g_maf", "g_ent"} and g_terms["g_ent"].item() != 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
+    expected_names = {"fake"} if variant == "paper" else {"real", "fake"}
+    assert set(buffers) == expected_names
+    assert all(not b.codes().requires_grad for b in buffers.values())
+
+
+def test_ablation_flags_remove_their_terms_and_inputs():
+    args, G, D = tiny_nets("paper")
+    args.no_disomap, args.dlle_transform, args.no_entropy = True, "none", True
+    calls = []
+    D.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    loss, terms = maem_gan.d_step_loss(D, D, torch.randn(8, 2), torch.randn(8, 2), args,
+                                       maem_gan.make_buffers(args, "cpu"), 1.0)
+    assert set(terms) == {"maf"} and calls == [16]               # L_MaF only: real + fake, one forward
+    args.no_disomap = False
+    args.dlle_transform = "rot-noise"
+    calls.clear()
+    maem_gan.d_step_loss(D, D, torch.randn(8, 2), torch.randn(8, 2), args, maem_gan.make_buffers(args, "cpu"), 1.0)
+    assert calls == [40]                                         # + mixes + F(real) + F(fake)
+
+
+def test_image_transforms_keep_shape_and_move_the_image():
+    args = argparse.Namespace(dlle_transform="rot-noise", dlle_noise=0.0, rot_degrees=30.0)
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, :, 2:6, 7:9] = 1.0                                      # a bar off the centre
+    rot = maem_gan.dlle_transform(x, args)
+    assert rot.shape == x.shape and not torch.allclose(rot, x)
+    args.dlle_transform = "flip-noise"
+    flip = maem_gan.dlle_transform(x, args)
+    assert torch.equal(flip, x.flip(2)) or torch.equal(flip, x.flip(3))
+    args.dlle_transform, args.dlle_noise = "noise", 0.1
+    assert (maem_gan.dlle_transform(x, args) - x).std().item() == pytest.approx(0.1, rel=0.1)
+
+
+# ---------------------------------------------------------------- the script, end to end
+@pytest.mark.parametrize("flags", [
+    [],                                                                       # paper, all terms
+    ["--variant", "official", "--entropy-warmup", "0", "--buffer-size", "16"],
+    ["--dlle-transform", "adv", "--lambda-norm", "2", "--no-disomap"],
+    ["--no-dlle", "--no-entropy", "--no-disomap"],                             # Table 1 baseline
+])
+def test_flags_train_on_ring(tmp_path, flags):
+    out = str(tmp_path / "run")
+    maem_gan.main(["--dataset", "ring", "--out", out, *TINY, *flags])
+    lines = log_lines(out)
+    assert [x["step"] for x in lines] == [3, 6]
+    assert all(math.isfinite(v) for x in lines for v in x.values() if isinstance(v, float))
+    last = lines[-1]
+    assert ("iso" in last) != ("--no-disomap" in flags)
+    assert ("dlle" in last) != ("--no-dlle" in flags)
+    assert ("ent" in last and "g_ent" in last) != ("--no-entropy" in flags)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert {"modes", "hq_fraction", "reverse_kl"} <= set(metrics)
+    assert os.path.isfile(os.path.join(out, "figure3.png"))
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
+    bufs = ckpt["buffers"][0]
+    if "--no-entropy" in flags:
+        assert bufs["fake"]["count"] == 0
+    elif "--variant" in flags:
+        assert set(bufs) == {"real", "fake"} and bufs["real"]["data"].shape == (16, 16)
+    else:
+        assert bufs["fake"]["count"] == 6 * 32 * (3 + 1)        # every D and G step pushes its batch
+    sample = maem_gan.load_sampler(os.path.join(out, "ckpt.pt"))
+    assert sample(7).shape == (7, 2) and sample.dataset == "ring"
+
+
+def test_official_warmup_zeroes_the_entropy_in_the_first_epoch(tmp_path):
+    out = str(tmp_path / "off")
+    maem_gan.main(["--dataset", "grid", "--variant", "official", "--out", out, *TINY])
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert args["dlle_transform"] == "flip-noise" and args["dlle_noise"] == 0.001 and args["entropy_warmup"] == 100
+    assert all(x["ent_w"] == 0.0 for x in log_lines(out))
+
+
+def test_tiny_images_rot_noise_bf16_and_lr_decay(tmp_path):
+    from test_common import write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=8, n_test=4)
+    out = str(tmp_path / "img")
+    proc = run_script(["maem_gan.py", "--dataset", "stacked-mnist", "--data-root", str(tmp_path / "data"),
+                       "--width", "4", "--batch-size", "4", "--steps", "4", "--n-critic", "1",
+                       "--log-every", "1", "--ckpt-every", "4", "--sample-every", "4",
+                       "--fig3-samples", "12", "--rot-degrees", "20", "--lr-decay", "0.5",
+                       "--lr-decay-epochs", "1", "--amp", "bf16", "--m", "4", "--sigma", "0.1",
+                       "--out", out])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = log_lines(out)
+    # 8 images / batch 4 = 2 batches per epoch: the lr halves every 2 steps (n_critic 1)
+    assert [x["lr"] for x in lines] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5])
+    assert "mode metrics skipped" in proc.stdout
+    assert os.path.isfile(os.path.join(out, "figure3.png"))
+    from PIL import Image
+    w, h = Image.open(os.path.join(out, "figure3.png")).size
+    assert (w, h) == (5 * 34 + 2, 4 * 34 + 2)                     # 4 code dims x top-5, 32 px + padding
+    sample = maem_gan.load_sampler(os.path.join(out, "ckpt.pt"))
+    x = sample(3)
+    assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("variant", maem_gan.VARIANTS)
+def test_resume_equals_an_uninterrupted_run(tmp_path, variant):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    flags = ["--dataset", "ring", "--log-every", "2", "--ckpt-every", "4", "--sample-every", "4",
+             "--eval-samples", "500", "--fig3-samples", "100", "--batch-size", "16", "--device", "cpu",
+             "--seed", "3", "--variant", variant, "--buffer-size", "40", "--entropy-warmup", "0"]
+    maem_gan.main([*flags, "--steps", "8", "--out", full])
+    maem_gan.main([*flags, "--steps", "4", "--out", part])
+    maem_gan.main([*flags, "--steps", "8", "--out", part, "--resume"])
+    a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
+    b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
+    for net in ("G", "D"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    for name, buf in a["buffers"][0].items():                      # the replay buffers too
+        assert torch.equal(buf["data"], b["buffers"][0][name]["data"]) and buf["ptr"] == b["buffers"][0][name]["ptr"]
+    assert a["opt_d"]["state"][0]["exp_avg"].equal(b["opt_d"]["state"][0]["exp_avg"])
+    assert log_lines(full) == [dict(x, it_s=y["it_s"]) for x, y in zip(log_lines(part), log_lines(full))]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = maem_gan.isomap_loss, {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        return real(*args) * (float("nan") if calls["n"] > 3 * 4 else 1.0)   # NaN from G step 5 on
+
+    monkeypatch.setattr(maem_gan, "isomap_loss", poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(common.UsageError, match="non-finite loss at step 6"):
+        maem_gan.main(["--dataset", "ring", "--steps", "8", "--log-every", "2", "--ckpt-every", "4",
+                       "--sample-every", "8", "--batch-size", "16", "--out", out, "--device", "cpu"])
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = run_torchrun(2, ["maem_gan.py", "--dataset", "ring", "--out", out, "--buffer-size", "32", *TINY],
+                        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
+    assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2 and len(ckpt["buffers"]) == 2
+    # one buffer per rank, each filled with that rank's own codes
+    assert not torch.equal(ckpt["buffers"][0]["fake"]["data"], ckpt["buffers"][1]["fake"]["data"])
+    assert [x["step"] for x in log_lines(out)] == [3, 6]          # only rank 0 logs
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
+    cases = [
+        (["--dataset", "nope"], "invalid choice: 'nope'"),
+        (["--dataset", "ring", "--sigma", "-1"], "--sigma must be a finite number >= 0"),
+        (["--dataset", "ring", "--buffer-size", "0"], "--buffer-size must be a finite number > 0"),
+        (["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "no checkpoint"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            common.run_cli(maem_gan.main, args)
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+    other = tmp_path / "other"
+    other.mkdir()
+    common.save_checkpoint(other / "ckpt.pt", {"method": "invert_gan", "args": {}})
+    with pytest.raises(SystemExit):
+        common.run_cli(maem_gan.main, ["--dataset", "ring", "--out", str(other), "--resume"])
+    assert "not of 'maem_gan'" in capsys.readouterr().err
