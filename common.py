@@ -2394,6 +2394,10 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise UsageError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
+    diff = mu1 - mu2
+    if np.array_equal(s1, s2):
+        # Same covariance: sqrt(S S) = S for a PSD S, so the trace terms cancel exactly.
+        return float(diff @ diff)
     a = torch.from_numpy((s1 + s1.T) / 2)
     b = torch.from_numpy((s2 + s2.T) / 2)
     factor, info = torch.linalg.cholesky_ex(a)          # S1 = L L^T if positive definite
@@ -2403,7 +2407,6 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2):
     m = factor.T @ b @ factor
     lam = torch.linalg.eigvalsh((m + m.T) / 2)
     tr_sqrt = float(lam.clamp(min=0).sqrt().sum())
-    diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 

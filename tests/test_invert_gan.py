@@ -223,3 +223,13 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
     common.save_checkpoint(other / "ckpt.pt", {"method": "maem_gan", "args": {}})
     proc = run_script(["invert_gan.py", "--dataset", "ring", "--out", str(other), "--resume"])
     assert proc.returncode == 2 and "not of 'invert_gan'" in proc.stderr
+
+
+def test_evaluate_ckpt_reads_an_invert_gan_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    invert_gan.main(["--dataset", "grid", "--out", out, *TINY])
+    proc = run_script(["evaluate.py", "ckpt", os.path.join(out, "ckpt.pt"), "--n", "3000",
+                       "--json", str(tmp_path / "m.json")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.load(open(tmp_path / "m.json"))
+    assert 0 <= metrics["modes"] <= 25 and 0 <= metrics["hq_fraction"] <= 1 and "reverse_kl" in metrics
