@@ -1,0 +1,1240 @@
+"""PGMGAN: Partition-Guided Mixture of GANs, all three stages (pretext, partition, GAN).
+
+Paper: Armandpour, Sadeghian, Li, Zhou, "Partition-Guided GANs", CVPR 2021
+(arXiv:2104.00816; text in ../shared/papers/pgm_gan.txt). Official code: alisadeghian/PGMGAN.
+Where this file follows the official code instead of the paper, the comment says `Official code:`.
+
+The idea in three lines:
+  * Learn a space partitioner S(x) = softmax(W phi(x)) without labels: SimCLR features (Eq. 4),
+    a k-nearest-neighbour graph on them, and a clustering loss over the graph (Eq. 5).
+  * Train one generator / discriminator pair per partition A_i on the data of A_i (Eq. 2); here
+    one class-conditional pair whose class is the partition id stands for the k pairs.
+  * Guide each G_i into its own partition with R_i(x) = sum_c (f_c(x) - f_i(x))_+ on S's logits
+    (Eq. 6, 8). phi is a residual network with Lipschitz-bounded branches (Theorem 3), so R_i has
+    no local minima outside A_i and the partitions are connected; keep only samples with R_i = 0.
+
+Stages (`--stage`, default all), each writing what the next one reads, all in --out
+(--resume: finished stages are skipped, the GAN continues bit-for-bit from ckpt.pt; a pretext or
+partition stage that was cut off starts again):
+    pretext    SimCLR on the training images (Eq. 4)                      -> pretext.pt
+               (skipped for 2-D data, for --partition random and for --k 1)
+    partition  kNN graph on the pretext features + S trained with Eq. 5  -> partition.pt
+    gan        the mixture of GANs with the guide                        -> ckpt.pt, metrics.json
+
+Launch:
+    python pgm_gan.py --dataset grid                                   # 2-D, all stages (CPU, ~15 min)
+    python pgm_gan.py --dataset grid --partition random                # baseline "Random Partition ID"
+    python pgm_gan.py --dataset grid --guide-weight 0                  # baseline "Partition GAN"
+    python pgm_gan.py --dataset grid --k 1                             # baseline: one plain GAN
+    python pgm_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
+    python pgm_gan.py --dataset cifar10 --stage pretext                # the stages one by one ...
+    python pgm_gan.py --dataset cifar10 --stage partition              # ... (same --out)
+    python pgm_gan.py --dataset cifar10 --stage gan
+    torchrun --standalone --nproc_per_node=8 pgm_gan.py --dataset stl10        # one node
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 pgm_gan.py --dataset imagenet --data-root /data/imagenet/train
+    python pgm_gan.py --dataset grid --out runs/x --resume             # continue a run
+    python evaluate.py ckpt runs/pgm_gan-grid-0/ckpt.pt --n 50000      # evaluate (with rejection)
+
+Map of the paper to this file:
+    Eq. 2   per-partition GAN objective V(D_i, G_i, A_i)  -> d_loss_fn / g_loss_fn (`--loss standard`)
+            (default: hinge loss, as the official code)
+    Eq. 4   NT-Xent contrastive loss (SimCLR)             -> nt_xent, run_pretext
+    Eq. 5   partitioner objective on the kNN graph        -> partition_loss, knn_graph, run_partition
+    Sec. 4.1 S_init = softmax(W_0 phi_0(x)) from pretext  -> Partitioner, run_partition
+    Eq. 6   guide R_i(x) = sum_c (f_c(x) - f_i(x))_+      -> guide
+    Eq. 7   R_i(x) = 0 <=> x in A_i                       -> guide, make_sampler (rejection)
+    Eq. 8   G_i's loss + lambda * mean R_i, lambda annealed -> guide_weight, run_gan
+    Thm. 3 / Sec. 4.2 residual blocks x + psi(x), psi with spectral norm L < 1 and ELU
+                                                          -> LipschitzLayer, ResidualBlock, Partitioner
+    Fig. 3  -R_i over the plane                           -> figure3
+    Fig. 4  real vs generated 2-D points                  -> figure4
+    Table 1 modes / reverse KL, partition NMI             -> final_metrics, partition_metrics
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "pgm_gan"
+STAGES = ("pretext", "partition", "gan", "all")
+# Flags a --resume may change, beyond the shared ones: which stage to run and the evaluation
+# classifier (neither changes the experiment).
+RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
+
+# ==================================================================================================
+# 1. Arguments and per-dataset presets
+# ==================================================================================================
+
+# Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
+# Sources: "paper" = the PGMGAN paper; "official" = the authors' code (2d_mix/train.py for 2-D,
+# configs/<dataset>/scan_guide*_biggan*.yaml for images); "SCAN" = the SimCLR / SCAN configs of
+# Van Gansbeke et al. 2020, whose code the paper's partitioner training follows (Sec. 4.1; the
+# official repository loads SCAN-trained partitioners and does not contain that training);
+# "ours" = a value none of them gives.
+_TOY = dict(
+    # GAN. official 2d_mix/train.py: batch 100, z_dim 2, hidden width 200 (d_act_dim), one D step
+    # per G step (d_iter 1), the standard (cross-entropy) loss, 50 partitions (num_clusters),
+    # 100 epochs of 100K points, metrics on 50K samples. Steps, lr and the guide weight: ours
+    # (8K steps: all stages in about 14 minutes on a shared CPU core, 25/25 grid modes; the
+    # official reg_guide default is 0).
+    arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
+    n_dis=1, loss="standard", k=50, guide_weight=1.0, guide_anneal=5e-5, guide_min=0.0,
+    ema=0.0, ema_start=0, eval_samples=50_000,
+    # Partitioner. Sec. 5.1: no pretext stage, S on the raw coordinates; official: the partitioner
+    # is fit on 10K points. Depth/width/steps/lr: ours (Thm. 3 holds for any depth).
+    part_blocks=4, part_width=64, part_levels=0, part_steps=1500, part_batch_size=512,
+    part_lr=1e-3, part_samples=10_000, neighbors=20, alpha=0.0, beta=5.0,
+    pretext_steps=0, pretext_batch_size=256, pretext_lr=0.4, temperature=0.1,
+    log_every=500, sample_every=2000, ckpt_every=2000)
+_IMAGES = dict(
+    # GAN. Sec. 5: SN-GAN architecture, k = 200; official configs: z 128, batch 100, Adam 2e-4
+    # betas (0, 0.999), hinge loss, G every 4th D step ("D4" configs), guide weight 6.0 minus
+    # 1.2e-4 per G step, EMA of G 0.9999 from step 10K, BigGAN N(0, 0.02) init (we keep SNGAN's,
+    # see common.py). Steps: ours (about the official 500 epochs / 4).
+    arch="resnet", width=64, z_dim=128, batch_size=100, steps=60_000, lr=2e-4, beta1=0.0,
+    beta2=0.999, n_dis=4, loss="hinge", k=200, guide_weight=6.0, guide_anneal=1.2e-4,
+    guide_min=0.0, ema=0.9999, ema_start=10_000, eval_samples=10_000,
+    # Partitioner. Sec. 5: 20 residual blocks (60 convs), Lipschitz 0.9; i-ResNet layout of the
+    # official partitioner: three squeeze levels; hidden width 128 ours (i-ResNet: 512).
+    # SCAN (cifar config): Adam 1e-4, batch 128, 50 epochs (~20K steps), 20 neighbours, entropy
+    # weight 5. alpha (the per-sample entropy of Eq. 5) is 0 in SCAN: ours 0.
+    part_blocks=20, part_width=128, part_levels=3, part_steps=20_000, part_batch_size=128,
+    part_lr=1e-4, part_samples=None, neighbors=20, alpha=0.0, beta=5.0,
+    # Pretext. SCAN's SimCLR config: 500 epochs of batch 512 (~49K steps on 50K images), SGD
+    # (paper Sec. 5: "SGD for training the pretext model") lr 0.4 momentum 0.9 nesterov, weight
+    # decay 1e-4, cosine schedule, temperature 0.1.
+    pretext_steps=49_000, pretext_batch_size=512, pretext_lr=0.4, temperature=0.1,
+    log_every=200, sample_every=5000, ckpt_every=5000)
+PRESETS = {
+    "grid": dict(_TOY),
+    "ring": dict(_TOY),
+    # official configs/stacked_mnist/scan_guide97_biggan_D4.yaml: 10 neighbours (numnei10),
+    # guide floor 1e-4, "nepochs = 350".
+    "stacked-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
+    "stacked-fashion-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
+    # official configs/cifar/scan_guide_biggan.yaml (guide floor 0).
+    "cifar10": dict(_IMAGES),
+    # official configs/stl10/scan_guide101_biggan_D4.yaml: 48x48, guide floor 1e-4. (Sec. 5
+    # reports IS/FID on 50K samples; eval_samples 10K is ours, for time: pass 50000.)
+    "stl10": dict(_IMAGES, guide_min=1e-4, steps=100_000),
+    # Sec. 5.3: ImageNet at 128x128, k = 1000, BigGAN architecture (here: the SNGAN ResNet 128
+    # layout of common.py, ours); batch 256 ours. Data: an ImageFolder tree (--data-root).
+    "imagenet": dict(_IMAGES, k=1000, batch_size=256, steps=100_000),
+}
+# One line per preset for --help: where its values come from.
+PRESET_SOURCES = {
+    "grid": "Sec. 5.1 + official 2d_mix/train.py (batch 100, z 2, width 200, standard loss, k 50); "
+            "steps, lr, guide weight and partitioner size ours",
+    "ring": "as grid (appendix: 2D-ring; official 2d_mix/train.py)",
+    "stacked-mnist": "Table 1 + official configs/stacked_mnist/scan_guide97_biggan_D4.yaml; "
+                     "pretext/partition training from SCAN's configs",
+    "stacked-fashion-mnist": "ours: the stacked-mnist preset on Fashion-MNIST",
+    "cifar10": "Table 1 + official configs/cifar/scan_guide_biggan.yaml; SCAN's configs",
+    "stl10": "Table 2 (48x48) + official configs/stl10/scan_guide101_biggan_D4.yaml; SCAN's configs",
+    "imagenet": "Sec. 5.3 (128x128, k 1000; BigGAN replaced by the SNGAN ResNet 128, ours)",
+}
+
+
+def presets_epilog():
+    lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
+    for name, values in PRESETS.items():
+        lines.append(f"  {name}: {PRESET_SOURCES[name]}")
+        lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# --dataset names of this script -> common.DATASETS names ("imagenet" is a folder of images).
+DATA_NAME = {"imagenet": "folder"}
+IMG_SIZE = {"imagenet": 128}
+
+
+def parse_args(argv=None):
+    p = common.ArgParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+                         epilog=presets_epilog())
+    p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
+                   help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
+                        "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
+                        "imagenet 128x128 folder (Table 3)")
+    p.add_argument("--stage", default="all", choices=STAGES, help="which stage(s) to run")
+    g = p.add_argument_group("partitions (Sec. 4.1) and baselines (Sec. 5.2)")
+    g.add_argument("--k", type=int, default=None,
+                   help="number of partitions = generators (200 images, Sec. 5.2; 1000 ImageNet, "
+                        "Sec. 5.3; 50 on 2-D, official 2d_mix); --k 1 = one plain GAN (baseline)")
+    g.add_argument("--partition", default="learned", choices=["learned", "random"],
+                   help="learned: S from Eq. 5; random: uniformly random partition ids "
+                        "(baseline 'Random Partition ID', Table 1; no guide, no rejection)")
+    g = p.add_argument_group("pretext: SimCLR (Eq. 4)")
+    g.add_argument("--pretext-steps", type=int, default=None, help="SGD steps (SCAN: 500 epochs)")
+    g.add_argument("--pretext-batch-size", type=int, default=None, help="global batch (SCAN: 512)")
+    g.add_argument("--pretext-lr", type=float, default=None, help="SGD lr, cosine decay (SCAN: 0.4)")
+    g.add_argument("--temperature", type=float, default=None, help="tau of Eq. 4 (SCAN: 0.1)")
+    g.add_argument("--proj-dim", type=int, default=128, help="dimension of h (SimCLR: 128)")
+    g.add_argument("--aug-crop", type=float, default=0.2,
+                   help="random resized crop: smallest area fraction (SimCLR/SCAN: 0.2); 1 = off")
+    g.add_argument("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
+    g.add_argument("--aug-color", type=float, default=0.4,
+                   help="colour jitter strength: brightness/contrast/saturation factors in "
+                        "[1-s, 1+s] (SCAN: 0.4); 0 = off")
+    g.add_argument("--aug-color-p", type=float, default=0.8, help="probability of colour jitter (SimCLR: 0.8)")
+    g.add_argument("--aug-gray", type=float, default=0.2, help="probability of grayscale (SimCLR: 0.2)")
+    g = p.add_argument_group("partitioner S = softmax(W phi(x)) (Eq. 5, Thm. 3)")
+    g.add_argument("--neighbors", type=int, default=None,
+                   help="neighbours per point in the kNN graph (SCAN: 20; official stacked MNIST: 10)")
+    g.add_argument("--alpha", type=float, default=None, help="weight of sum_i H(S(x_i)) in Eq. 5 (SCAN: 0)")
+    g.add_argument("--beta", type=float, default=None, help="weight of H(mean S) in Eq. 5 (SCAN: 5)")
+    g.add_argument("--lipschitz", type=float, default=0.9,
+                   help="spectral norm L < 1 of every layer of psi (Sec. 5: 0.9)")
+    g.add_argument("--part-blocks", type=int, default=None,
+                   help="residual blocks x + psi(x) in phi (Sec. 5: 20, i.e. 60 convs)")
+    g.add_argument("--part-width", type=int, default=None, help="hidden channels/units inside psi")
+    g.add_argument("--part-levels", type=int, default=None,
+                   help="images: squeeze (2x2 space-to-depth) levels, blocks split over them (i-ResNet: 3)")
+    g.add_argument("--part-steps", type=int, default=None, help="Adam steps on Eq. 5 (SCAN: 50 epochs)")
+    g.add_argument("--part-batch-size", type=int, default=None, help="anchors per step (SCAN: 128)")
+    g.add_argument("--part-lr", type=float, default=None, help="Adam lr (SCAN: 1e-4)")
+    g.add_argument("--part-samples", type=int, default=None,
+                   help="train S on this many training points (official 2-D: 10K); default all")
+    g.add_argument("--knn-chunk-mb", type=float, default=256.0,
+                   help="memory for one block of the kNN similarity matrix (no N x N matrix)")
+    g = p.add_argument_group("GAN (Eq. 2, 6, 8)")
+    g.add_argument("--steps", type=int, default=None, help="G updates")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (official: 100)")
+    g.add_argument("--arch", default=None, choices=["mlp", "resnet", "dcgan"],
+                   help="G/D networks (mlp on 2-D; resnet = SN-GAN, Sec. 5)")
+    g.add_argument("--width", type=int, default=None, help="MLP hidden units (official 2-D: 200) / base channels (64)")
+    g.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's; STL-10 48)")
+    g.add_argument("--z-dim", type=int, default=None, help="latent dimension (official: 2 on 2-D, 128 images)")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr of G and D (official images: 2e-4)")
+    g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (official images: 0)")
+    g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (official images: 0.999)")
+    g.add_argument("--n-dis", type=int, default=None, help="D updates per G update (official images: 4)")
+    g.add_argument("--loss", default=None, choices=["hinge", "standard"],
+                   help="hinge (official images) or standard = Eq. 2 with the non-saturating G loss "
+                        "(official 2-D)")
+    g.add_argument("--guide-weight", type=float, default=None,
+                   help="initial lambda of Eq. 8 (Sec. 5.4: 6.0); 0 = baseline 'Partition GAN'")
+    g.add_argument("--guide-anneal", type=float, default=None,
+                   help="lambda decreases by this much per G step (official: 1.2e-4)")
+    g.add_argument("--guide-min", type=float, default=None, help="floor of lambda (official: 0 / 1e-4)")
+    g.add_argument("--guide-reduce", default="sum", choices=["sum", "mean"],
+                   help="R_i sums over c (Eq. 6) or averages (official code, i.e. lambda/k); the "
+                        "official lambda 6.0 was used with mean: pass mean to reproduce its numbers")
+    g.add_argument("--no-rejection", action="store_true",
+                   help="sample without the rejection step (keep x = G_i(z) even if R_i(x) > 0)")
+    g.add_argument("--reject-tries", type=int, default=50,
+                   help="rejection: redraws of z for one partition id before drawing a new id")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of G's weights (official images: 0.9999); 0 = off")
+    g.add_argument("--ema-start", type=int, default=None, help="G step at which the EMA starts (official: 10K)")
+    g.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (common.SYNTHETIC_STD)")
+    g.add_argument("--eval-samples", type=int, default=None,
+                   help="samples for metrics.json (official 2-D: 50K); 0 = no final metrics")
+    g.add_argument("--classifier", default=None,
+                   help="stacked datasets: mode classifier file (evaluate.py classifier) for modes / reverse KL")
+    g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID")
+    g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
+    common.add_runtime_args(p)
+    args = p.parse_args(argv)
+    common.apply_presets(args, PRESETS[args.dataset], METHOD)
+    points = common.dataset_info(data_name(args))["kind"] == "points"
+    if args.img_size is None:
+        args.img_size = 1 if points else IMG_SIZE.get(args.dataset, common.DATASETS[data_name(args)]["img_size"])
+    if points and args.arch != "mlp":
+        raise common.UsageError("2-D data needs --arch mlp")
+    common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
+                                       "part_blocks", "part_width", "part_steps", "part_batch_size",
+                                       "part_lr", "part_samples", "pretext_batch_size", "pretext_lr",
+                                       "temperature", "proj_dim", "knn_chunk_mb", "reject_tries"),
+                       nonnegative=("beta1", "beta2", "alpha", "beta", "guide_weight", "guide_anneal",
+                                    "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
+                                    "part_levels", "aug_flip", "aug_color", "aug_color_p", "aug_gray"))
+    if not 0 < args.lipschitz < 1:
+        raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
+    if not 0 < args.aug_crop <= 1:
+        raise common.UsageError("--aug-crop must be in (0, 1]")
+    if not args.ema < 1:
+        raise common.UsageError("--ema must be < 1")
+    return args
+
+
+def data_name(args):
+    return DATA_NAME.get(args.dataset, args.dataset)
+
+
+def is_points(args):
+    return common.dataset_info(data_name(args))["kind"] == "points"
+
+
+def uses_pretext(args):
+    """Sec. 5.1: no feature learning on 2-D data; nothing to learn for random or single partitions."""
+    return not is_points(args) and args.partition == "learned" and args.k > 1
+
+
+def uses_partitioner(args):
+    """A trained S exists (and with it the guide and the rejection step)."""
+    return args.partition == "learned" and args.k > 1
+
+
+# ==================================================================================================
+# 2. Pretext: SimCLR (Eq. 4)
+# ==================================================================================================
+
+def augment(x, args):
+    """Two SimCLR views are two calls of this on the same batch. x: (B, C, H, W) in [-1, 1].
+
+    Random resized crop (area in [aug_crop, 1], aspect ratio in [3/4, 4/3]) and horizontal flip
+    as one affine resampling per image, then colour jitter (brightness, contrast, saturation) with
+    probability aug_color_p and grayscale with probability aug_gray. Batched on the device.
+    SimCLR applies the jitter components in random order and adds hue; we keep a fixed order.
+    """
+    b, c = x.shape[0], x.shape[1]
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(args.aug_crop, 1.0)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)      # crop size / image size
+    # A ratio that makes the crop wider (taller) than the image keeps the area, clipping that side.
+    too_wide, too_tall = w > 1, h > 1
+    w = torch.where(too_wide, 1.0, torch.where(too_tall, area, w))
+    h = torch.where(too_tall, 1.0, torch.where(too_wide, area, h))
+    cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)     # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, device=dev) < args.aug_flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    y = (y + 1) / 2                                         # colour ops in [0, 1]
+    s = args.aug_color
+    if s > 0:
+        on = (torch.rand(b, 1, 1, 1, device=dev) < args.aug_color_p).float()
+
+        def factor():
+            return 1 + on * torch.empty(b, 1, 1, 1, device=dev).uniform_(-s, s)
+
+        y = (y * factor()).clamp(0, 1)                                           # brightness
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = ((y - mean) * factor() + mean).clamp(0, 1)                           # contrast
+        if c == 3:
+            gray = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:])
+            y = ((y - gray) * factor() + gray).clamp(0, 1)                       # saturation
+    if c == 3 and args.aug_gray > 0:
+        gray = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]).expand_as(y)
+        y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < args.aug_gray, gray, y)
+    return y * 2 - 1
+
+
+def nt_xent(h1, h2, tau):
+    """Eq. 4 (NT-Xent), as a loss to minimise, averaged over the 2N anchors:
+
+        -1/2N sum_(i,j) log exp(sim(h_i, h_j)/tau) / sum_{k != i} exp(sim(h_i, h_k)/tau)
+
+    h1, h2: (N, d) embeddings of two views of the same N images; (i, i+N) are the positive pairs,
+    every other image of the 2N is a negative; sim is the cosine similarity.
+    """
+    n = h1.shape[0]
+    z = F.normalize(torch.cat([h1, h2]).float(), dim=1)          # (2N, d)
+    sim = z @ z.T / tau                                          # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+class PretextNet(nn.Module):
+    """phi_0 followed by the projection head: x -> h (B, proj_dim). One module, so that DDP sees
+    a single forward."""
+
+    def __init__(self, phi, head):
+        super().__init__()
+        self.phi, self.head = phi, head
+
+    def forward(self, x):
+        return self.head(self.phi.features(x))
+
+
+class ProjectionHead(nn.Module):
+    """h = W2 relu(W1 phi_0(x)) (Sec. 4.1, SimCLR's MLP head); phi_0(x) is flattened."""
+
+    def __init__(self, in_dim, out_dim, hidden=512):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
+
+    def forward(self, feats):
+        return self.fc2(F.relu(self.fc1(feats.flatten(1))))     # (B, out_dim)
+
+
+# ==================================================================================================
+# 3. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
+# ==================================================================================================
+# Theorem 3: if phi satisfies c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of
+# R_i is global, ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2 gets c0
+# from residual blocks B(x) = x + psi(x) whose branch psi is m layers, each with operator norm
+# L < 1, with 1-Lipschitz activations (ELU) in between: Lip(psi) <= L^m < 1, hence
+#   ||B(x) - B(y)|| >= ||x - y|| - ||psi(x) - psi(y)|| >= (1 - L^m) ||x - y||.
+# phi keeps the dimension of x (Thm. 3: phi maps R^d to R^d): 2-D data stays in R^2 (psi is an MLP
+# 2 -> width -> width -> 2); images go through "squeeze" levels (2x2 space-to-depth, a
+# permutation of the pixels, i.e. an isometry), as the i-ResNet of Behrmann et al. 2019 that the
+# official partitioner uses. Official code: its i-ResNet ends in BatchNorm + ReLU + pooling + a
+# linear head, which breaks the lower bound; we put W on the flattened phi(x) itself.
+
+class LipschitzLayer(nn.Module):
+    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz`.
+
+    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
+    runs on the layer's *actual* linear map: for a conv that is the convolution over a
+    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
+    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
+    layers already below L are left alone (i-ResNet's soft normalisation).
+    """
+
+    def __init__(self, layer, lipschitz, in_shape):
+        super().__init__()
+        self.layer, self.lipschitz = layer, lipschitz
+        u = torch.randn(1, *in_shape)
+        self.register_buffer("u", u / u.norm())
+        self.register_buffer("sigma", torch.ones(()))
+
+    def _apply_op(self, x):                                 # A x (no bias)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, self.layer.weight)
+        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
+
+    def _apply_adjoint(self, v):                            # A^T v
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(v, self.layer.weight.t())
+        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
+
+    @torch.no_grad()
+    def power_iteration(self, n=1):
+        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
+        u = self.u
+        for _ in range(n):
+            u = self._apply_adjoint(self._apply_op(u))
+            u = u / u.norm().clamp_min(1e-12)
+        self.u.copy_(u)
+        self.sigma.copy_(self._apply_op(u).norm())
+
+    def forward(self, x):
+        if self.training:
+            self.power_iteration(1)
+            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
+            sigma = self._apply_op(self.u.clone()).norm()
+        else:
+            sigma = self.sigma
+        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
+        out = self._apply_op(x) * scale
+        if self.layer.bias is not None:
+            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
+        return out
+
+
+class ResidualBlock(nn.Module):
+    """B(x) = x + psi(x), psi = 3 Lipschitz layers with ELU between (Sec. 4.2, m = 3 as in Sec. 5:
+    20 blocks = 60 convs). shape: (dim,) for vectors, (C, H, W) for feature maps."""
+
+    def __init__(self, shape, hidden, lipschitz):
+        super().__init__()
+        if len(shape) == 1:
+            d = shape[0]
+            layers = [nn.Linear(d, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, d)]
+            shapes = [(d,), (hidden,), (hidden,)]
+        else:
+            c, h, w = shape
+            layers = [nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, hidden, 3, padding=1),
+                      nn.Conv2d(hidden, c, 3, padding=1)]
+            shapes = [(c, h, w), (hidden, h, w), (hidden, h, w)]
+        self.psi = nn.ModuleList([LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
+
+    def forward(self, x):
+        h = x
+        for i, layer in enumerate(self.psi):
+            h = layer(h)
+            if i < len(self.psi) - 1:
+                h = F.elu(h)                              # 1-Lipschitz
+        return x + h
+
+
+class Partitioner(nn.Module):
+    """phi (Lipschitz-bounded residual network) and W: logits f(x) = W phi(x) (k,); S = softmax(f).
+
+    The same class is the pretext network's trunk phi_0 (with a ProjectionHead) and the
+    partitioner's phi, so S_init = softmax(W_0 phi_0(x)) (Sec. 4.1) is a plain state-dict copy.
+    For images: squeeze, blocks, squeeze, blocks, ... (`levels` squeezes, blocks split evenly).
+    """
+
+    def __init__(self, in_shape, k, n_blocks, width, lipschitz, levels=0):
+        super().__init__()
+        self.in_shape, self.levels = tuple(in_shape), levels
+        per_level = [n_blocks // max(levels, 1) + (i < n_blocks % max(levels, 1))
+                     for i in range(max(levels, 1))]
+        blocks, shape = [], self.in_shape
+        for level, count in enumerate(per_level):
+            if levels > 0:
+                if shape[1] % 2 or shape[2] % 2:
+                    raise common.UsageError(f"--part-levels {levels}: size {shape[1]} cannot be "
+                                            f"halved {levels} times")
+                shape = (shape[0] * 4, shape[1] // 2, shape[2] // 2)
+            blocks.append(nn.ModuleList([ResidualBlock(shape, width, lipschitz) for _ in range(count)]))
+        self.blocks = nn.ModuleList(blocks)
+        self.feat_dim = int(np.prod(shape))
+        self.head = nn.Linear(self.feat_dim, k)               # W (with a bias, Sec. 4.1 omits it)
+
+    def features(self, x):
+        """phi(x), flattened: (B, feat_dim) with feat_dim = the input's dimension."""
+        h = x
+        for level in self.blocks:
+            if self.levels > 0:
+                h = F.pixel_unshuffle(h, 2)                   # (B, 4C, H/2, W/2): squeeze
+            for block in level:
+                h = block(h)
+        return h.flatten(1)
+
+    def forward(self, x):
+        return self.head(self.features(x))                   # logits f(x): (B, k)
+
+    @torch.no_grad()
+    def converge(self, n=100):
+        """Run the power iterations to convergence (before S is frozen and used in eval mode)."""
+        for m in self.modules():
+            if isinstance(m, LipschitzLayer):
+                m.power_iteration(n)
+
+
+def build_partitioner(args, channels):
+    shape = (channels,) if is_points(args) else (channels, args.img_size, args.img_size)
+    levels = 0 if is_points(args) else args.part_levels
+    return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
+
+
+# ==================================================================================================
+# 4. The kNN graph and the partition loss (Eq. 5)
+# ==================================================================================================
+
+@torch.no_grad()
+def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
+    """Indices (N, k) of the k nearest neighbours of every row of feats (N, d), self excluded.
+
+    Computed block by block on `device`: a block of rows against all N rows, so the memory is
+    rows x N floats (about `chunk_mb`), never N x N. metric: "cosine" (pretext features, as SCAN)
+    or "euclidean" (raw 2-D coordinates).
+    """
+    device = device or feats.device
+    n = feats.shape[0]
+    if k >= n:
+        raise common.UsageError(f"--neighbors {k} needs more than {k} points (have {n})")
+    x = feats.to(device=device, dtype=torch.float32)
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    sq = (x * x).sum(1)                                          # (N,)
+    rows = max(1, int(chunk_mb * 2 ** 20 / (4 * n)))
+    out = torch.empty(n, k, dtype=torch.long)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        score = x[start:stop] @ x.T                              # (rows, N)
+        if metric == "euclidean":
+            score.mul_(2).sub_(sq[None, :])                      # -||a-b||^2 + ||a||^2 (row const)
+        score[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")   # not itself
+        out[start:stop] = score.topk(k, dim=1).indices.cpu()
+        del score
+    return out
+
+
+def entropy(p, eps=1e-8):
+    """H_C(p) of categorical distributions along the last axis (natural log)."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
+
+
+def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
+    """Eq. 5 as a loss to minimise, with means instead of sums (a per-edge / per-point scale):
+
+        - mean_(i,j) log <S(x_i), S(x_j)>  +  alpha mean_i H(S(x_i))  -  beta H(mean_i S(x_i))
+
+    p_anchor, p_neighbor: (B, k) probabilities of B anchors and one kNN neighbour of each (SCAN's
+    sampling of the edges). H(mean S) uses the batch mean (SCAN). Returns (loss, terms dict).
+    """
+    consistency = -torch.log((p_anchor * p_neighbor).sum(1).clamp_min(eps)).mean()
+    sharp = entropy(p_anchor, eps).mean()
+    balance = entropy(p_anchor.mean(0), eps)
+    return consistency + alpha * sharp - beta * balance, dict(consistency=consistency, entropy=sharp,
+                                                             balance=balance)
+
+
+def fetch(dataset, idx):
+    """Data points idx (LongTensor) of a dataset, as one batch (B, ...)."""
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(idx)[0]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def dataset_labels(dataset):
+    labels = getattr(dataset, "labels", None)
+    return None if labels is None else torch.as_tensor(labels).long()
+
+
+@torch.no_grad()
+def map_batches(fn, dataset, device, batch=1000, idx=None):
+    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the CPU."""
+    idx = torch.arange(len(dataset)) if idx is None else idx
+    outs = [fn(fetch(dataset, idx[i:i + batch]).to(device)).float().cpu()
+            for i in range(0, len(idx), batch)]
+    return torch.cat(outs)
+
+
+def partition_metrics(pred, labels, k):
+    """Partition sizes, and against the true labels (when the data has them): NMI (arithmetic
+    normalisation, as sklearn's default), one-to-one accuracy (Hungarian matching of partitions to
+    labels, SCAN's metric when k = #labels) and purity (each partition votes its majority label)."""
+    from scipy.optimize import linear_sum_assignment
+
+    sizes = torch.bincount(pred, minlength=k)
+    out = {"partitions_used": int((sizes > 0).sum()), "partition_min": int(sizes.min()),
+           "partition_max": int(sizes.max())}
+    if labels is None:
+        return out, sizes
+    _, lab = torch.unique(labels, return_inverse=True)
+    cont = torch.zeros(k, int(lab.max()) + 1, dtype=torch.float64)
+    cont.index_put_((pred, lab), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
+    n = cont.sum()
+    pij = cont / n
+    pi, pj = pij.sum(1, keepdim=True), pij.sum(0, keepdim=True)
+    nz = pij > 0
+    mi = (pij[nz] * torch.log(pij[nz] / (pi @ pj)[nz])).sum()
+    hi = -(pi[pi > 0] * torch.log(pi[pi > 0])).sum()
+    hj = -(pj[pj > 0] * torch.log(pj[pj > 0])).sum()
+    nmi = float(2 * mi / (hi + hj)) if float(hi + hj) > 0 else 1.0
+    rows, cols = linear_sum_assignment(-cont.numpy())
+    out.update(nmi=nmi, accuracy=float(cont.numpy()[rows, cols].sum() / n),
+               purity=float(cont.max(1).values.sum() / n))
+    return out, sizes
+
+
+# ==================================================================================================
+# 5. The GAN: losses (Eq. 2), guide (Eq. 6-8), sampling with rejection
+# ==================================================================================================
+
+def d_loss_fn(real, fake, kind):
+    """D's loss on its own head's outputs (B,) for real data of A_i and fake G_i(z).
+
+    standard: Eq. 2, max E log D(x) + E log(1 - D(G(z))) = min softplus(-real) + softplus(fake).
+    hinge   : E relu(1 - real) + E relu(1 + fake). Official code: hinge loss on images.
+    """
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss_fn(fake, kind):
+    """G's adversarial loss. hinge: -E D(G(z)). standard: the non-saturating -E log D(G(z)) in
+    place of Eq. 8's E log(1 - D(G(z))), whose gradient vanishes while D wins (Goodfellow 2014)."""
+    if kind == "hinge":
+        return -fake.mean()
+    return F.softplus(-fake).mean()
+
+
+def guide(logits, y, reduce="sum"):
+    """Eq. 6: R_i(x) = sum_c (f_c(x) - f_i(x))_+ for i = y, per sample: (B,).
+
+    logits: (B, k) = W phi(x). The c = i term is 0. R_i(x) >= 0, and R_i(x) = 0 exactly when
+    f_i(x) is a largest logit, i.e. x in A_i (Eq. 7). Official code: the mean over c (the
+    --guide-reduce mean choice), i.e. the sum divided by k.
+    """
+    own = logits.gather(1, y[:, None])                               # (B, 1): f_i(x)
+    r = F.relu(logits - own)                                         # (B, k)
+    return r.sum(1) if reduce == "sum" else r.mean(1)
+
+
+def guide_weight(args, g_step):
+    """lambda of Eq. 8 at G step g_step. Sec. 5.4: linear annealing from the initial lambda.
+    Official code: lambda_t = max(lambda_0 - 1.2e-4 t, floor), floor 0 (CIFAR) or 1e-4."""
+    if args.guide_weight == 0 or not uses_partitioner(args):
+        return 0.0
+    return max(args.guide_weight - args.guide_anneal * g_step, min(args.guide_min, args.guide_weight))
+
+
+class PartitionLabels:
+    """Partition ids of real data: argmax S(x) (a learned partition, computed per batch), the
+    stored random ids of each training point (random baseline), or 0 (k = 1)."""
+
+    def __init__(self, args, S, random_ids):
+        self.args, self.S, self.random_ids = args, S, random_ids
+
+    @torch.no_grad()
+    def __call__(self, x, idx=None):
+        if self.S is not None:
+            return self.S(x.float()).argmax(1)
+        if self.random_ids is not None:
+            return self.random_ids[idx.cpu()].to(x.device)
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(x, index) instead of (x, label): the random baseline looks its ids up by index."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], i
+
+    def get_batch(self, idx):
+        return fetch(self.base, idx), idx
+
+
+def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, strict=True):
+    """n -> (samples (n, ...), acceptance rate of this call). y ~ pi (partition sizes of the
+    training data), x = G(z, y). With rejection (Sec. 4.2: "only accepting samples with R_i(x)
+    being equal to zero"), a sample is kept only if argmax S(x) = y, i.e. R_y(x) = 0 (Eq. 7); a
+    rejected one redraws z, and after `reject_tries` failed draws for one id it draws a new id
+    from pi (a generator that never lands in its partition cannot stall sampling).
+
+    After 20 * reject_tries rounds, samples still rejected either raise (strict) or are kept as
+    drawn and counted in `sample.stats["forced"]` (pictures, metrics and evaluate.py use that, so
+    a barely trained model still gets evaluated, and the count says how far from the method's
+    sampler it was). `sample.stats` also counts draws and returned samples over all calls.
+    """
+    max_rounds = 20 * reject_tries
+    pi = pi.float().cpu()
+    stats = {"drawn": 0, "returned": 0, "forced": 0}
+
+    @torch.no_grad()
+    def sample(n):
+        y = torch.multinomial(pi, n, replacement=True).to(device)        # (n,) partition ids
+        out, drawn = None, 0
+        pending = torch.ones(n, dtype=torch.bool, device=device)
+        tries = torch.zeros(n, dtype=torch.long, device=device)
+        for round_ in range(max_rounds):
+            todo = pending.nonzero().squeeze(1)                            # (m,) still to fill
+            x = G(torch.randn(len(todo), z_dim, device=device), y[todo]).float()
+            drawn += len(todo)
+            if out is None:
+                out = torch.empty(n, *x.shape[1:], device=device)
+            if rejection and S is not None and round_ < max_rounds - 1:
+                ok = S(x).argmax(1) == y[todo]
+            elif rejection and S is not None and strict:
+                raise RuntimeError(f"rejection sampling: {len(todo)} of {n} samples still rejected "
+                                   f"after {max_rounds} rounds; use --no-rejection")
+            else:                                # no rejection, or the last round when not strict
+                ok = torch.ones(len(todo), dtype=torch.bool, device=device)
+                if rejection and S is not None:
+                    stats["forced"] += int((S(x).argmax(1) != y[todo]).sum())
+            out[todo[ok]] = x[ok]
+            pending[todo[ok]] = False
+            if not pending.any():
+                break
+            failed = todo[~ok]
+            tries[failed] += 1
+            stuck = failed[tries[failed] >= reject_tries]
+            if len(stuck):                                     # give up on these ids, draw others
+                y[stuck] = torch.multinomial(pi, len(stuck), replacement=True).to(device)
+                tries[stuck] = 0
+        stats["drawn"] += drawn
+        stats["returned"] += n
+        return out.cpu(), n / drawn
+
+    sample.stats = stats
+    return sample
+
+
+def build_gan(args, channels):
+    size = args.img_size
+    G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
+    D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k)
+    return G, D
+
+
+# ==================================================================================================
+# 6. Pictures (Figures 3 and 4) and final metrics
+# ==================================================================================================
+
+@torch.no_grad()
+def figure3(S, points, labels, args, path, res=160):
+    """Figure 3: -R_i over the plane for the partition i of the corner mode (-4, -4) (grid) or of
+    the mode at (2, 0) (ring), beside the partition map of the data (points coloured by id)."""
+    extent = common.extent_for(args.dataset)
+    corner = torch.tensor([[-4.0, -4.0]]) if args.dataset == "grid" else torch.tensor([[2.0, 0.0]])
+    dev = next(S.parameters()).device
+    i = int(S(corner.to(dev)).argmax(1))
+    xs = torch.linspace(extent[0], extent[1], res)
+    ys = torch.linspace(extent[2], extent[3], res)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")                      # row = y (bottom first)
+    plane = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(dev)   # (res*res, 2)
+    r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce)
+    r = r.reshape(res, res).cpu()
+    panels = [common.plot_heatmap((-r).numpy(), extent, size=320,
+                                  title=f"-R_{i}(x) (Fig. 3): 0 on partition {i}"),
+              common.plot_points([(points.numpy(), labels.numpy())], extent, size=320,
+                                 title=f"partitions of the data (k={args.k})")]
+    common.hconcat(panels, path)
+
+
+@torch.no_grad()
+def figure4(sample_fn, real, args, path, n=2500):
+    """Figure 4: real (grey) and generated (red) points."""
+    fake, _ = sample_fn(n)
+    panel = common.plot_points([(real[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
+                               common.extent_for(args.dataset), size=320,
+                               title="data (grey) and samples (red), Fig. 4")
+    common.hconcat([panel], path)
+
+
+@torch.no_grad()
+def image_rows(G, pi, args, device, path, rows=10, per_row=8):
+    """One row of samples per partition (the `rows` largest partitions), Figure 1 style."""
+    ids = torch.argsort(pi, descending=True)[:min(rows, args.k)]
+    y = ids.repeat_interleave(per_row).to(device)
+    z = torch.randn(len(y), args.z_dim, device=device)
+    common.save_image_grid(G(z, y), path, nrow=per_row)
+
+
+def final_metrics(sample_fn, args, device):
+    """metrics.json: Table 1 mode metrics for 2-D and stacked data, IS/FID for other images."""
+    if args.eval_samples == 0:
+        return {}
+    if is_points(args):
+        x, acc = sample_fn(args.eval_samples)
+        return dict(common.mode_metrics_2d(x.numpy(), args.dataset, args.data_std), acceptance=acc,
+                    forced=sample_fn.stats["forced"])
+    if args.dataset.startswith("stacked"):
+        if not args.classifier:
+            return {"skipped": "no --classifier for the stacked-dataset mode count"}
+        classifier = common.load_mode_classifier(args.classifier, device)
+        rates = []
+
+        def batches(bs=500):
+            for i in range(0, args.eval_samples, bs):
+                x, acc = sample_fn(min(bs, args.eval_samples - i))
+                rates.append(acc)
+                yield x
+        out = dict(common.stacked_mode_metrics(batches(), classifier, device))
+        return dict(out, acceptance=float(np.mean(rates)), forced=sample_fn.stats["forced"])
+    try:
+        model = common.load_fid_inception(args.inception_weights, device)
+        real = args.fid_stats or common.dataset_stats(data_name(args), model, device, root=args.data_root,
+                                                      img_size=args.img_size)
+        return common.image_metrics(lambda n: sample_fn(n)[0], args.eval_samples, real,
+                                    ["fid", "is"], device, model=model)
+    except common.UsageError as err:            # no Inception weights offline: training still counts
+        print(f"note: image metrics skipped: {err}", flush=True)
+        return {"skipped": str(err)}
+
+
+def load_sampler(ckpt_path, device="cpu"):
+    """For evaluate.py: n -> n samples of the checkpoint's mixture, y ~ pi, with the rejection
+    step unless the run used --no-rejection. Uses the EMA generator when the run kept one."""
+    ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+    args = argparse.Namespace(**ckpt["args"])
+    channels = common.DATASETS[data_name(args)]["channels"]
+    G, _ = build_gan(args, channels)
+    common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
+    G = G.to(device).eval()
+    S = None
+    if ckpt.get("S") is not None:
+        S = build_partitioner(args, channels)
+        common.load_state(S, ckpt["S"], "partitioner", ckpt_path)
+        S = S.to(device).eval()
+    draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device,
+                        rejection=not args.no_rejection, reject_tries=args.reject_tries, strict=False)
+
+    def sample(n):
+        x, _ = draw(n)
+        if draw.stats["forced"]:
+            print(f"warning: {draw.stats['forced']} of {draw.stats['returned']} samples so far were "
+                  f"kept although rejected (their generator rarely lands in its partition)",
+                  file=sys.stderr, flush=True)
+        return x
+
+    sample.dataset = args.dataset
+    sample.data_std = args.data_std
+    return sample
+
+
+# ==================================================================================================
+# 7. Stage 1: pretext (SimCLR)
+# ==================================================================================================
+
+def stage_path(args, name):
+    return os.path.join(args.out, name)
+
+
+def run_pretext(args, rt, dataset, channels):
+    """Train phi_0 + projection head with Eq. 4 on two augmented views; save pretext.pt.
+
+    Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
+    across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
+    """
+    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
+    phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
+    net = PretextNet(phi, ProjectionHead(phi.feat_dim, args.proj_dim))
+    common.seed_rank(rt, args.seed)
+    net = rt.wrap(net)
+    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1))
+    stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
+                                num_workers=args.num_workers)
+    os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
+    log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps)
+    meter = common.LossMeter(rt)
+    log.info(f"pretext (SimCLR, Eq. 4): {args.pretext_steps} steps, batch {args.pretext_batch_size}, "
+             f"phi_0 {common.count_params(phi)} params")
+    for step in range(1, args.pretext_steps + 1):
+        x, _ = next(stream)
+        with rt.autocast():
+            # Both views in one forward (one DDP reduction, one power-iteration step).
+            h = net(torch.cat([augment(x, args), augment(x, args)]))          # (2B, proj_dim)
+        loss = nt_xent(*h.float().chunk(2), args.temperature)
+        opt.zero_grad(set_to_none=True)
+        rt.backward_step(loss, opt)
+        sched.step()
+        meter.add(nt_xent=loss)
+        if step % args.log_every == 0 or step == args.pretext_steps:
+            common.log_step(meter, log, step, stage_path(args, "pretext.pt"), lr=sched.get_last_lr()[0])
+    if rt.is_main:
+        common.save_checkpoint(stage_path(args, "pretext.pt"), {
+            "method": METHOD, "stage": "pretext", "args": vars(args),
+            "phi": common.unwrap(net).phi.state_dict(), "head": common.unwrap(net).head.state_dict()})
+    rt.barrier()
+
+
+# ==================================================================================================
+# 8. Stage 2: partition (kNN graph + Eq. 5)
+# ==================================================================================================
+
+def run_partition(args, rt, dataset, channels):
+    """Build the kNN graph, train S with Eq. 5 (learned), or draw random ids; save partition.pt.
+
+    Under torchrun every rank computes the same features, graph and final labels (deterministic,
+    redundant work, no communication); the S training steps are data-parallel through DDP, each
+    rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
+    """
+    device = rt.device
+    n_all = len(dataset)
+    labels_all = dataset_labels(dataset)
+    os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
+    log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps)
+    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
+    state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
+    if args.k == 1:
+        pred = torch.zeros(n_all, dtype=torch.long)
+    elif args.partition == "random":
+        # Baseline 'Random Partition ID' (Sec. 5.2): a fixed uniformly random id per training point.
+        pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
+        state["random_ids"] = pred
+    else:
+        S = build_partitioner(args, channels)
+        # Points S is trained on (official 2-D: 10K), a fixed random subset.
+        gen = torch.Generator().manual_seed(args.seed)
+        sub = torch.randperm(n_all, generator=gen)[:args.part_samples] if args.part_samples else torch.arange(n_all)
+        if is_points(args):
+            # Sec. 5.1: no pretext, S on the raw coordinates. Official code (2d_mix, the
+            # toy_guide_clusterer): S is fit by cross-entropy (Adagrad) to k-means labels of 10K
+            # points, and its "invertible" S is one linear layer; we train the Thm. 3 network with
+            # Eq. 5, as for images, on Euclidean neighbours.
+            feats, metric = fetch(dataset, sub), "euclidean"
+        else:
+            pre = common.load_checkpoint(stage_path(args, "pretext.pt"), method=METHOD)
+            phi0 = build_partitioner(args, channels)
+            head = ProjectionHead(phi0.feat_dim, args.proj_dim)
+            common.load_state(phi0, pre["phi"], "pretext network", stage_path(args, "pretext.pt"))
+            common.load_state(head, pre["head"], "pretext head", stage_path(args, "pretext.pt"))
+            phi0, head = phi0.to(device).eval(), head.to(device).eval()
+            # SCAN mines neighbours on the contrastive head's (normalised) output h.
+            feats = map_batches(lambda b: head(phi0.features(b)), dataset, device, idx=sub)
+            metric = "cosine"
+            # Sec. 4.1: S_init(x) = softmax(W_0 phi_0(x)), W_0 random: copy phi_0, keep W fresh.
+            phi_state = {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
+            S.load_state_dict(phi_state, strict=False)
+            del phi0, head
+        t0 = time.perf_counter()
+        nbrs = knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, device)     # (n, neighbors)
+        log.info(f"partition: kNN graph of {len(sub)} points, {args.neighbors} neighbours, "
+                 f"{time.perf_counter() - t0:.1f}s; training S ({common.count_params(S)} params, "
+                 f"{args.part_blocks} residual blocks, L={args.lipschitz}) for {args.part_steps} steps")
+        common.seed_rank(rt, args.seed)
+        S = rt.wrap(S)
+        opt = torch.optim.Adam(S.parameters(), lr=args.part_lr, weight_decay=1e-4 if not is_points(args) else 0.0)
+        meter = common.LossMeter(rt)
+        per_rank = max(1, args.part_batch_size // rt.world_size)
+        for step in range(1, args.part_steps + 1):
+            a = torch.randint(len(sub), (per_rank,))
+            j = nbrs[a, torch.randint(args.neighbors, (per_rank,))]            # one neighbour each
+            x = fetch(dataset, sub[torch.cat([a, j])]).to(device)
+            with rt.autocast():
+                p = F.softmax(S(x).float(), dim=1)                            # (2B, k)
+            loss, terms = partition_loss(p[:per_rank], p[per_rank:], args.alpha, args.beta)
+            opt.zero_grad(set_to_none=True)
+            rt.backward_step(loss, opt)
+            meter.add(loss=loss, **terms)
+            if step % args.log_every == 0 or step == args.part_steps:
+                common.log_step(meter, log, step, stage_path(args, "partition.pt"))
+        S = common.unwrap(S).eval()
+        S.converge(100)                      # exact sigmas for the frozen, eval-mode S
+        pred = map_batches(lambda b: S(b).argmax(1), dataset, device, batch=2000).long()
+        state["S"] = S.state_dict()
+        if is_points(args) and rt.is_main:
+            show = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:5000]
+            figure3(S, dataset.points[show], pred[show], args,
+                    os.path.join(args.out, "partition", "figure3.png"))
+    metrics, sizes = partition_metrics(pred, labels_all, args.k)
+    state.update(sizes=sizes, metrics=metrics)
+    log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()))
+    if rt.is_main:
+        common.save_checkpoint(stage_path(args, "partition.pt"), state)
+    rt.barrier()
+    return metrics
+
+
+# ==================================================================================================
+# 9. Stage 3: the mixture of GANs (Eq. 2, 8)
+# ==================================================================================================
+
+def run_gan(args, rt, dataset, channels):
+    """Train the mixture (one conditional G/D pair, class = partition id) with the frozen S of
+    partition.pt; returns the sampler of the trained mixture and the partition metrics."""
+    part = common.load_checkpoint(stage_path(args, "partition.pt"), method=METHOD)
+    made = part["args"]
+    if (made["dataset"], made["k"], made["partition"]) != (args.dataset, args.k, args.partition):
+        raise common.UsageError(f"{stage_path(args, 'partition.pt')} was made with --dataset "
+                                f"{made['dataset']} --k {made['k']} --partition {made['partition']}; "
+                                f"this run has --dataset {args.dataset} --k {args.k} --partition "
+                                f"{args.partition}")
+    device = rt.device
+    pi = part["sizes"].double() / part["sizes"].sum()              # pi_i = p_data(A_i)
+    S = None
+    if part["S"] is not None:
+        S = build_partitioner(args, channels)
+        common.load_state(S, part["S"], "partitioner", stage_path(args, "partition.pt"))
+        S = S.to(device).eval().requires_grad_(False)            # frozen; eval: stored sigmas
+    random_ids = part["random_ids"]
+    labeler = PartitionLabels(args, S, random_ids)
+    data = IndexedDataset(dataset) if random_ids is not None else dataset
+    stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
+
+    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
+    torch.manual_seed(args.seed)
+    G, D = build_gan(args, channels)
+    ema = common.EMA(G, args.ema) if args.ema > 0 else None
+    common.seed_rank(rt, args.seed)
+    G, D = rt.wrap(G), rt.wrap(D)
+    if ema is not None:
+        ema.to(device)
+    betas = (args.beta1, args.beta2)
+    opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
+    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
+
+    step = 0
+    rng_states = None
+    ckpt_path = stage_path(args, "ckpt.pt")
+    if args.resume and os.path.isfile(ckpt_path):
+        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+        common.load_state(G, ckpt["G"], "generator", ckpt_path)
+        common.load_state(D, ckpt["D"], "discriminator", ckpt_path)
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        if ema is not None and ckpt.get("G_ema") is not None:
+            ema.load_state_dict(ckpt["G_ema"])
+        if rt.scaler is not None and ckpt.get("scaler"):
+            rt.scaler.load_state_dict(ckpt["scaler"])
+        stream.load_state_dict(ckpt["stream"])
+        step = ckpt["step"]
+        common.restore_rng_states(rt, ckpt["rng"], args.seed)
+
+    def state():
+        return {"method": METHOD, "stage": "gan", "args": vars(args), "step": step,
+                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
+                "G_ema": ema.state_dict() if ema is not None else None,
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+                "stream": stream.state_dict(), "rng": rng_states,
+                # Method state: the frozen partitioner and the priors pi, so that load_sampler
+                # needs nothing but this file.
+                "S": part["S"], "pi": pi.float(), "partition_metrics": part["metrics"]}
+
+    log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
+    meter = common.LossMeter(rt)
+    log.info(f"PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
+             f"n_dis {args.n_dis}, global batch {args.batch_size} on {rt.world_size} process(es), "
+             f"{rt.device}, loss {args.loss}, lambda {guide_weight(args, 0)} -{args.guide_anneal}/step "
+             f"(floor {args.guide_min}, R reduce {args.guide_reduce}), rejection "
+             f"{'off' if args.no_rejection or S is None else 'on'}, seed {args.seed}; "
+             f"G {common.count_params(G)} / D {common.count_params(D)} params")
+    D_plain = common.unwrap(D)       # D inside G's loss: no DDP gradient sync (common.Runtime.wrap)
+    per_rank = args.batch_size // rt.world_size
+    fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
+        if is_points(args) else None
+
+    while step < args.steps:
+        # ---- D steps: max_D sum_i pi_i V(D_i, G_i, A_i) (Eq. 1-2). Real x of the batch carry
+        # their partition ids y = argmax S(x); the fakes are G_y(z) for the same ids, so each
+        # head D_y sees real and fake data of partition y in the proportions pi.
+        for _ in range(args.n_dis):
+            x, extra = next(stream)
+            y = labeler(x, extra)
+            z = torch.randn(per_rank, args.z_dim, device=device)
+            with rt.autocast():
+                with torch.no_grad():
+                    fake = G(z, y)
+                # Real and fake in one forward of the DDP-wrapped D (one gradient reduction).
+                out = D(torch.cat([x, fake.to(x.dtype)]), torch.cat([y, y])).float().squeeze(1)
+                d_loss = d_loss_fn(out[:per_rank], out[per_rank:], args.loss)
+            opt_d.zero_grad(set_to_none=True)
+            rt.backward_step(d_loss, opt_d)
+
+        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)).
+        lam = guide_weight(args, step)
+        z = torch.randn(per_rank, args.z_dim, device=device)
+        with rt.autocast():
+            fake = G(z, y)
+            adv = g_loss_fn(D_plain(fake, y).float().squeeze(1), args.loss)
+            if lam > 0:
+                r = guide(S(fake).float(), y, args.guide_reduce).mean()     # Eq. 6, 8
+            else:
+                r = torch.zeros((), device=device)
+        g_loss = adv + lam * r
+        opt_g.zero_grad(set_to_none=True)
+        rt.backward_step(g_loss, opt_g)
+        step += 1
+        if ema is not None:
+            # Official code: the EMA starts as a copy at ema_start, then decays each step.
+            ema.update(G, decay=0.0 if step <= args.ema_start else None)
+        meter.add(d_loss=d_loss, g_loss=adv, guide=r, lam=lam)
+
+        # ---- logging / checks / pictures / checkpoint
+        if step % args.log_every == 0 or step == args.steps:
+            common.log_step(meter, log, step, ckpt_path, lr=args.lr)
+        if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
+            save_samples(G, ema, S, pi, fixed_real, args, device, step)
+        if step % args.ckpt_every == 0 or step == args.steps:
+            rng_states = common.gather_rng_states(rt)            # collective: every rank calls it
+            if rt.is_main:
+                common.save_checkpoint(ckpt_path, state())
+    G_eval = ema.shadow if ema is not None else common.unwrap(G).eval()
+    G_eval.eval()
+    sample_fn = make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
+                             reject_tries=args.reject_tries, strict=False)
+    return sample_fn, part["metrics"]
+
+
+def save_samples(G, ema, S, pi, fixed_real, args, device, step):
+    """The picture of this step. Its noise comes from a forked RNG, so that drawing pictures (which
+    a run that stops at this step does and an uninterrupted run may not) never shifts the training
+    noise: a resumed run stays bit-identical."""
+    path = os.path.join(args.out, "samples", f"step_{step:07d}.png")
+    net = ema.shadow if ema is not None else common.unwrap(G)
+    was_training = net.training
+    net.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(step)
+        if fixed_real is not None:
+            sampler = make_sampler(net, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
+                                   reject_tries=args.reject_tries, strict=False)
+            figure4(sampler, fixed_real, args, path)
+        else:
+            image_rows(net, pi, args, device, path)
+    net.train(was_training)
+
+
+# ==================================================================================================
+# 10. main: the stages in order
+# ==================================================================================================
+
+STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckpt.pt"}
+
+
+def restore_args(args):
+    """--resume: every flag but the run-control ones comes from the newest stage file in --out."""
+    if not args.resume:
+        return args
+    for name in ("ckpt.pt", "partition.pt", "pretext.pt"):
+        path = stage_path(args, name)
+        if os.path.isfile(path):
+            saved = common.load_checkpoint(path, method=METHOD)["args"]
+            for key, value in saved.items():
+                if key not in RUN_CONTROL:
+                    setattr(args, key, value)
+            return args
+    raise common.UsageError(f"--resume: nothing to resume in {args.out} (no ckpt.pt, partition.pt "
+                            f"or pretext.pt)")
+
+
+def plan_stages(args):
+    """Which stages this invocation runs. Without --resume a stage never overwrites its own
+    output; with --resume a finished stage (its file exists) is skipped and the GAN continues
+    from ckpt.pt. Pretext and partition are not resumed mid-way: they restart (they are short)."""
+    wanted = ["pretext", "partition", "gan"] if args.stage == "all" else [args.stage]
+    if "pretext" in wanted and not uses_pretext(args):
+        wanted.remove("pretext")
+    todo = []
+    for stage in wanted:
+        exists = os.path.isfile(stage_path(args, STAGE_FILES[stage]))
+        if exists and not args.resume:
+            raise common.UsageError(f"{args.out} already holds {STAGE_FILES[stage]}: pass --resume "
+                                    f"to continue the run or choose another --out")
+        if exists and args.resume and stage != "gan":
+            continue
+        todo.append(stage)
+    needs = {"partition": "pretext.pt" if uses_pretext(args) else None, "gan": "partition.pt"}
+    for stage in todo:
+        before = needs.get(stage)
+        if before and before[:-3] not in todo and not os.path.isfile(stage_path(args, before)):
+            raise common.UsageError(f"--stage {stage} needs {stage_path(args, before)}: run "
+                                    f"--stage {before[:-3]} first (same --out)")
+    return todo
+
+
+def main(argv=None):
+    args = restore_args(parse_args(argv))
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    todo = plan_stages(args)
+    if not todo:
+        if rt.is_main:
+            print(f"nothing to do: --stage {args.stage} has no work for --dataset {args.dataset} "
+                  f"--partition {args.partition} --k {args.k} (no pretext stage there), or it is done",
+                  flush=True)
+        common.shutdown(rt)
+        return
+    channels = common.dataset_info(data_name(args))["channels"]
+    # The data first: a missing or broken dataset stops the run before anything is written.
+    dataset = common.build_dataset(data_name(args), root=args.data_root, split="train",
+                                   img_size=None if is_points(args) else args.img_size,
+                                   download=args.download, data_std=args.data_std, seed=0)
+    if rt.is_main:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        common.write_json(os.path.join(args.out, "args.json"), vars(args))
+    start = time.perf_counter()
+    metrics = {}
+    if "pretext" in todo:
+        run_pretext(args, rt, dataset, channels)
+    if "partition" in todo:
+        metrics = run_partition(args, rt, dataset, channels)
+    if "gan" in todo:
+        sample_fn, part_metrics = run_gan(args, rt, dataset, channels)
+        if rt.is_main:
+            # metrics.json: the mixture's metrics and the partition's (prefixed "partition").
+            metrics = dict(final_metrics(sample_fn, args, rt.device),
+                           **{k if k.startswith("partition") else f"partition_{k}": v
+                              for k, v in part_metrics.items()})
+    if rt.is_main and metrics:
+        common.finish_run(rt, args, metrics, start)
+    common.shutdown(rt)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,419 @@
+"""Tests of pgm_gan.py: the guide (Eq. 6-7), Theorem 3's architecture, Eq. 4 and 5 by hand, the
+kNN graph, the rejection sampler, then every stage and baseline of the real script on tiny settings."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import pgm_gan
+from conftest import run_script, run_torchrun
+from test_common import write_mnist
+
+# 2-D runs: a few steps of every stage (the ring, partitioner fit on 400 points).
+TINY_2D = ["--dataset", "ring", "--steps", "6", "--part-steps", "4", "--part-samples", "400",
+           "--neighbors", "5", "--k", "8", "--width", "16", "--part-width", "8", "--part-blocks", "2",
+           "--log-every", "3", "--ckpt-every", "3", "--sample-every", "6", "--eval-samples", "500",
+           "--reject-tries", "2", "--device", "cpu"]
+
+
+def tiny_args(**over):
+    args = pgm_gan.parse_args(["--dataset", "ring", "--out", "/tmp/unused"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+# ---------------------------------------------------------------- the guide R_i (Eq. 6, 7)
+def test_guide_hand_values_sum_and_mean():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 4.0, -1.0]])
+    y = torch.tensor([1, 1])
+    # row 0: (3-1)+ + (1-1)+ + (2-1)+ = 3; row 1: x is in A_1 -> 0
+    assert pgm_gan.guide(logits, y, "sum").tolist() == [3.0, 0.0]
+    assert pgm_gan.guide(logits, y, "mean").tolist() == [1.0, 0.0]       # official: / k
+
+
+def test_guide_is_zero_exactly_on_its_partition_and_positive_elsewhere():
+    torch.manual_seed(0)
+    S = pgm_gan.Partitioner((2,), 5, n_blocks=2, width=8, lipschitz=0.9).eval()
+    x = torch.randn(2000, 2) * 3
+    logits = S(x)
+    used = logits.argmax(1).unique()
+    assert len(used) >= 3
+    for i in used.tolist():
+        r = pgm_gan.guide(logits, torch.full((2000,), i))
+        inside = logits.argmax(1) == i
+        assert torch.all(r[inside] == 0)
+        assert torch.all(r[~inside] > 0)
+
+
+def test_guide_gradient_leads_into_the_partition_from_anywhere():
+    """Thm. 3: no local minimum of R_i outside A_i, so plain gradient descent on R_i from any start
+    ends inside A_i (on a random Lipschitz-bounded toy partitioner)."""
+    torch.manual_seed(1)
+    S = pgm_gan.Partitioner((2,), 4, n_blocks=3, width=16, lipschitz=0.9)
+    with torch.no_grad():                    # W: four cones in phi-space, so no A_i is empty
+        S.head.weight.copy_(torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
+        S.head.bias.zero_()
+        for m in S.modules():                # a strongly non-linear phi: psi at its bound
+            if isinstance(m, pgm_gan.LipschitzLayer):
+                m.layer.weight.mul_(20)
+    S.converge(50)
+    S.eval().requires_grad_(False)
+    start = torch.randn(40, 2) * 4
+    for i in range(4):
+        x = start.clone().requires_grad_(True)
+        y = torch.full((40,), i)
+        r0 = pgm_gan.guide(S(x), y)
+        g, = torch.autograd.grad(r0.sum(), x)
+        outside = r0 > 0
+        assert outside.sum() > 8
+        assert torch.all(g[outside].norm(dim=1) > 0)           # a direction everywhere outside A_i
+        # a small step along -grad lowers R_i (the gradient points towards the partition)
+        r1 = pgm_gan.guide(S(x.detach() - 1e-3 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)), y)
+        assert torch.all(r1[outside] < r0.detach()[outside])
+        for _ in range(400):                  # normalised gradient descent
+            r = pgm_gan.guide(S(x), y)
+            if torch.all(r == 0):
+                break
+            g, = torch.autograd.grad(r.sum(), x)
+            with torch.no_grad():
+                x -= 0.1 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
+        assert torch.all(pgm_gan.guide(S(x), y) == 0), i
+
+
+def test_guide_weight_anneals_linearly_to_the_floor():
+    args = tiny_args(guide_weight=6.0, guide_anneal=1.2e-4, guide_min=1e-4)
+    assert pgm_gan.guide_weight(args, 0) == 6.0
+    assert pgm_gan.guide_weight(args, 10_000) == pytest.approx(4.8)
+    assert pgm_gan.guide_weight(args, 10**6) == 1e-4
+    assert pgm_gan.guide_weight(tiny_args(guide_weight=0.0), 0) == 0.0          # Partition GAN
+    assert pgm_gan.guide_weight(tiny_args(partition="random"), 0) == 0.0       # no S, no guide
+    assert pgm_gan.guide_weight(tiny_args(k=1), 0) == 0.0
+
+
+# ---------------------------------------------------------------- Theorem 3: the architecture
+def top_singular_value(op, adj, shape, iters=300):
+    u = torch.randn(1, *shape)
+    for _ in range(iters):
+        u = adj(op(u))
+        u = u / u.norm()
+    return op(u).norm().item()
+
+
+def check_lipschitz_of_trained_partitioner(out, L, flags):
+    """Every layer of a trained (conv) partitioner has operator norm <= --lipschitz, by a fresh
+    power iteration on the layer's convolution, and so each block is bi-Lipschitz (Thm. 3)."""
+    part = common.load_checkpoint(os.path.join(out, "partition.pt"))
+    args = pgm_gan.parse_args([*flags, "--lipschitz", str(L)])
+    S = pgm_gan.build_partitioner(args, 3)
+    S.load_state_dict(part["S"])
+    S.eval()
+    layers = [m for m in S.modules() if isinstance(m, pgm_gan.LipschitzLayer)]
+    assert len(layers) == 3 * 2 and all(isinstance(m.layer, torch.nn.Conv2d) for m in layers)
+    for m in layers:
+        scale = min(1.0, L / m.sigma.item())
+        sv = top_singular_value(lambda u: m._apply_op(u) * scale, lambda v: m._apply_adjoint(v) * scale,
+                                m.u.shape[1:])
+        assert sv <= L * (1 + 1e-3), sv
+    # and so each residual block is bi-Lipschitz: (1 - L^3) |x - y| <= |B(x) - B(y)| <= (1 + L^3) |x - y|
+    block = S.blocks[0][0]
+    x = torch.randn(64, *layers[0].u.shape[1:])
+    y = x + 0.1 * torch.randn_like(x)
+    ratio = (block(x) - block(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+    assert torch.all(ratio >= 1 - L ** 3 - 1e-5) and torch.all(ratio <= 1 + L ** 3 + 1e-5)
+
+
+def test_linear_lipschitz_layer_scales_only_when_above_the_bound():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6)
+    with torch.no_grad():
+        lin.weight.mul_(10)                       # far above the bound
+    m = pgm_gan.LipschitzLayer(lin, 0.9, (6,))
+    m.power_iteration(200)
+    m.eval()
+    eff = torch.linalg.matrix_norm(lin.weight * min(1.0, 0.9 / m.sigma.item()), ord=2).item()
+    assert eff == pytest.approx(0.9, rel=1e-4)
+    small = torch.nn.Linear(6, 6)
+    with torch.no_grad():
+        small.weight.mul_(0.01)
+    s = pgm_gan.LipschitzLayer(small, 0.9, (6,))
+    s.power_iteration(200)
+    s.eval()
+    x = torch.randn(3, 6)
+    assert torch.allclose(s(x), small(x), atol=1e-6)          # left alone below the bound
+
+
+@pytest.mark.parametrize("arch", ["resnet", "dcgan"])
+def test_conditional_gan_pair_has_one_head_and_bn_per_partition(arch):
+    args = pgm_gan.parse_args(["--dataset", "cifar10", "--out", "/tmp/unused", "--arch", arch,
+                               "--width", "4", "--k", "3", "--z-dim", "8"])
+    G, D = pgm_gan.build_gan(args, 3)
+    y = torch.tensor([0, 2])
+    x = G(torch.randn(2, 8), y)
+    assert x.shape == (2, 3, 32, 32)
+    assert D(x, y).shape == (2, 1) and D(x).shape == (2, 3, 1)     # D_i = head i
+
+
+def test_squeeze_levels_keep_the_dimension():
+    S = pgm_gan.Partitioner((3, 8, 8), 5, n_blocks=3, width=4, lipschitz=0.9, levels=2)
+    assert S.feat_dim == 3 * 8 * 8 and len(S.blocks) == 2
+    assert S(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+# ---------------------------------------------------------------- Eq. 4 and Eq. 5 by hand
+def test_nt_xent_hand_value():
+    h1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    h2 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    tau = 0.5
+    z = torch.cat([h1, h2])
+    sim = z @ z.T / tau
+    pos = {0: 2, 1: 3, 2: 0, 3: 1}
+    ref = 0.0
+    for i in range(4):
+        others = [math.exp(sim[i, k]) for k in range(4) if k != i]
+        ref -= math.log(math.exp(sim[i, pos[i]]) / sum(others))
+    assert pgm_gan.nt_xent(h1, h2, tau).item() == pytest.approx(ref / 4, rel=1e-6)
+
+
+def test_partition_loss_eq5_hand_computation():
+    pa = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    pn = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    loss, terms = pgm_gan.partition_loss(pa, pn, alpha=2.0, beta=3.0)
+    # <pa_i, pn_i> = 0.5 for both pairs -> consistency = -log 0.5
+    assert terms["consistency"].item() == pytest.approx(math.log(2), rel=1e-6)
+    # H(pa_0) = log 2, H(pa_1) = 0 -> mean log(2) / 2
+    assert terms["entropy"].item() == pytest.approx(math.log(2) / 2, rel=1e-5)
+    # mean S = (0.75, 0.25)
+    h_mean = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert terms["balance"].item() == pytest.approx(h_mean, rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(2) + 2.0 * math.log(2) / 2 - 3.0 * h_mean, rel=1e-5)
+
+
+def test_gan_losses_hinge_and_standard_by_hand():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert pgm_gan.d_loss_fn(real, fake, "hinge").item() == pytest.approx((0 + 1) / 2 + (0 + 1.5) / 2)
+    assert pgm_gan.g_loss_fn(fake, "hinge").item() == pytest.approx(0.75)
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    assert pgm_gan.d_loss_fn(real, fake, "standard").item() == pytest.approx(
+        (sp(-2) + sp(0)) / 2 + (sp(-2) + sp(0.5)) / 2, rel=1e-6)
+    assert pgm_gan.g_loss_fn(fake, "standard").item() == pytest.approx((sp(2) + sp(-0.5)) / 2, rel=1e-6)
+
+
+def test_augment_flags():
+    x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).view(2, 3, 8, 8)
+    off = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.0, aug_gray=0.0)
+    assert torch.allclose(pgm_gan.augment(x, off), x, atol=1e-5)          # identity when all off
+    flip = tiny_args(aug_crop=1.0, aug_flip=1.0, aug_color=0.0, aug_gray=0.0)
+    assert torch.allclose(pgm_gan.augment(x, flip), x.flip(3), atol=1e-5)
+    gray = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.0, aug_gray=1.0)
+    g = pgm_gan.augment(x, gray)
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+    color = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.5, aug_color_p=1.0, aug_gray=0.0)
+    assert not torch.allclose(pgm_gan.augment(x, color), x, atol=1e-3)
+    crop = tiny_args(aug_crop=0.2, aug_flip=0.0, aug_color=0.0, aug_gray=0.0)
+    c = pgm_gan.augment(x, crop)
+    assert c.shape == x.shape and not torch.allclose(c, x, atol=1e-3) and c.abs().max() <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------- kNN graph, metrics
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_graph_matches_brute_force_in_small_chunks(metric):
+    torch.manual_seed(0)
+    feats = torch.randn(300, 7)
+    got = pgm_gan.knn_graph(feats, 6, metric, chunk_mb=0.02)      # ~17 rows per chunk
+    if metric == "cosine":
+        f = F.normalize(feats, dim=1)
+        dist = -(f @ f.T)
+    else:
+        dist = torch.cdist(feats, feats)
+    dist.fill_diagonal_(float("inf"))
+    ref = dist.argsort(1)[:, :6]
+    assert torch.equal(got.sort(1).values, ref.sort(1).values)
+    assert not (got == torch.arange(300)[:, None]).any()
+
+
+def test_partition_metrics_nmi_accuracy_purity():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    m, sizes = pgm_gan.partition_metrics(torch.tensor([2, 2, 0, 0, 1, 1]), labels, 4)
+    assert m["nmi"] == pytest.approx(1.0) and m["accuracy"] == 1.0 and m["purity"] == 1.0
+    assert sizes.tolist() == [2, 2, 2, 0] and m["partitions_used"] == 3
+    m, _ = pgm_gan.partition_metrics(torch.tensor([0, 1, 0, 1, 0, 1]), labels, 2)
+    assert m["nmi"] == pytest.approx(0.0, abs=1e-9) and m["purity"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- rejection sampling
+class ToyG(torch.nn.Module):
+    """G_y(z) = (z_0, y): the second coordinate tells which generator drew the point."""
+
+    def forward(self, z, y):
+        return torch.stack([z[:, 0], y.float()], 1)
+
+
+class ToyS(torch.nn.Module):
+    """Partition 0: x_0 > 0; partition 1: x_0 < 0; partition 2: nowhere."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0], -x[:, 0], torch.full_like(x[:, 0], -1e9)], 1)
+
+
+def test_rejection_sampler_returns_only_accepted_samples_and_the_right_count():
+    torch.manual_seed(0)
+    pi = torch.tensor([0.3, 0.5, 0.2])
+    draw = pgm_gan.make_sampler(ToyG(), ToyS(), pi, 2, "cpu", rejection=True, reject_tries=5)
+    x, rate = draw(1000)
+    assert x.shape == (1000, 2)
+    ok = ((x[:, 1] == 0) & (x[:, 0] > 0)) | ((x[:, 1] == 1) & (x[:, 0] < 0))
+    assert bool(ok.all())                                  # only accepted samples
+    assert not (x[:, 1] == 2).any()                        # the empty partition gave up its draws
+    assert 0.2 < rate < 0.6
+    # only partition 2 (which is empty): strict raises, otherwise the draws are kept and counted
+    only2 = torch.tensor([0.0, 0.0, 1.0])
+    with pytest.raises(RuntimeError, match="still rejected"):
+        pgm_gan.make_sampler(ToyG(), ToyS(), only2, 2, "cpu", reject_tries=2)(10)
+    loose = pgm_gan.make_sampler(ToyG(), ToyS(), only2, 2, "cpu", reject_tries=2, strict=False)
+    assert loose(10)[0].shape == (10, 2) and loose.stats["forced"] == 10
+    raw, rate = pgm_gan.make_sampler(ToyG(), ToyS(), pi, 2, "cpu", rejection=False)(1000)
+    assert rate == 1.0 and (raw[:, 1] == 2).any() and not bool(
+        (((raw[:, 1] == 0) & (raw[:, 0] > 0)) | ((raw[:, 1] == 1) & (raw[:, 0] < 0))).all())
+
+
+# ---------------------------------------------------------------- the real script
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_all_stages_on_ring_then_load_sampler(tmp_path):
+    out = str(tmp_path / "pgm")
+    pgm_gan.main([*TINY_2D, "--out", out, "--alpha", "0.5", "--guide-reduce", "mean"])
+    for name in ("partition.pt", "ckpt.pt", "metrics.json", "args.json", "log.jsonl",
+                 "partition/figure3.png", "samples/step_0000006.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "pretext.pt"))          # Sec. 5.1: no pretext on 2-D
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for key in ("modes", "hq_fraction", "reverse_kl", "acceptance", "partition_nmi", "partition_accuracy"):
+        assert key in metrics, key
+    log = read_log(os.path.join(out, "log.jsonl"))
+    assert [r["step"] for r in log] == [3, 6] and log[0]["lam"] > 0 and "guide" in log[0]
+    assert "entropy" in read_log(os.path.join(out, "partition", "log.jsonl"))[-1]
+    sample = pgm_gan.load_sampler(os.path.join(out, "ckpt.pt"), "cpu")
+    x = sample(300)
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    args = pgm_gan.parse_args([*TINY_2D, "--out", out])
+    S = pgm_gan.build_partitioner(args, 2)
+    S.load_state_dict(ckpt["S"])
+    assert x.shape == (300, 2) and ckpt["pi"].shape == (8,)
+
+
+@pytest.mark.parametrize("flags,lam_zero", [(["--partition", "random"], True),
+                                            (["--guide-weight", "0"], True),
+                                            (["--k", "1"], True),
+                                            (["--loss", "hinge", "--n-dis", "2", "--no-rejection",
+                                              "--ema", "0.9", "--ema-start", "2", "--amp", "bf16", "--data-std", "0.05"],
+                                             False)])
+def test_baselines_and_options_run(tmp_path, flags, lam_zero):
+    out = str(tmp_path / "b")
+    pgm_gan.main([*TINY_2D, "--out", out, *flags])
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    log = read_log(os.path.join(out, "log.jsonl"))
+    assert (log[-1]["lam"] == 0) == lam_zero
+    if "--partition" in flags:
+        assert ckpt["S"] is None and ckpt["pi"].shape == (8,)
+    if "--k" in flags:
+        assert ckpt["S"] is None and ckpt["pi"].tolist() == [1.0]
+    if "--ema" in flags:
+        assert ckpt["G_ema"] is not None and ckpt["args"]["no_rejection"]
+        assert ckpt["args"]["data_std"] == 0.05 and ckpt["args"]["n_dis"] == 2
+    assert "reverse_kl" in json.load(open(os.path.join(out, "metrics.json")))
+
+
+IMG_FLAGS = ["--k", "4", "--width", "8", "--batch-size", "4", "--pretext-batch-size", "8",
+             "--pretext-steps", "2", "--part-steps", "2", "--part-batch-size", "4", "--neighbors", "3",
+             "--part-blocks", "2", "--part-width", "4", "--part-levels", "2", "--proj-dim", "8",
+             "--z-dim", "8", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "2",
+             "--eval-samples", "0", "--device", "cpu"]
+
+
+def test_image_stages_one_by_one(tmp_path):
+    root = str(tmp_path / "mnist")
+    write_mnist(root, n_train=24)
+    out = str(tmp_path / "img")
+    base = ["--dataset", "stacked-mnist", "--data-root", root, "--out", out, *IMG_FLAGS, "--steps", "2"]
+    with pytest.raises(common.UsageError, match="run --stage pretext first"):
+        pgm_gan.main([*base, "--stage", "partition"])
+    pgm_gan.main([*base, "--stage", "pretext", "--aug-crop", "0.5"])
+    assert os.path.isfile(os.path.join(out, "pretext.pt"))
+    # --part-lr 0.05 grows the weights well past the bound in a few steps
+    pgm_gan.main([*base, "--stage", "partition", "--part-steps", "6", "--part-lr", "0.05",
+                  "--lipschitz", "0.7"])
+    check_lipschitz_of_trained_partitioner(out, 0.7, base)
+    part = common.load_checkpoint(os.path.join(out, "partition.pt"))
+    pre = common.load_checkpoint(os.path.join(out, "pretext.pt"))
+    assert part["sizes"].sum() == 24 and "nmi" in part["metrics"]
+    # S_init = phi_0 from the pretext network: the partitioner's phi started from it (and 2
+    # Adam steps later is still close); the head W is new.
+    assert set(pre["phi"]) == set(part["S"])
+    # an (untrained) mode classifier file, as evaluate.py classifier writes it: modes in metrics.json
+    cls = str(tmp_path / "cls.pt")
+    torch.save({"state_dict": common.ModeClassifier().state_dict(), "dataset": "mnist"}, cls)
+    pgm_gan.main([*base, "--stage", "gan", "--classifier", cls, "--eval-samples", "8"])
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert 1 <= metrics["modes"] <= 8 and "reverse_kl" in metrics and "partition_nmi" in metrics
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 2 and os.path.isfile(os.path.join(out, "samples", "step_0000002.png"))
+    with pytest.raises(common.UsageError, match="already holds ckpt.pt"):
+        pgm_gan.main([*base, "--stage", "gan"])
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(os.path.join(out, "partition.pt"), other / "partition.pt")
+    with pytest.raises(common.UsageError, match="--k 4 --partition learned"):    # stage files must agree
+        pgm_gan.main([*base, "--stage", "gan", "--k", "3", "--out", str(other)])
+    x = pgm_gan.load_sampler(os.path.join(out, "ckpt.pt"))(5)
+    assert x.shape == (5, 3, 32, 32)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    flags = [f for f in TINY_2D]
+    i = flags.index("--steps")
+    flags[i + 1] = "6"
+    pgm_gan.main([*flags, "--out", full, "--seed", "3"])
+    flags[i + 1] = "3"
+    pgm_gan.main([*flags, "--out", part, "--seed", "3"])
+    flags[i + 1] = "6"
+    pgm_gan.main([*flags, "--out", part, "--resume"])
+    a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
+    b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
+    assert a["step"] == b["step"] == 6 and b["args"]["seed"] == 3
+    for net in ("G", "D"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    assert a["opt_g"]["state"][0]["exp_avg"].equal(b["opt_g"]["state"][0]["exp_avg"])
+    assert [r["step"] for r in read_log(os.path.join(part, "log.jsonl"))] == [3, 6]
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path):
+    out = str(tmp_path / "ddp")
+    proc = run_torchrun(2, ["pgm_gan.py", *TINY_2D, "--batch-size", "8", "--out", out], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 6
+    assert os.path.isfile(os.path.join(out, "metrics.json"))
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
+    proc = run_script(["pgm_gan.py", "--dataset", "ring", "--lipschitz", "1.0"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --lipschitz must be in (0, 1) (Thm. 3 needs L < 1)"], proc.stderr
+    # the same UsageError path in-process (run_cli turns each into one line and exit code 2)
+    cases = [(["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "nothing to resume"),
+             (["--dataset", "ring", "--arch", "resnet"], "2-D data needs --arch mlp"),
+             (["--dataset", "ring", "--out", str(tmp_path / "y"), "--stage", "gan"], "run --stage partition first"),
+             (["--dataset", "ring", "--aug-crop", "0"], "--aug-crop")]
+    for args, message in cases:
+        with pytest.raises(common.UsageError, match=message):
+            pgm_gan.main(args)
