@@ -341,6 +341,36 @@ def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def training_state(method, args, step, nets, opts, rt, stream, rng_states, **extra):
+    """The checkpoint of a training run: everything needed to continue it bit for bit.
+
+    nets/opts: {name: network or EMA or optimiser (or None)}; networks are saved unwrapped (no
+    DDP / compile prefixes). `extra` holds the method's own state (replay buffers, priors, ...).
+    """
+    state = {"method": method, "args": vars(args), "step": step,
+             "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+             "stream": stream.state_dict(), "rng": rng_states}
+    for name, obj in {**nets, **opts}.items():
+        state[name] = unwrap(obj).state_dict() if obj is not None else None
+    state.update(extra)
+    return state
+
+
+def restore_training_state(ckpt, nets, opts, rt, stream, seed, path):
+    """Inverse of `training_state` for one rank; returns the step to continue from."""
+    for name, net in nets.items():
+        if net is not None:
+            load_state(net, ckpt[name], name, path)
+    for name, opt in opts.items():
+        if opt is not None:
+            opt.load_state_dict(ckpt[name])
+    if rt.scaler is not None and ckpt.get("scaler"):
+        rt.scaler.load_state_dict(ckpt["scaler"])
+    stream.load_state_dict(ckpt["stream"])
+    restore_rng_states(rt, ckpt["rng"], seed)
+    return ckpt["step"]
+
+
 def gather_per_rank(rt, obj):
     """`obj` of every rank, as a list on every rank (rank 0 saves it). A collective: every rank
     must call it. For per-rank state a checkpoint needs (RNG streams, replay buffers)."""

@@ -334,31 +334,13 @@ def train(args, rt, dataset):
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
     opt_dz = common.adam(Dz.parameters(), lr=args.lr, betas=betas) if Dz is not None else None
 
+    nets = {"G": G, "D": D, "F": F, "Dz": Dz}
+    opts = {"opt_gf": opt_gf, "opt_d": opt_d, "opt_dz": opt_dz}
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        for name, net in (("G", G), ("D", D), ("F", F), ("Dz", Dz)):
-            if net is not None:
-                common.load_state(net, ckpt[name], name, ckpt_path)
-        for name, opt in (("opt_gf", opt_gf), ("opt_d", opt_d), ("opt_dz", opt_dz)):
-            if opt is not None:
-                opt.load_state_dict(ckpt[name])
-        if rt.scaler is not None and ckpt.get("scaler"):
-            rt.scaler.load_state_dict(ckpt["scaler"])
-        stream.load_state_dict(ckpt["stream"])
-        step = ckpt["step"]
-        common.restore_rng_states(rt, ckpt["rng"], args.seed)
-
-    def state():
-        return {"method": METHOD, "args": vars(args), "step": step,
-                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
-                "F": common.unwrap(F).state_dict(),
-                "Dz": common.unwrap(Dz).state_dict() if Dz is not None else None,
-                "opt_gf": opt_gf.state_dict(), "opt_d": opt_d.state_dict(),
-                "opt_dz": opt_dz.state_dict() if opt_dz is not None else None,
-                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-                "stream": stream.state_dict(), "rng": rng_states}
+        step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
@@ -430,7 +412,8 @@ def train(args, rt, dataset):
         if step % args.ckpt_every == 0 or step == args.steps:
             rng_states = common.gather_rng_states(rt)           # collective: every rank calls it
             if rt.is_main:
-                common.save_checkpoint(ckpt_path, state())
+                common.save_checkpoint(ckpt_path, common.training_state(
+                    METHOD, args, step, nets, opts, rt, stream, rng_states))
     return G, F, dataset
 
 

@@ -624,16 +624,10 @@ def train(args, rt, dataset):
 
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    nets, opts = {"G": G, "D": D}, {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume:
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        common.load_state(G, ckpt["G"], "generator", ckpt_path)
-        common.load_state(D, ckpt["D"], "discriminator", ckpt_path)
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        if rt.scaler is not None and ckpt.get("scaler"):
-            rt.scaler.load_state_dict(ckpt["scaler"])
-        stream.load_state_dict(ckpt["stream"])
-        step = ckpt["step"]
+        step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
         if len(saved) == rt.world_size:
             for name, buf in buffers.items():
@@ -641,14 +635,6 @@ def train(args, rt, dataset):
         elif rt.is_main:
             print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
                   f"{rt.world_size}: the buffers start afresh")
-        common.restore_rng_states(rt, ckpt["rng"], args.seed)
-
-    def state():
-        return {"method": METHOD, "args": vars(args), "step": step,
-                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-                "stream": stream.state_dict(), "buffers": buffer_states, "rng": rng_states}
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
@@ -708,7 +694,8 @@ def train(args, rt, dataset):
             rng_states = common.gather_rng_states(rt)          # collective: every rank calls it
             buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
             if rt.is_main:
-                common.save_checkpoint(ckpt_path, state())
+                common.save_checkpoint(ckpt_path, common.training_state(
+                    METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states))
     return G, D
 
 

@@ -1042,30 +1042,18 @@ def run_gan(args, rt, dataset, channels):
     step = 0
     rng_states = None
     ckpt_path = stage_path(args, "ckpt.pt")
+    nets = {"G": G, "D": D, "G_ema": ema}
+    opts = {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume and os.path.isfile(ckpt_path):
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        common.load_state(G, ckpt["G"], "generator", ckpt_path)
-        common.load_state(D, ckpt["D"], "discriminator", ckpt_path)
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        if ema is not None and ckpt.get("G_ema") is not None:
-            ema.load_state_dict(ckpt["G_ema"])
-        if rt.scaler is not None and ckpt.get("scaler"):
-            rt.scaler.load_state_dict(ckpt["scaler"])
-        stream.load_state_dict(ckpt["stream"])
-        step = ckpt["step"]
-        common.restore_rng_states(rt, ckpt["rng"], args.seed)
+        step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
 
     def state():
-        return {"method": METHOD, "stage": "gan", "args": vars(args), "step": step,
-                "G": common.unwrap(G).state_dict(), "D": common.unwrap(D).state_dict(),
-                "G_ema": ema.state_dict() if ema is not None else None,
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-                "stream": stream.state_dict(), "rng": rng_states,
-                # Method state: the frozen partitioner and the priors pi, so that load_sampler
-                # needs nothing but this file.
-                "S": part["S"], "pi": pi.float(), "partition_metrics": part["metrics"]}
+        # Method state besides the training state: the frozen partitioner and the priors pi,
+        # so that load_sampler needs nothing but this file.
+        return common.training_state(METHOD, args, step, nets, opts, rt, stream, rng_states,
+                                     stage="gan", S=part["S"], pi=pi.float(),
+                                     partition_metrics=part["metrics"])
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
