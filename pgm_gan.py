@@ -267,6 +267,7 @@ def parse_args(argv=None):
         raise common.UsageError("--aug-crop must be in (0, 1]")
     if not args.ema < 1:
         raise common.UsageError("--ema must be < 1")
+    args.data_name = data_name(args)     # saved with the args: evaluate.py ckpt reads it
     return args
 
 
