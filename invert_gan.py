@@ -396,6 +396,9 @@ def train(args, rt, dataset):
             with rt.autocast():
                 gauss = gan_loss_g(Dz_plain(z_inv).float())
         else:
+            # Under torchrun, mu and Sigma are estimated on this rank's share of the batch
+            # (batch_size / world_size codes); the gradients are then averaged by DDP. With very
+            # small per-rank batches, prefer fewer processes or a larger --batch-size.
             mu, sigma = batch_gaussian(z_inv)
             gauss = gaussian_loss(args.gauss_loss, mu, sigma, p=args.p, eps=args.eig_eps)
         gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
