@@ -223,7 +223,10 @@ def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
         kwargs = {"device_id": dev} if use_cuda else {}
         torch.distributed.init_process_group(backend=backend, **kwargs)
 
-    scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
+    scaler = None
+    if amp == "fp16":   # torch.amp.GradScaler is torch >= 2.3; torch.cuda.amp's before that
+        scaler = (torch.amp.GradScaler(dev.type) if hasattr(torch.amp, "GradScaler")
+                  else torch.cuda.amp.GradScaler())
     seed_everything(seed)
     return Runtime(device=dev, rank=rank, local_rank=local_rank, world_size=world_size,
                    distributed=distributed, amp=amp, compile=compile, scaler=scaler)
