@@ -78,7 +78,7 @@ def main():
                 if os.path.isdir(out):                 # a run cut off earlier: start it again
                     subprocess.run(["rm", "-rf", out], check=True)
                 cmd = [sys.executable, os.path.join(ROOT, "invert_gan.py"), "--dataset", d,
-                       "--seed", str(s), "--out", out, *METHODS[m], *args.extra]
+                       "--seed", str(s), "--out", out, "--device", "cpu", *METHODS[m], *args.extra]
                 log = open(out + ".log", "w") if os.makedirs(args.out, exist_ok=True) is None else None
                 running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), m, d, s))
                 print(f"started {m} {d} seed {s}", flush=True)

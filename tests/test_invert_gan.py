@@ -142,20 +142,73 @@ def test_plain_gan_baseline_flags_switch_the_extra_losses_off(tmp_path):
     assert last["gauss"] == 0.0 and last["cons"] > 0          # cons is still reported, weight 0
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["crash", "extend"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
+    """crash: the default schedule (lr decay over the second half of --steps) plus an EMA of G,
+    killed right after the step-20 checkpoint and resumed with the same --steps. extend: a
+    constant-lr run of 20 steps continued to 40 (the lr schedule does not depend on --steps)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     common_flags = ["--dataset", "ring", "--log-every", "10", "--ckpt-every", "10", "--sample-every", "40",
                     "--eval-samples", "1000", "--device", "cpu", "--seed", "3"]
+    common_flags += ["--ema", "0.9", "--ema-start", "5"] if mode == "crash" else ["--lr-decay-from", "1"]
     invert_gan.main([*common_flags, "--steps", "40", "--out", full])
-    invert_gan.main([*common_flags, "--steps", "20", "--out", part])
+    if mode == "crash":
+        real_save = common.save_checkpoint
+
+        def save_then_crash(path, state):
+            real_save(path, state)
+            if state["step"] == 20:
+                raise _Crash
+
+        monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+        with pytest.raises(_Crash):
+            invert_gan.main([*common_flags, "--steps", "40", "--out", part])
+        monkeypatch.setattr(common, "save_checkpoint", real_save)
+    else:
+        invert_gan.main([*common_flags, "--steps", "20", "--out", part])
     invert_gan.main([*common_flags, "--steps", "40", "--out", part, "--resume"])
     a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
     b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
-    for net in ("G", "D", "F"):
+    for net in ("G", "D", "F") + (("G_ema",) if mode == "crash" else ()):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
     assert a["opt_gf"]["state"][0]["exp_avg"].equal(b["opt_gf"]["state"][0]["exp_avg"])
-    assert [json.loads(x)["step"] for x in open(os.path.join(part, "log.jsonl"))] == [10, 20, 30, 40]
+    lines = [json.loads(x) for x in open(os.path.join(part, "log.jsonl"))]
+    assert [x["step"] for x in lines] == [10, 20, 30, 40]
+    if mode == "crash":        # lr of each interval's last step: 1e-3 until step 20, then linear to 0
+        assert [x["lr"] for x in lines] == pytest.approx([1e-3, 1e-3, 0.55e-3, 0.05e-3])
+    assert json.load(open(os.path.join(full, "metrics.json")))["modes"] == \
+        json.load(open(os.path.join(part, "metrics.json")))["modes"]
+
+
+def test_lr_factor_is_constant_then_linear_to_zero():
+    f = invert_gan.lr_factor
+    assert [f(s, 100, 0.5) for s in (0, 49, 50, 75, 99)] == pytest.approx([1, 1, 1, 0.5, 0.02])
+    assert [f(s, 100, 1.0) for s in (0, 99)] == [1.0, 1.0]
+    assert [f(s, 100, 0.0) for s in (0, 50, 99)] == pytest.approx([1, 0.5, 0.01])
+
+
+def test_ema_generator_is_what_metrics_and_load_sampler_use(tmp_path):
+    out = str(tmp_path / "ema")
+    invert_gan.main(["--dataset", "ring", "--steps", "20", "--log-every", "10", "--ckpt-every", "20",
+                     "--sample-every", "20", "--eval-samples", "500", "--device", "cpu", "--ema", "0.5",
+                     "--out", out])
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert any(not torch.equal(ckpt["G"][k], ckpt["G_ema"][k]) for k in ckpt["G"])
+    sample = invert_gan.load_sampler(os.path.join(out, "ckpt.pt"))
+    G, _, _, _ = invert_gan.build_networks(invert_gan.parse_args(["--dataset", "ring"]),
+                                           common.DATASETS["ring"]["channels"])
+    G.load_state_dict(ckpt["G_ema"])
+    torch.manual_seed(0)
+    got = sample(100)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = G.eval()(torch.randn(100, 2))
+    assert torch.allclose(got.detach(), want)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
