@@ -1476,12 +1476,16 @@ class DCGANDiscriminator(nn.Module):
     out_dim = 2m) from this head."""
 
     def __init__(self, img_size, channels=3, width=64, out_dim=1, n_classes=0, spectral_norm=True,
-                 max_mult=8):
+                 max_mult=8, conv_bias=False):
         super().__init__()
         _check_size("dcgan", img_size, (32, 64, 128, 256))
         res = [img_size // 2 ** i for i in range(1, int(math.log2(img_size)) - 1)]  # img/2 ... 4
         ch = [_dcgan_channels(r, img_size, width, max_mult) for r in res]
-        self.convs = nn.ModuleList([nn.Conv2d(a, b, 4, 2, 1, bias=False)
+        # conv_bias=False is MaEM's official D. With no bias anywhere and LeakyReLU, D is
+        # positively homogeneous (D(c x) = c D(x)); trained with the hinge loss (pgm_gan.py) such a
+        # D left G's samples grey for thousands of steps, while with conv biases G learned the
+        # data's brightness in 50 steps. pgm_gan.py therefore passes conv_bias=True.
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 4, 2, 1, bias=conv_bias)
                                     for a, b in zip([channels] + ch[:-1], ch)])
         self.head = OutputHeads(ch[-1] * 4 * 4, out_dim, n_classes, bias=False)
         init_weights(self, "dcgan")
@@ -1741,15 +1745,16 @@ def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0):
     return InvertResNetGenerator(z_dim, img_size, channels, width)
 
 
-def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0):
+def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0, conv_bias=False):
     """D for `arch`. forward(x, y=None) -> (B, out_dim); conditional D without y -> (B, n_classes,
-    out_dim). "invert-resnet" uses the SNGAN ResNet D (InvertGAN A.2 gives no D table)."""
+    out_dim). "invert-resnet" uses the SNGAN ResNet D (InvertGAN A.2 gives no D table).
+    conv_bias: biases in the DCGAN D's convs (see DCGANDiscriminator; the other Ds always have them)."""
     _check_arch(arch)
     width = width or _DEFAULT_WIDTH[arch]
     if arch == "mlp":
         return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width, n_classes=n_classes, cond="head")
     if arch == "dcgan":
-        return DCGANDiscriminator(img_size, channels, width, out_dim, n_classes)
+        return DCGANDiscriminator(img_size, channels, width, out_dim, n_classes, conv_bias=conv_bias)
     return ResNetDiscriminator(img_size, channels, width, out_dim, n_classes)
 
 

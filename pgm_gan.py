@@ -755,7 +755,10 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
 def build_gan(args, channels):
     size = args.img_size
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
-    D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k)
+    # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with
+    # the hinge loss (see common.DCGANDiscriminator). The ResNet and MLP Ds have biases anyway.
+    D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
+                                   conv_bias=True)
     return G, D
 
 

@@ -402,3 +402,23 @@ def test_count_params():
     m[1].requires_grad_(False)
     assert common.count_params(m, trainable_only=True) == 8
     assert common.count_params(torch.compile(m)) == 11
+
+
+def test_dcgan_discriminator_conv_bias_option():
+    """MaEM's official DCGAN D has no biases: it is positively homogeneous, D(c x) = c D(x) for
+    c > 0. conv_bias=True (what pgm_gan.py builds) adds one bias per conv and breaks that."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    plain = common.DCGANDiscriminator(32, 3, width=8).eval()
+    biased = common.DCGANDiscriminator(32, 3, width=8, conv_bias=True).eval()
+    assert not any(n.endswith("bias") for n, _ in plain.named_parameters())
+    assert sum(n.endswith("bias") for n, _ in biased.named_parameters()) == len(biased.convs)
+    with torch.no_grad():
+        for conv in biased.convs:
+            conv.bias.fill_(0.1)
+        assert torch.allclose(plain(3 * x), 3 * plain(x), atol=1e-5)
+        assert not torch.allclose(biased(3 * x), 3 * biased(x), atol=1e-3)
+    import pgm_gan
+    args = pgm_gan.parse_args(["--dataset", "stacked-fashion-mnist", "--arch", "dcgan", "--width", "8", "--k", "3"])
+    _, D = pgm_gan.build_gan(args, 3)
+    assert all(conv.bias is not None for conv in D.convs)
