@@ -1819,6 +1819,11 @@ class EMA:
         for name, b in self.shadow.named_buffers():
             b.copy_(buffers[name])
 
+    def step(self, model, step, start=0):
+        """The per-step update of a training loop (BigGAN / PGMGAN official): a plain copy of the
+        weights until G step `start`, the moving average after it."""
+        self.update(model, decay=0.0 if step <= start else None)
+
     def __call__(self, *args, **kwargs):
         return self.shadow(*args, **kwargs)
 

@@ -437,8 +437,7 @@ def train(args, rt, dataset):
         rt.backward_step(gf_loss, opt_gf)
         step += 1
         if ema is not None:
-            # Starts as a copy of G at --ema-start, then decays each step.
-            ema.update(G, decay=0.0 if step <= args.ema_start else None)
+            ema.step(G, step, args.ema_start)      # a copy of G until --ema-start, then the average
         meter.add(d_loss=d_loss, g_loss=g_adv, cons=cons, gauss=gauss)
 
         # ---- logging / checks / pictures / checkpoint (main process writes)

@@ -1105,7 +1105,7 @@ def run_gan(args, rt, dataset, channels):
         step += 1
         if ema is not None:
             # Official code: the EMA starts as a copy at ema_start, then decays each step.
-            ema.update(G, decay=0.0 if step <= args.ema_start else None)
+            ema.step(G, step, args.ema_start)
         meter.add(d_loss=d_loss, g_loss=adv, guide=r, lam=lam)
 
         # ---- logging / checks / pictures / checkpoint

@@ -422,3 +422,18 @@ def test_dcgan_discriminator_conv_bias_option():
     args = pgm_gan.parse_args(["--dataset", "stacked-fashion-mnist", "--arch", "dcgan", "--width", "8", "--k", "3"])
     _, D = pgm_gan.build_gan(args, 3)
     assert all(conv.bias is not None for conv in D.convs)
+
+
+def test_ema_step_copies_until_start_then_averages():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = common.EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.step(model, step=3, start=3)                      # step <= start: a copy
+    assert torch.equal(ema.shadow.weight, model.weight)
+    before = ema.shadow.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.step(model, step=4, start=3)                      # after start: 0.5 old + 0.5 new
+    assert torch.allclose(ema.shadow.weight, 0.5 * before + 0.5 * model.weight)
