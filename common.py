@@ -164,6 +164,23 @@ class Runtime:
         return tensor
 
 
+def lr_factor(step, steps, decay_from):
+    """Multiplier of the lr at `step` (0-based) of `steps`: 1 until decay_from * steps, then linear
+    to 0 at `steps` (ours, the 2-D schedules of invert_gan.py and pgm_gan.py: the papers give
+    none). A function of the step alone, so a resumed run gets the same values."""
+    start = decay_from * steps
+    if step < start or decay_from >= 1:
+        return 1.0
+    return max(0.0, (steps - step) / (steps - start))
+
+
+def set_lr(optimizers, lr):
+    """Write `lr` into every param group of the given optimizers (None entries skipped)."""
+    for opt in optimizers:
+        for group in (opt.param_groups if opt is not None else ()):
+            group["lr"] = lr
+
+
 def adam(params, lr, betas=(0.9, 0.999), **kwargs):
     """torch.optim.Adam with the fused kernel where this torch has it (CUDA; CPU since 2.4).
 
@@ -1385,9 +1402,26 @@ class OutputHeads(nn.Module):
 _ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "tanh": nn.Tanh}
 
 
+class Maxout(nn.Module):
+    """Maxout layer (Goodfellow et al. 2013): `pieces` linear maps, elementwise max.
+    x (B, d_in) -> Linear to (B, d_out * pieces) -> view (B, d_out, pieces) -> max over pieces.
+    The 2-D D of Self-Conditioned GAN's and PGMGAN's official code is three of these (5 pieces);
+    unlike a ReLU layer, a maxout unit is never constant, so the D cannot go dead."""
+
+    def __init__(self, d_in, d_out, pieces=5):
+        super().__init__()
+        self.d_out, self.pieces = d_out, pieces
+        self.lin = nn.Linear(d_in, d_out * pieces)
+
+    def forward(self, x):
+        return self.lin(x).view(x.shape[0], self.d_out, self.pieces).amax(dim=2)  # (B, d_out)
+
+
 class MLP(nn.Module):
     """n_layers Linear layers with `act` in between and nothing after the last (InvertGAN Sec. 5.1:
     G, D and F on the 2-D ring/grid are "four linear layers with ReLU"). Input is flattened.
+    act="maxout": each Linear + activation pair is one Maxout layer with 5 pieces (the official
+    PGMGAN / Self-Conditioned GAN 2-D D: three maxout layers of 200 units, then the heads).
 
     Conditioning (n_classes > 0), two kinds, chosen by `cond`:
       "head"  (a discriminator, PGMGAN 2-D D): the last layer is an OutputHeads; forward(x, y)
@@ -1402,8 +1436,8 @@ class MLP(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError("MLP needs n_layers >= 1")
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {act!r}; choose from {sorted(_ACTIVATIONS)}")
+        if act not in _ACTIVATIONS and act != "maxout":
+            raise ValueError(f"unknown activation {act!r}; choose from {sorted(_ACTIVATIONS) + ['maxout']}")
         if cond not in ("head", "input"):
             raise ValueError("cond must be 'head' or 'input'")
         self.n_classes, self.cond = n_classes, cond
@@ -1411,7 +1445,7 @@ class MLP(nn.Module):
         dims = [in_dim + (embed_dim if self.embed is not None else 0)] + [hidden] * (n_layers - 1)
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), _ACTIVATIONS[act]()]
+            layers += [Maxout(a, b)] if act == "maxout" else [nn.Linear(a, b), _ACTIVATIONS[act]()]
         self.body = nn.Sequential(*layers)  # (B, hidden), empty when n_layers == 1
         head_classes = n_classes if cond == "head" else 0
         self.head = OutputHeads(dims[-1], out_dim, head_classes)
@@ -1745,14 +1779,17 @@ def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0):
     return InvertResNetGenerator(z_dim, img_size, channels, width)
 
 
-def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0, conv_bias=False):
+def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0, conv_bias=False,
+                        mlp_act="relu"):
     """D for `arch`. forward(x, y=None) -> (B, out_dim); conditional D without y -> (B, n_classes,
     out_dim). "invert-resnet" uses the SNGAN ResNet D (InvertGAN A.2 gives no D table).
-    conv_bias: biases in the DCGAN D's convs (see DCGANDiscriminator; the other Ds always have them)."""
+    conv_bias: biases in the DCGAN D's convs (see DCGANDiscriminator; the other Ds always have them).
+    mlp_act: the "mlp" D's activation ("relu", or "maxout" as in PGMGAN's official 2-D D)."""
     _check_arch(arch)
     width = width or _DEFAULT_WIDTH[arch]
     if arch == "mlp":
-        return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width, n_classes=n_classes, cond="head")
+        return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width, n_classes=n_classes, cond="head",
+                   act=mlp_act)
     if arch == "dcgan":
         return DCGANDiscriminator(img_size, channels, width, out_dim, n_classes, conv_bias=conv_bias)
     return ResNetDiscriminator(img_size, channels, width, out_dim, n_classes)

@@ -383,10 +383,8 @@ def train(args, rt, dataset):
     while step < args.steps:
         # lr of this step: constant, then linear to 0 after --lr-decay-from (a function of the
         # step alone, so a resumed run gets the same values).
-        lr = args.lr * lr_factor(step, args.steps, args.lr_decay_from)
-        for opt in (opt_gf, opt_d, opt_dz):
-            for group in (opt.param_groups if opt is not None else ()):
-                group["lr"] = lr
+        lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
+        common.set_lr((opt_gf, opt_d, opt_dz), lr)
         # ---- D step(s): max_D V(G, D) (Eq. 4); G is not trained here, so no graph through it.
         for _ in range(args.n_dis):
             x, _ = next(stream)
@@ -452,14 +450,6 @@ def train(args, rt, dataset):
                 common.save_checkpoint(ckpt_path, common.training_state(
                     METHOD, args, step, nets, opts, rt, stream, rng_states))
     return (G if ema is None else ema.shadow), F, dataset
-
-
-def lr_factor(step, steps, decay_from):
-    """1 until decay_from * steps, then linear to 0 at `steps` (ours: the paper gives no lr)."""
-    start = decay_from * steps
-    if step < start or decay_from >= 1:
-        return 1.0
-    return max(0.0, (steps - step) / (steps - start))
 
 
 def final_metrics(G, args, rt, dataset):

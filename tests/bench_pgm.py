@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -162,7 +163,33 @@ def summary(out, variants, datasets, seeds, keys):
     print("|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
+    if len(seeds) > 1:
+        mean_table(out, variants, datasets, seeds, keys)
     return rows
+
+
+def mean_table(out, variants, datasets, seeds, keys):
+    """Mean ± sample std over the finished seeds of each (dataset, variant)."""
+    head = ["dataset", "variant", "seeds", *keys, "seconds"]
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for dataset in datasets:
+        for variant in variants:
+            found = [json.load(open(p)) for p in
+                     (os.path.join(run_dir(out, variant, dataset, s), "metrics.json") for s in seeds)
+                     if os.path.isfile(p)]
+            if not found:
+                continue
+            cells = []
+            for key in [*keys, "train_seconds"]:
+                vals = [m[key] for m in found if isinstance(m.get(key), (int, float))]
+                if not vals:
+                    cells.append("-")
+                    continue
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):.4g} ± {sd:.2g}")
+            print("| " + " | ".join([dataset, variant, str(len(found)), *cells]) + " |")
 
 
 def _fmt(v):

@@ -96,6 +96,22 @@ def test_mlp_four_linear_layers_and_flat_output():
     assert F_net(torch.randn(B, 2)).shape == (B, 2)
 
 
+def test_maxout_mlp_is_the_max_of_its_linear_pieces():
+    # Maxout (Goodfellow et al. 2013): unit j = max_p (W x + b)[j * pieces + p], by hand.
+    layer = common.Maxout(3, 4, pieces=5)
+    x = torch.randn(B, 3)
+    lin = x @ layer.lin.weight.T + layer.lin.bias                  # (B, 20)
+    want = torch.stack([lin[:, 5 * j:5 * j + 5].max(1).values for j in range(4)], 1)
+    assert torch.allclose(layer(x), want)
+    # The official PGMGAN 2-D D: three maxout layers of `width` units, then the heads.
+    D = common.build_discriminator("mlp", 1, 2, width=16, n_classes=3, mlp_act="maxout")
+    maxouts = [m for m in D.modules() if isinstance(m, common.Maxout)]
+    assert len(maxouts) == 3 and [m.lin.out_features for m in maxouts] == [80, 80, 80]
+    assert not any(isinstance(m, nn.ReLU) for m in D.modules())
+    assert D(torch.randn(B, 2), torch.zeros(B, dtype=torch.long)).shape == (B, 1)
+    assert D(torch.randn(B, 2)).shape == (B, 3, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paper layouts at width 64
 # ---------------------------------------------------------------------------------------------

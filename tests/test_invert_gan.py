@@ -186,7 +186,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
 
 
 def test_lr_factor_is_constant_then_linear_to_zero():
-    f = invert_gan.lr_factor
+    f = common.lr_factor
     assert [f(s, 100, 0.5) for s in (0, 49, 50, 75, 99)] == pytest.approx([1, 1, 1, 0.5, 0.02])
     assert [f(s, 100, 1.0) for s in (0, 99)] == [1.0, 1.0]
     assert [f(s, 100, 0.0) for s in (0, 50, 99)] == pytest.approx([1, 0.5, 0.01])

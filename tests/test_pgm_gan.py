@@ -160,6 +160,18 @@ def test_conditional_gan_pair_has_one_head_and_bn_per_partition(arch):
     assert D(x, y).shape == (2, 1) and D(x).shape == (2, 3, 1)     # D_i = head i
 
 
+def test_2d_presets_one_partition_per_gaussian_and_maxout_d():
+    # Sec. 5.1: each Gaussian in its own partition; official 2-D D: maxout.
+    for dataset, k in (("grid", 25), ("ring", 8)):
+        args = pgm_gan.parse_args(["--dataset", dataset, "--out", "/tmp/unused", "--width", "8"])
+        assert args.k == k and args.d_act == "maxout"
+        _, D = pgm_gan.build_gan(args, 2)
+        assert sum(isinstance(m, common.Maxout) for m in D.modules()) == 3
+    args = pgm_gan.parse_args(["--dataset", "ring", "--out", "/tmp/unused", "--width", "8", "--d-act", "relu"])
+    _, D = pgm_gan.build_gan(args, 2)
+    assert not any(isinstance(m, common.Maxout) for m in D.modules())
+
+
 def test_squeeze_levels_keep_the_dimension():
     S = pgm_gan.Partitioner((3, 8, 8), 5, n_blocks=3, width=4, lipschitz=0.9, levels=2)
     assert S.feat_dim == 3 * 8 * 8 and len(S.blocks) == 2
@@ -193,6 +205,45 @@ def test_partition_loss_eq5_hand_computation():
     h_mean = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert terms["balance"].item() == pytest.approx(h_mean, rel=1e-6)
     assert loss.item() == pytest.approx(math.log(2) + 2.0 * math.log(2) / 2 - 3.0 * h_mean, rel=1e-5)
+
+
+def test_partition_objective_over_the_whole_graph_by_hand():
+    # 3 points, 2 neighbours each; Eq. 5 over all 6 edges, H of the mean over all 3 points.
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    nbrs = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    # <p_i, p_j>: (0,1) 0.5, (0,2) 0, (1,0) 0.5, (1,2) 0.5, (2,0) 0, (2,1) 0.5; log 0 clamps at 1e-8
+    cons = (4 * math.log(2) - 2 * math.log(1e-8)) / 6
+    ent = math.log(2) / 3                       # only the middle point has entropy (log 2)
+    bal = math.log(2)                           # mean = (0.5, 0.5)
+    got = pgm_gan.partition_objective(probs, nbrs, alpha=0.5, beta=2.0, chunk=2)   # chunks of 2 points
+    assert got == pytest.approx(cons + 0.5 * ent - 2.0 * bal, rel=1e-5)
+    # the batch loss with every edge listed once is the same number
+    loss, _ = pgm_gan.partition_loss(probs.repeat_interleave(2, 0), probs[nbrs.reshape(-1)], 0.5, 2.0)
+    assert loss.item() == pytest.approx(got, rel=1e-5)
+
+
+def test_part_restarts_keep_the_best_eq5(tmp_path, monkeypatch):
+    objs, states = [], []
+    real_obj, real_train = pgm_gan.partition_objective, pgm_gan.train_partitioner
+
+    def record_obj(*a, **kw):
+        objs.append(real_obj(*a, **kw))
+        return objs[-1]
+
+    def record_train(*a, **kw):
+        S = real_train(*a, **kw)
+        states.append({k: v.clone() for k, v in S.state_dict().items()})
+        return S
+
+    monkeypatch.setattr(pgm_gan, "partition_objective", record_obj)
+    monkeypatch.setattr(pgm_gan, "train_partitioner", record_train)
+    out = str(tmp_path / "restarts")
+    pgm_gan.main([*without(TINY_2D, "--part-steps"), "--part-steps", "30", "--part-restarts", "3",
+                  "--stage", "partition", "--out", out])
+    assert len(objs) == len(states) == 3 and len(set(objs)) == 3           # three different S
+    saved = common.load_checkpoint(os.path.join(out, "partition.pt"))["S"]
+    best = states[min(range(3), key=objs.__getitem__)]
+    assert all(torch.equal(saved[k], best[k]) for k in best)
 
 
 def test_gan_losses_hinge_and_standard_by_hand():
@@ -284,6 +335,19 @@ def test_rejection_sampler_returns_only_accepted_samples_and_the_right_count():
 
 
 # ---------------------------------------------------------------- the real script
+def without(flags, *names):
+    """flags minus each `--name value` pair in names."""
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f in names:
+            skip = True
+        else:
+            out.append(f)
+    return out
+
+
 def read_log(path):
     return [json.loads(line) for line in open(path)]
 
@@ -377,16 +441,37 @@ def test_image_stages_one_by_one(tmp_path):
     assert x.shape == (5, 3, 32, 32)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["crash", "extend"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
+    """crash: the 2-D preset's schedule (lr decay over the second half of --steps), killed right
+    after the step-4 checkpoint and resumed with the same --steps. extend: a constant-lr run of 3
+    steps continued to 6 (then the lr does not depend on --steps)."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    flags = [f for f in TINY_2D]
-    i = flags.index("--steps")
-    flags[i + 1] = "6"
-    pgm_gan.main([*flags, "--out", full, "--seed", "3"])
-    flags[i + 1] = "3"
-    pgm_gan.main([*flags, "--out", part, "--seed", "3"])
-    flags[i + 1] = "6"
-    pgm_gan.main([*flags, "--out", part, "--resume"])
+    flags = without(TINY_2D, "--steps", "--log-every", "--ckpt-every")
+    flags += ["--seed", "3", "--log-every", "1" if mode == "crash" else "3",
+              "--ckpt-every", "2" if mode == "crash" else "3"]
+    if mode == "extend":
+        flags += ["--lr-decay-from", "1"]
+    pgm_gan.main([*flags, "--steps", "6", "--out", full])
+    if mode == "crash":
+        real_save = common.save_checkpoint
+
+        def save_then_crash(path, state):
+            real_save(path, state)
+            if state.get("stage") == "gan" and state["step"] == 4:
+                raise _Crash
+
+        monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+        with pytest.raises(_Crash):
+            pgm_gan.main([*flags, "--steps", "6", "--out", part])
+        monkeypatch.setattr(common, "save_checkpoint", real_save)
+    else:
+        pgm_gan.main([*flags, "--steps", "3", "--out", part])
+    pgm_gan.main([*flags, "--steps", "6", "--out", part, "--resume"])
     a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
     b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
     assert a["step"] == b["step"] == 6 and b["args"]["seed"] == 3
@@ -394,7 +479,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), (net, key)
     assert a["opt_g"]["state"][0]["exp_avg"].equal(b["opt_g"]["state"][0]["exp_avg"])
-    assert [r["step"] for r in read_log(os.path.join(part, "log.jsonl"))] == [3, 6]
+    lines = read_log(os.path.join(part, "log.jsonl"))
+    if mode == "crash":   # lr of each step: 1e-3 for steps 1-4 (indices 0-3), then linear to 0 at 6
+        assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+        assert [r["lr"] for r in lines] == pytest.approx([1e-3] * 4 + [2 / 3 * 1e-3, 1 / 3 * 1e-3])
+    else:
+        assert [r["step"] for r in lines] == [3, 6]
+        assert [r["lr"] for r in lines] == pytest.approx([1e-3, 1e-3])
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path):
@@ -413,7 +504,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
     cases = [(["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "nothing to resume"),
              (["--dataset", "ring", "--arch", "resnet"], "2-D data needs --arch mlp"),
              (["--dataset", "ring", "--out", str(tmp_path / "y"), "--stage", "gan"], "run --stage partition first"),
-             (["--dataset", "ring", "--aug-crop", "0"], "--aug-crop")]
+             (["--dataset", "ring", "--aug-crop", "0"], "--aug-crop"),
+             (["--dataset", "cifar10", "--d-act", "relu"], "--d-act sets the mlp D")]
     for args, message in cases:
         with pytest.raises(common.UsageError, match=message):
             pgm_gan.main(args)
