@@ -44,3 +44,27 @@ def run_torchrun(nproc, args, timeout=600, env=None):
 @pytest.fixture
 def runner():
     return run_script
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def run_until_crash(monkeypatch, main, argv, crash_when):
+    """Run main(argv) but raise SimulatedCrash right after the first checkpoint whose state
+    satisfies crash_when(state) has been written (a kill at that moment); the file stays."""
+    import common
+
+    real_save = common.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        if crash_when(state):
+            raise SimulatedCrash
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    try:
+        with pytest.raises(SimulatedCrash):
+            main(argv)
+    finally:
+        monkeypatch.setattr(common, "save_checkpoint", real_save)

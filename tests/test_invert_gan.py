@@ -10,7 +10,7 @@ import torch
 
 import common
 import invert_gan
-from conftest import ROOT, run_script, run_torchrun
+from conftest import ROOT, run_script, run_torchrun, run_until_crash
 
 TINY = ["--steps", "20", "--log-every", "10", "--ckpt-every", "20", "--sample-every", "20",
         "--eval-samples", "2000", "--device", "cpu"]
@@ -142,10 +142,6 @@ def test_plain_gan_baseline_flags_switch_the_extra_losses_off(tmp_path):
     assert last["gauss"] == 0.0 and last["cons"] > 0          # cons is still reported, weight 0
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["crash", "extend"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
     """crash: the default schedule (lr decay over the second half of --steps) plus an EMA of G,
@@ -157,17 +153,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
     common_flags += ["--ema", "0.9", "--ema-start", "5"] if mode == "crash" else ["--lr-decay-from", "1"]
     invert_gan.main([*common_flags, "--steps", "40", "--out", full])
     if mode == "crash":
-        real_save = common.save_checkpoint
-
-        def save_then_crash(path, state):
-            real_save(path, state)
-            if state["step"] == 20:
-                raise _Crash
-
-        monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-        with pytest.raises(_Crash):
-            invert_gan.main([*common_flags, "--steps", "40", "--out", part])
-        monkeypatch.setattr(common, "save_checkpoint", real_save)
+        run_until_crash(monkeypatch, invert_gan.main, [*common_flags, "--steps", "40", "--out", part],
+                        lambda state: state["step"] == 20)
     else:
         invert_gan.main([*common_flags, "--steps", "20", "--out", part])
     invert_gan.main([*common_flags, "--steps", "40", "--out", part, "--resume"])

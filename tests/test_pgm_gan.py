@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import common
 import pgm_gan
-from conftest import run_script, run_torchrun
+from conftest import run_script, run_torchrun, run_until_crash
 from test_common import write_mnist
 
 # 2-D runs: a few steps of every stage (the ring, partitioner fit on 400 points).
@@ -441,10 +441,6 @@ def test_image_stages_one_by_one(tmp_path):
     assert x.shape == (5, 3, 32, 32)
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["crash", "extend"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
     """crash: the 2-D preset's schedule (lr decay over the second half of --steps), killed right
@@ -458,17 +454,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, mode):
         flags += ["--lr-decay-from", "1"]
     pgm_gan.main([*flags, "--steps", "6", "--out", full])
     if mode == "crash":
-        real_save = common.save_checkpoint
-
-        def save_then_crash(path, state):
-            real_save(path, state)
-            if state.get("stage") == "gan" and state["step"] == 4:
-                raise _Crash
-
-        monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
-        with pytest.raises(_Crash):
-            pgm_gan.main([*flags, "--steps", "6", "--out", part])
-        monkeypatch.setattr(common, "save_checkpoint", real_save)
+        run_until_crash(monkeypatch, pgm_gan.main, [*flags, "--steps", "6", "--out", part],
+                        lambda state: state.get("stage") == "gan" and state["step"] == 4)
     else:
         pgm_gan.main([*flags, "--steps", "3", "--out", part])
     pgm_gan.main([*flags, "--steps", "6", "--out", part, "--resume"])
