@@ -818,8 +818,10 @@ def figure3(S, points, labels, args, path, res=160):
     plane = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(dev)   # (res*res, 2)
     r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce)
     r = r.reshape(res, res).cpu()
-    panels = [common.plot_heatmap((-r).numpy(), extent, size=320,
-                                  title=f"-R_{i}(x) (Fig. 3): 0 on partition {i}"),
+    # Shown as -log(1 + R_i): same order and the same zero set as -R_i, but the flat top on A_i
+    # stays visible beside values in the hundreds far away (a linear map paints it all yellow).
+    panels = [common.plot_heatmap((-torch.log1p(r)).numpy(), extent, size=320,
+                                  title=f"-log(1 + R_{i}(x)) (Fig. 3): 0 on partition {i}"),
               common.plot_points([(points.numpy(), labels.numpy())], extent, size=320,
                                  title=f"partitions of the data (k={args.k})")]
     common.hconcat(panels, path)
