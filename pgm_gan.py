@@ -91,8 +91,8 @@ _TOY = dict(
     # toy; the official script runs 100K steps at lr 1e-4, and its reg_guide default is 0).
     # lr decay: with a constant lr each generator ends as a point 1-5 stds off its mode (the D
     # cannot resolve the 0.01 / 0.05 stds); decaying it over the second half brings them in.
-    # D activation: maxout as in the official D. With ReLU our D went dead on the grid (d_loss
-    # 2 log 2 from step 1500, over half the units of its last layers never active) in some seeds.
+    # D activation: maxout as in the official D. With ReLU our D went dead in one grid run (d_loss
+    # 2 log 2 from step 1500, over half the units of its last layers never active; 1 mode kept).
     # k: one partition per Gaussian (set per dataset below). Sec. 5.1: both partitioners "put each
     # Gaussian component in a different cluster, i.e. both get perfect clustering accuracy". The
     # official script instead fits 50 k-means clusters (num_clusters) with a small ReLU net and
@@ -1038,7 +1038,7 @@ def run_partition(args, rt, dataset, channels):
                  f"{time.perf_counter() - t0:.1f}s; training S ({common.count_params(S)} params, "
                  f"{args.part_blocks} residual blocks, L={args.lipschitz}) for {args.part_steps} steps"
                  + (f", {args.part_restarts} restarts" if args.part_restarts > 1 else ""))
-        init = copy.deepcopy(S.state_dict())
+        init = copy.deepcopy(S.state_dict()) if args.part_restarts > 1 else None
         best = None
         for restart in range(args.part_restarts):
             # Restart r: the same phi_0 (pretext weights), a fresh random W and, on 2-D data, fresh
@@ -1051,8 +1051,8 @@ def run_partition(args, rt, dataset, channels):
             S = train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart)
             if args.part_restarts > 1:
                 # Keep the run with the best Eq. 5 over the whole graph (label-free, like k-means'
-                # n_init): on the grid, about one S in three merges two modes into one partition and
-                # leaves another empty, which costs H(mean S).
+                # n_init): on the grid some S (1 seed of 5 at part-lr 3e-3) merge two modes into one
+                # partition and leave another empty, which costs H(mean S).
                 obj = partition_objective(map_batches(lambda b: F.softmax(S(b).float(), 1), dataset, device,
                                                       batch=2000, idx=sub), nbrs, args.alpha, args.beta)
                 log.info(f"partition: restart {restart + 1}/{args.part_restarts}: Eq. 5 loss on the "
