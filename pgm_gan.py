@@ -981,7 +981,8 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
         rt.backward_step(loss, opt)
         meter.add(loss=loss, **terms)
         if step % args.log_every == 0 or step == args.part_steps:
-            common.log_step(meter, log, step, stage_path(args, "partition.pt"))
+            common.log_step(meter, log, restart * args.part_steps + step, stage_path(args, "partition.pt"),
+                            **({"restart": restart + 1} if args.part_restarts > 1 else {}))
     S = common.unwrap(S).eval()
     S.converge(100)                      # exact sigmas for the frozen, eval-mode S
     return S
@@ -998,7 +999,8 @@ def run_partition(args, rt, dataset, channels):
     n_all = len(dataset)
     labels_all = dataset_labels(dataset)
     os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
-    log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps)
+    # One log over all restarts: restart r's step t is logged as r * part_steps + t.
+    log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
     torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
     if args.k == 1:

@@ -437,6 +437,16 @@ def test_image_stages_one_by_one(tmp_path):
     shutil.copy(os.path.join(out, "partition.pt"), other / "partition.pt")
     with pytest.raises(common.UsageError, match="--k 4 --partition learned"):    # stage files must agree
         pgm_gan.main([*base, "--stage", "gan", "--k", "3", "--out", str(other)])
+    # restarts on images: each S starts from the same phi_0 with a fresh head
+    restarted = tmp_path / "restarts"
+    restarted.mkdir()
+    shutil.copy(os.path.join(out, "pretext.pt"), restarted / "pretext.pt")
+    pgm_gan.main([*without(base, "--out"), "--out", str(restarted), "--stage", "partition",
+                  "--part-restarts", "2"])
+    lines = [json.loads(x) for x in open(restarted / "partition" / "log.jsonl")]
+    assert set(common.load_checkpoint(str(restarted / "partition.pt"))["S"]) == set(pre["phi"])
+    # one log over both restarts (steps 1-2 restart 1, 3-4 restart 2)
+    assert [(x["step"], x["restart"]) for x in lines] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     x = pgm_gan.load_sampler(os.path.join(out, "ckpt.pt"))(5)
     assert x.shape == (5, 3, 32, 32)
 
