@@ -1406,7 +1406,8 @@ class Maxout(nn.Module):
     """Maxout layer (Goodfellow et al. 2013): `pieces` linear maps, elementwise max.
     x (B, d_in) -> Linear to (B, d_out * pieces) -> view (B, d_out, pieces) -> max over pieces.
     The 2-D D of Self-Conditioned GAN's and PGMGAN's official code is three of these (5 pieces);
-    unlike a ReLU layer, a maxout unit is never constant, so the D cannot go dead."""
+    each unit always passes a gradient to one of its pieces, so none goes dead as a ReLU unit can
+    (a ReLU unit that is negative on every input stops learning)."""
 
     def __init__(self, d_in, d_out, pieces=5):
         super().__init__()
