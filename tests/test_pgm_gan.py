@@ -403,7 +403,7 @@ IMG_FLAGS = ["--k", "4", "--width", "8", "--batch-size", "4", "--pretext-batch-s
              "--eval-samples", "0", "--device", "cpu"]
 
 
-def test_image_stages_one_by_one(tmp_path):
+def test_image_stages_one_by_one(tmp_path, monkeypatch):
     root = str(tmp_path / "mnist")
     write_mnist(root, n_train=24)
     out = str(tmp_path / "img")
@@ -441,8 +441,23 @@ def test_image_stages_one_by_one(tmp_path):
     restarted = tmp_path / "restarts"
     restarted.mkdir()
     shutil.copy(os.path.join(out, "pretext.pt"), restarted / "pretext.pt")
+    starts, real_train = [], pgm_gan.train_partitioner
+
+    def record_start(S, *a, **kw):
+        starts.append({k: v.clone() for k, v in S.state_dict().items()})
+        return real_train(S, *a, **kw)
+
+    monkeypatch.setattr(pgm_gan, "train_partitioner", record_start)
     pgm_gan.main([*without(base, "--out"), "--out", str(restarted), "--stage", "partition",
                   "--part-restarts", "2"])
+    monkeypatch.setattr(pgm_gan, "train_partitioner", real_train)
+    assert len(starts) == 2
+    for start in starts:
+        for key, value in pre["phi"].items():
+            if not key.startswith("head."):
+                assert torch.equal(start[key], value), key                    # phi_0
+    heads = [k for k in starts[0] if k.startswith("head.") and k.endswith("weight")]
+    assert heads and not any(torch.equal(starts[0][k], starts[1][k]) for k in heads)   # fresh W
     lines = [json.loads(x) for x in open(restarted / "partition" / "log.jsonl")]
     assert set(common.load_checkpoint(str(restarted / "partition.pt"))["S"]) == set(pre["phi"])
     # one log over both restarts (steps 1-2 restart 1, 3-4 restart 2)
@@ -502,7 +517,22 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
              (["--dataset", "ring", "--arch", "resnet"], "2-D data needs --arch mlp"),
              (["--dataset", "ring", "--out", str(tmp_path / "y"), "--stage", "gan"], "run --stage partition first"),
              (["--dataset", "ring", "--aug-crop", "0"], "--aug-crop"),
-             (["--dataset", "cifar10", "--d-act", "relu"], "--d-act sets the mlp D")]
+             (["--dataset", "cifar10", "--d-act", "relu"], "--d-act sets the mlp D"),
+             (["--dataset", "ring", "--lr-decay-from", "1.5"], "--lr-decay-from must be in"),
+             (["--dataset", "ring", "--part-restarts", "0"], "--part-restarts must be")]
     for args, message in cases:
         with pytest.raises(common.UsageError, match=message):
             pgm_gan.main(args)
+
+
+def test_bench_mean_table_over_seeds(tmp_path, capsys):
+    import bench_pgm
+
+    for seed, (modes, hq) in enumerate([(8, 0.9), (6, 0.7)]):
+        os.makedirs(tmp_path / f"pgmgan-ring-{seed}")
+        json.dump({"modes": modes, "hq_fraction": hq, "train_seconds": 100 + 20 * seed},
+                  open(tmp_path / f"pgmgan-ring-{seed}" / "metrics.json", "w"))
+    bench_pgm.mean_table(str(tmp_path), ["pgmgan", "gan"], ["ring"], [0, 1, 2], ["modes", "hq_fraction", "acceptance"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ring")]
+    # mean and sample std of (8, 6) and (0.9, 0.7); a missing key is "-"; no row without runs
+    assert rows == ["| ring | pgmgan | 2 | 7 ± 1.4 | 0.8 ± 0.14 | - | 110 ± 14 |"]
