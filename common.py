@@ -13,7 +13,7 @@ Sections (search for the `# ====` markers):
     4. Pictures         image grids and 2-D scatter plots (PIL only)
     5. Datasets         synthetic ring/grid, torchvision datasets, stacked MNIST, folders, loaders
     6. Architectures    MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F, EMA
-    7. Metrics          FID Inception, FID/IS/Mode Score/KID/PR/PRD/I-Variance, mode coverage
+    7. Metrics          FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance, mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).
@@ -65,6 +65,7 @@ def run_cli(main_fn, argv=None):
 import contextlib
 import datetime
 import gzip
+import inspect
 import json
 import math
 import os
@@ -111,25 +112,17 @@ class Runtime:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def backward_step(self, loss, optimizer, params=None, clip=None):
-        """loss.backward() + optimizer.step(), through the GradScaler when --amp fp16.
-
-        `clip` (optional) clips the gradient norm of `params` after unscaling.
-        """
+    def backward_step(self, loss, optimizer):
+        """loss.backward() + optimizer.step(), through the GradScaler when --amp fp16."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if clip is not None:
-                self.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip)
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
 
-    def wrap(self, module, compile_module=True):
+    def wrap(self, module):
         """Put `module` on the device, optionally torch.compile it, and wrap it in DDP.
 
         GAN-specific DDP rules the method scripts follow (they matter for correctness):
@@ -142,7 +135,7 @@ class Runtime:
           waits for a gradient reduction that never comes.
         """
         module = module.to(self.device)
-        if self.compile and compile_module:
+        if self.compile:
             module = torch.compile(module)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -202,7 +195,18 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
+def pick_device(name):
+    """torch.device for --device auto|cpu|cuda (auto = CUDA when visible); one line if cuda is
+    asked for and none is visible."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown --device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def setup_runtime(device="auto", amp="none", seed=0, compile=False):
     """Choose the device, join the torchrun process group if launched by torchrun, set AMP.
 
     torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; a plain `python` launch has none of them.
@@ -210,13 +214,9 @@ def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
     so networks built next start from identical weights (DDP also broadcasts rank 0's weights);
     call `seed_rank(rt, seed)` after building them to give each rank its own noise stream.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown --device {device!r}: choose auto, cpu or cuda")
     if amp not in ("none", "bf16", "fp16"):
         raise UsageError(f"unknown --amp {amp!r}: choose none, bf16 or fp16")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(device).type == "cuda"
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = _env_int("RANK", 0)
@@ -226,10 +226,9 @@ def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
         if distributed:
             torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank if distributed else torch.cuda.current_device())
-        if tf32:
-            # TF32 matmuls/convs on Ampere+: ~2x faster, 10-bit mantissa; standard for GANs.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        # TF32 matmuls/convs on Ampere+: ~2x faster, 10-bit mantissa; standard for GANs.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     else:
         dev = torch.device("cpu")
@@ -237,7 +236,10 @@ def setup_runtime(device="auto", amp="none", seed=0, compile=False, tf32=True):
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if distributed and not torch.distributed.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        kwargs = {"device_id": dev} if use_cuda else {}
+        # device_id (bind NCCL to this rank's GPU at once) is torch >= 2.3; older: bound lazily.
+        kwargs = {}
+        if use_cuda and "device_id" in inspect.signature(torch.distributed.init_process_group).parameters:
+            kwargs["device_id"] = dev
         torch.distributed.init_process_group(backend=backend, **kwargs)
 
     scaler = None
@@ -367,6 +369,12 @@ def training_state(method, args, step, nets, opts, rt, stream, rng_states, **ext
     nets/opts: {name: network or EMA or optimiser (or None)}; networks are saved unwrapped (no
     DDP / compile prefixes). `extra` holds the method's own state (replay buffers, priors, ...).
     """
+    for name, obj in nets.items():
+        for key, value in (unwrap(obj).state_dict().items() if obj is not None else ()):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                ckpt = os.path.join(args.out, "ckpt.pt")
+                raise UsageError(f"non-finite weights in {name} ({key}) at step {step}; stopped "
+                                 f"without saving, {_last_good(ckpt)}")
     state = {"method": method, "args": vars(args), "step": step,
              "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
              "stream": stream.state_dict(), "rng": rng_states}
@@ -508,8 +516,21 @@ class Logger:
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.start_time, self.start_step = self.last_time, start_step
         if is_main and os.path.isfile(self.path):
+            kept = []
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+                lines = [line for line in f if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise UsageError(f"{self.path}: line {i + 1} is not JSON; the log is "
+                                         "damaged beyond a torn last line") from None
+                    print(f"note: dropped the torn last line of {self.path} (a crash while "
+                          "writing it)", flush=True)
+                    continue
+                if record["step"] <= start_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -566,9 +587,17 @@ def restore_saved_args(args, method, run_control):
     if not args.resume:
         return args
     saved = load_checkpoint(os.path.join(args.out, "ckpt.pt"), method=method)["args"]
+    ignored = []
     for key, value in saved.items():
-        if key not in run_control:
-            setattr(args, key, value)
+        if key in run_control:
+            continue
+        given = getattr(args, key, None)
+        if key in vars(args) and json.dumps(given, default=str) != json.dumps(value, default=str):
+            ignored.append(f"--{key.replace('_', '-')} {given} (kept {value})")
+        setattr(args, key, value)
+    if ignored:
+        print(f"note: --resume keeps the checkpoint's flags; ignored: {'; '.join(ignored)}",
+              flush=True)
     return args
 
 
@@ -578,14 +607,19 @@ RUN_CONTROL = ("steps", "out", "resume", "device", "amp", "compile", "num_worker
                "fid_stats", "eval_samples")
 
 
+def _last_good(ckpt_path):
+    if os.path.isfile(ckpt_path):
+        return f"the last good checkpoint is {ckpt_path} (step {load_checkpoint(ckpt_path)['step']})"
+    return "no checkpoint was written before it"
+
+
 def log_step(meter, log, step, ckpt_path, **extra):
     """At a log step: average the losses (one sync), stop with a clear error if any was NaN/inf
     since the last log step (the checkpoint on disk is then the last good one), else log them."""
     means, finite = meter.flush()
     if not finite:
         bad = ", ".join(f"{k}={v}" for k, v in means.items() if not math.isfinite(v))
-        raise UsageError(f"non-finite loss at step {step} ({bad}); stopped, the last good "
-                         f"checkpoint is {ckpt_path}")
+        raise UsageError(f"non-finite loss at step {step} ({bad}); stopped, {_last_good(ckpt_path)}")
     log.log(step, means, **extra)
     return means
 
@@ -867,8 +901,11 @@ class TensorImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
 
+    def get_uint8(self, idx):
+        return self.images[idx]
+
     def get_batch(self, idx):
-        return self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
+        return self.get_uint8(idx).float() / 127.5 - 1.0, self.labels[idx]
 
 
 class StackedDataset(torch.utils.data.Dataset):
@@ -895,11 +932,13 @@ class StackedDataset(torch.utils.data.Dataset):
         x, y = self.get_batch(torch.tensor([i]))
         return x[0], int(y[0])
 
-    def get_batch(self, idx):
+    def get_uint8(self, idx):
         trip = self.triplets[idx]                                            # (B, 3)
         x = self.base_images[trip.reshape(-1)]                               # (3B, 1, H, W)
-        x = x.reshape(len(trip), 3, *x.shape[-2:])                           # (B, 3, H, W)
-        return x.float() / 127.5 - 1.0, self.labels[idx]
+        return x.reshape(len(trip), 3, *x.shape[-2:])                        # (B, 3, H, W)
+
+    def get_batch(self, idx):
+        return self.get_uint8(idx).float() / 127.5 - 1.0, self.labels[idx]
 
 
 def read_idx(path):
@@ -1041,11 +1080,17 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def __init__(self, files, labels, img_size, crop=None):
         self.files, self.labels, self.img_size, self.crop = files, labels, img_size, crop
+        # What real-image statistics are keyed by (common.real_stats).
+        self.crop_rule = "centre square" if crop is None else f"centre {crop}x{crop}"
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        return self.load_uint8(i).float() / 127.5 - 1.0, self.labels[i]
+
+    def load_uint8(self, i):
+        """Image i as uint8 (3, img_size, img_size), cropped and resized."""
         from PIL import Image
 
         path = self.files[i]
@@ -1060,8 +1105,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         im = im.crop((left, top, left + side, top + side))
         if side != self.img_size:
             im = im.resize((self.img_size, self.img_size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return x.float() / 127.5 - 1.0, self.labels[i]
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def list_images(root):
@@ -1215,23 +1259,6 @@ class BatchStream:
 
     def load_state_dict(self, state):
         self.epoch, self.pos, self._it = int(state["epoch"]), int(state["pos"]), None
-
-
-def make_loader(dataset, batch_size, rt=None, shuffle=False, drop_last=False, num_workers=0, seed=0):
-    """A plain DataLoader for one pass over a dataset (evaluation, statistics, pretext features).
-
-    Under torchrun (rt.distributed) each rank reads its own share through a DistributedSampler.
-    """
-    sampler = None
-    if rt is not None and rt.distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        drop_last=drop_last, num_workers=num_workers, generator=gen)
 
 
 # ==================================================================================================
@@ -1883,27 +1910,23 @@ class EMA:
 # The metrics every paper reports, in one place so that the three scripts and evaluate.py compute
 # them the same way. METHODS.md ("Metrics") fixes each definition; the sub-sections are:
 #
-#   7a. FID Inception       pytorch-fid's network (same state-dict keys), weights lookup + SHA-256
-#   7b. Feature extraction  one batched pass -> pool3 (2048) and logits (1008); streaming stats
+#   7a. Networks            the FID Inception (pytorch-fid's keys) and VGG-16 (precision/recall);
+#                           weights lookup, download and full SHA-256 check
+#   7b. Feature extraction  images quantised to uint8 as a PNG stores them -> features; streaming stats
 #   7c. Scores              FID, IS, Mode Score, KID, precision/recall, PRD, I-Variance
-#   7d. Statistics files    .npz files pytorch-fid reads (mu, sigma) plus what IS/KID/PR need
-#   7e. Mode coverage       2-D ring/grid; stacked (Fashion-)MNIST with our own classifier
-#   7f. One call per use    image_metrics(...) for the method scripts and evaluate.py
+#   7d. Real images         one path (build_dataset's pixels), statistics files, a keyed cache
+#   7e. One call            image_metrics(...) for the method scripts and evaluate.py
+#   7f. Mode coverage       2-D ring/grid; stacked (Fashion-)MNIST with a calibrated classifier
 #
 # Everything here is inference: no gradients, float64 wherever a score is accumulated.
 
-import hashlib    # (math, os, sys, time, numpy, nn and F are imported by the sections above)
+import hashlib    # (json, math, os, sys, time, numpy, nn and F are imported by the sections above)
 
 # --- 7a. The FID Inception network ---------------------------------------------------------------
 # FID is only comparable across papers when computed with *the* network of the TensorFlow
 # reference (TTUR, Heusel et al. 2017): the 2015-12-05 Inception graph. pytorch-fid ported its
-# weights to a torchvision-style Inception3 with 1008 classes and four patched blocks; the file
-# below is that port. Its name carries the first 8 hex digits of its SHA-256 (torch.hub's
-# convention); pytorch-fid never checks them, we do.
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+# weights to a torchvision-style Inception3 with 1008 classes and four patched blocks; that file
+# (FID_INCEPTION_WEIGHTS below) is checked against its full SHA-256, which pytorch-fid never does.
 INCEPTION_SIZE = 299          # input resolution of the network
 INCEPTION_CLASSES = 1008      # the TF graph's 1008 outputs (1000 ImageNet classes + 8 unused)
 
@@ -1926,80 +1949,9 @@ class _ConvBN(nn.Module):
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
-    def folded(self):
-        """(weight, bias) of a single conv equal to conv -> BN in eval mode (computed in float64)."""
-        bn = self.bn
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        weight = self.conv.weight.double() * scale[:, None, None, None]
-        bias = bn.bias.double() - bn.running_mean.double() * scale
-        return weight.float(), bias.float()
 
-    def fold_(self):
-        """Replace conv + BN by one biased conv (inference only; changes the state-dict keys)."""
-        weight, bias = self.folded()
-        c = self.conv
-        self.conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, stride=c.stride,
-                              padding=c.padding, bias=True)
-        self.conv.weight.data.copy_(weight)
-        self.conv.bias.data.copy_(bias)
-        self.bn = nn.Identity()
-
-
-class _Mixed(nn.Module):
-    """Base of the Inception blocks. `heads` are the 1x1 ConvBNs that read the block input
-    directly; `pooled` is the 1x1 ConvBN behind the TF average pool (None where there is none).
-
-    Speed-up used after loading (`merge_heads_`): the head convs become ONE conv over the input
-    (one pass over a large input tensor instead of three or four). The average pool commutes with
-    a 1x1 conv and with a per-channel affine map (count_include_pad=False averages a constant to
-    itself), so avgpool -> conv -> BN equals conv -> BN -> avgpool exactly in real arithmetic; we
-    pool the branch's 32-192 output channels instead of its 192-2048 input channels. The ReLU
-    comes after the pool in both orders. Results move by float32 rounding only (tested to 1e-5).
-    """
-
-    heads = ()
-    pooled = None
-
-    def __init__(self):
-        super().__init__()
-        self.merged = None
-        self.merged_sizes = None
-
-    def _first(self, x):
-        """{name: output} of the head convs (and of the pooled branch), ReLU applied."""
-        if self.merged is None:
-            out = {name: getattr(self, name)(x) for name in self.heads}
-            if self.pooled is not None:
-                out[self.pooled] = getattr(self, self.pooled)(_tf_avg_pool(x))
-            return out
-        parts = self.merged(x).split(self.merged_sizes, dim=1)      # pre-activation outputs
-        out = {name: F.relu(p) for name, p in zip(self.heads, parts)}
-        if self.pooled is not None:
-            out[self.pooled] = F.relu(_tf_avg_pool(parts[len(self.heads)]))
-        return out
-
-    def merge_heads_(self):
-        """Fold BN into every conv of the block, then concatenate the head convs (see above)."""
-        for m in self.modules():
-            if isinstance(m, _ConvBN) and isinstance(m.bn, nn.BatchNorm2d):
-                m.fold_()
-        names = self.heads + ((self.pooled,) if self.pooled else ())
-        convs = [getattr(self, n).conv for n in names]
-        if len(convs) < 2:
-            return
-        merged = nn.Conv2d(convs[0].in_channels, sum(c.out_channels for c in convs), 1, bias=True)
-        merged.weight.data.copy_(torch.cat([c.weight.data for c in convs]))
-        merged.bias.data.copy_(torch.cat([c.bias.data for c in convs]))
-        self.merged = merged.to(convs[0].weight.device)
-        self.merged_sizes = [c.out_channels for c in convs]
-        for n in names:
-            delattr(self, n)      # their weights live in `merged` now
-
-
-class _InceptionA(_Mixed):
+class _InceptionA(nn.Module):
     # Mixed_5b/5c/5d (35x35). Patched: TF average pool.
-    heads, pooled = ("branch1x1", "branch5x5_1", "branch3x3dbl_1"), "branch_pool"
-
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = _ConvBN(cin, 64, 1)
@@ -2011,14 +1963,13 @@ class _InceptionA(_Mixed):
         self.branch_pool = _ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
-        h = self._first(x)
-        return torch.cat([h["branch1x1"],
-                          self.branch5x5_2(h["branch5x5_1"]),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(h["branch3x3dbl_1"])),
-                          h["branch_pool"]], 1)
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_tf_avg_pool(x))], 1)
 
 
-class _InceptionB(_Mixed):
+class _InceptionB(nn.Module):
     # Mixed_6a: 35x35 -> 17x17 (stride-2 convs and a max pool; nothing patched).
     def __init__(self, cin):
         super().__init__()
@@ -2033,10 +1984,8 @@ class _InceptionB(_Mixed):
                           F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-class _InceptionC(_Mixed):
+class _InceptionC(nn.Module):
     # Mixed_6b..6e (17x17, factorised 7x7 convs). Patched: TF average pool.
-    heads, pooled = ("branch1x1", "branch7x7_1", "branch7x7dbl_1"), "branch_pool"
-
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = _ConvBN(cin, 192, 1)
@@ -2051,18 +2000,16 @@ class _InceptionC(_Mixed):
         self.branch_pool = _ConvBN(cin, 192, 1)
 
     def forward(self, x):
-        h = self._first(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(h["branch7x7_1"]))
-        d = h["branch7x7dbl_1"]
-        for i in range(2, 6):
+        d = x
+        for i in range(1, 6):
             d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([h["branch1x1"], b7, d, h["branch_pool"]], 1)
+        return torch.cat([self.branch1x1(x),
+                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))), d,
+                          self.branch_pool(_tf_avg_pool(x))], 1)
 
 
-class _InceptionD(_Mixed):
+class _InceptionD(nn.Module):
     # Mixed_7a: 17x17 -> 8x8 (nothing patched).
-    heads = ("branch3x3_1", "branch7x7x3_1")
-
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = _ConvBN(cin, 192, 1)
@@ -2073,20 +2020,17 @@ class _InceptionD(_Mixed):
         self.branch7x7x3_4 = _ConvBN(192, 192, 3, stride=2)
 
     def forward(self, x):
-        h = self._first(x)
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(h["branch7x7x3_1"])))
-        return torch.cat([self.branch3x3_2(h["branch3x3_1"]), b7,
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
                           F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-class _InceptionE(_Mixed):
+class _InceptionE(nn.Module):
     # Mixed_7b (TF average pool, patch #1) and Mixed_7c (patch #2: the TF graph max-pools here,
     # where the Inception-v3 paper and torchvision average; pytorch-fid keeps the graph's choice).
     def __init__(self, cin, max_pool=False):
         super().__init__()
         self.max_pool = max_pool
-        self.heads = ("branch1x1", "branch3x3_1", "branch3x3dbl_1")
-        self.pooled = None if max_pool else "branch_pool"
         self.branch1x1 = _ConvBN(cin, 320, 1)
         self.branch3x3_1 = _ConvBN(cin, 384, 1)
         self.branch3x3_2a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
@@ -2098,15 +2042,13 @@ class _InceptionE(_Mixed):
         self.branch_pool = _ConvBN(cin, 192, 1)
 
     def forward(self, x):
-        h = self._first(x)
-        b3 = h["branch3x3_1"]
-        d = self.branch3x3dbl_2(h["branch3x3dbl_1"])
-        if self.max_pool:
-            pool = self.branch_pool(F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
-        else:
-            pool = h["branch_pool"]
-        return torch.cat([h["branch1x1"], self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), pool], 1)
+        b3 = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = (F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool
+                  else _tf_avg_pool(x))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+                          self.branch_pool(pooled)], 1)
 
 
 class FIDInceptionV3(nn.Module):
@@ -2152,22 +2094,47 @@ class FIDInceptionV3(nn.Module):
     def logits(self, pool3):
         return pool3 @ self.fc.weight.t()                                 # (B, 1008)
 
-    def optimize_for_inference_(self):
-        """Fold every BN into its conv and merge the head convs of each block (see _Mixed)."""
-        for m in self.modules():
-            if isinstance(m, _Mixed):
-                m.merge_heads_()
-        for m in self.modules():
-            if isinstance(m, _ConvBN) and isinstance(m.bn, nn.BatchNorm2d):
-                m.fold_()
-        return self
+    kind = "inception"
 
+    def embed(self, images):
+        """uint8 images (B, 1 or 3, H, W) -> (pool3 (B, 2048), logits (B, 1008)), the image
+        prepared as pytorch-fid prepares a PNG (inception_input)."""
+        x = inception_input(images)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        pool3 = self(x).float()
+        return pool3, self.logits(pool3)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A pretrained network's weights: where they are published and the file's full SHA-256."""
+
+    what: str        # e.g. "FID Inception"
+    url: str
+    sha256: str      # of the published file (its name carries the first 8 hex digits)
+    flag: str        # the command-line flag that passes a local copy
+
+    @property
+    def file(self):
+        return self.url.rsplit("/", 1)[1]
+
+
+# pytorch-fid's port of the TF graph (95,628,359 bytes); torch-fidelity ships the same file.
+FID_INCEPTION_WEIGHTS = WeightsFile(
+    "FID Inception", "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth",
+    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2", "--inception-weights")
+# torchvision's ImageNet VGG-16 (IMAGENET1K_V1): torch-fidelity's precision/recall network.
+VGG16_WEIGHTS = WeightsFile(
+    "VGG-16", "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0", "--vgg-weights")
 
 _SHA256_CACHE = {}
 
 
 def file_sha256(path):
-    """SHA-256 hex digest of a file (memoised by path, size and mtime: the weights are 92 MB)."""
+    """SHA-256 hex digest of a file (memoised by path, size and mtime: weights are 92-528 MB)."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA256_CACHE:
@@ -2179,68 +2146,60 @@ def file_sha256(path):
     return _SHA256_CACHE[key]
 
 
-def fid_weights_path(weights=None, download=True):
-    """Where the FID Inception weights are: (path, sha256).
+def weights_path(spec, weights=None, download=True):
+    """(path, sha256) of the weights `spec` describes.
 
-    Order: `weights` (used as given; one warning line when it is not the standard file), else
-    torch.hub's cache (where pytorch-fid itself downloads to), else download from pytorch-fid's
-    release into that cache, checking the SHA-256 prefix before the file is moved in place.
+    Order: `weights` as given (one warning line when it is not the published file), else
+    torch.hub's cache (checkpoints/<file>, where pytorch-fid and torchvision download to), else a
+    download into that cache, whose full SHA-256 is checked before the file is moved in place.
     """
     if weights is not None:
         if not os.path.isfile(weights):
-            raise UsageError(f"--inception-weights {weights}: no such file")
+            raise UsageError(f"{spec.flag} {weights}: no such file")
         sha = file_sha256(weights)
-        if not sha.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            print(f"warning: {weights} is not the standard FID Inception file (SHA-256 {sha[:8]}..., "
-                  f"expected {FID_WEIGHTS_SHA256_PREFIX}...): custom or test weights, scores are not "
-                  "comparable with published ones", file=sys.stderr, flush=True)
+        if sha != spec.sha256:
+            print(f"warning: {weights} is not the published {spec.what} file {spec.file} (SHA-256 "
+                  f"{sha[:12]}..., expected {spec.sha256[:12]}...): custom or test weights, scores "
+                  "are not comparable with published ones", file=sys.stderr, flush=True)
         return weights, sha
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", spec.file)
+    hint = f"download {spec.url} and put it at {cached}, or pass {spec.flag} PATH"
     if os.path.isfile(cached):
         sha = file_sha256(cached)
-        if not sha.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            raise UsageError(f"{cached} has SHA-256 {sha[:8]}..., not {FID_WEIGHTS_SHA256_PREFIX}...: "
-                             "delete it (it will be downloaded again) or pass it with --inception-weights")
+        if sha != spec.sha256:
+            raise UsageError(f"{cached} has SHA-256 {sha[:12]}..., not {spec.sha256[:12]}...: "
+                             f"delete it (it will be downloaded again) or pass it with {spec.flag}")
         return cached, sha
-    hint = (f"download {FID_WEIGHTS_URL} and put it at {cached}, or pass --inception-weights PATH")
     if not download:
-        raise UsageError(f"no FID Inception weights: {hint}")
+        raise UsageError(f"no {spec.what} weights: {hint}")
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     part = cached + ".part"
-    print(f"downloading the FID Inception weights to {cached}", file=sys.stderr, flush=True)
+    print(f"downloading the {spec.what} weights to {cached}", file=sys.stderr, flush=True)
     try:
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, part, progress=False)
+        torch.hub.download_url_to_file(spec.url, part, progress=False)
     except Exception as err:                       # URLError, timeouts, HTTP errors, ...
         if os.path.exists(part):
             os.remove(part)
         reason = getattr(err, "reason", None) or type(err).__name__
-        raise UsageError(f"cannot download the FID Inception weights ({reason}): {hint}") from None
+        raise UsageError(f"cannot download the {spec.what} weights ({reason}): {hint}") from None
     sha = file_sha256(part)
-    if not sha.startswith(FID_WEIGHTS_SHA256_PREFIX):
+    if sha != spec.sha256:
         os.remove(part)
-        raise UsageError(f"the downloaded FID Inception weights have SHA-256 {sha[:8]}..., not "
-                         f"{FID_WEIGHTS_SHA256_PREFIX}...: deleted the file; {hint}")
+        raise UsageError(f"the downloaded {spec.what} weights have SHA-256 {sha[:12]}..., not "
+                         f"{spec.sha256[:12]}...: deleted the file; {hint}")
     os.replace(part, cached)
     return cached, sha
 
 
-def load_fid_inception(weights=None, device="cpu", optimize=True):
-    """The FID Inception network, weights loaded, in eval mode on `device`.
-
-    weights: a path (used as given), or None for torch.hub's cache / the download (see
-    fid_weights_path). A file that is not an FID Inception state dict is a UsageError.
-    optimize: fold BN and merge head convs for speed (the state-dict keys change afterwards;
-    features stay equal to pytorch-fid's within float32 rounding).
-    """
-    path, sha = fid_weights_path(weights)
+def _load_weights(model, path, spec):
+    """Load the state dict file `path` into `model` (strict), each kind of mismatch one line."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UsageError(f"{path} is not a PyTorch weights file ({type(err).__name__})") from None
-    model = FIDInceptionV3()
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path} is not an FID Inception state dict (not a dict of tensors)")
+        raise UsageError(f"{path} is not an {spec.what} state dict (not a dict of tensors)")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     # `num_batches_tracked` is optional: files saved by old PyTorch versions lack it.
     need = {k for k in expected if not k.endswith("num_batches_tracked")}
     missing, extra = sorted(need - set(state)), sorted(set(state) - set(expected))
@@ -2248,16 +2207,17 @@ def load_fid_inception(weights=None, device="cpu", optimize=True):
     if missing or extra or wrong:
         first = (missing or extra or wrong)[0]
         what = "missing" if missing else "unexpected" if extra else "wrong shape for"
-        raise UsageError(f"{path} is not an FID Inception state dict ({what} key {first!r}; "
+        raise UsageError(f"{path} is not an {spec.what} state dict ({what} key {first!r}; "
                          f"{len(missing)} missing, {len(extra)} unexpected, {len(wrong)} mis-shaped)")
     for k in expected:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = torch.zeros((), dtype=torch.long)
     model.load_state_dict(state)
+
+
+def _ready(model, sha, device):
     model.weights_sha256 = sha
     model.eval().requires_grad_(False)
-    if optimize:
-        model.optimize_for_inference_()
     device = torch.device(device)
     model = model.to(device)
     if device.type == "cpu":
@@ -2266,18 +2226,81 @@ def load_fid_inception(weights=None, device="cpu", optimize=True):
     return model
 
 
+def load_fid_inception(weights=None, device="cpu"):
+    """The FID Inception network, weights loaded (see weights_path), in eval mode on `device`.
+    (Folding BN into the convs and merging the 1x1 head convs measured no faster on this CPU,
+    1.5 vs 1.5 img/s, so the network stays as pytorch-fid builds it.)"""
+    path, sha = weights_path(FID_INCEPTION_WEIGHTS, weights)
+    model = FIDInceptionV3()
+    _load_weights(model, path, FID_INCEPTION_WEIGHTS)
+    return _ready(model, sha, device)
+
+
+class VGG16Features(nn.Module):
+    """Precision/recall features (Kynkäänniemi et al. 2019): the 4096-d output of VGG-16's second
+    fully connected layer after its ReLU (torch-fidelity's `fc2_relu`, its default for PR).
+
+    embed(uint8 images) -> (features, None). Input as torch-fidelity: pixels 0..255 as float,
+    bilinear resize to 224, ImageNet mean/std (scaled to 0..255). torch-fidelity resizes with its
+    TF1-compatible bilinear kernel, we with F.interpolate (align_corners=False): features move by
+    resampling differences only.
+    """
+
+    kind = "vgg16"
+    MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+    STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+    def __init__(self):
+        import torchvision
+
+        super().__init__()
+        self.net = torchvision.models.vgg16(weights=None, init_weights=False)
+        self.weights_sha256 = None
+
+    def truncate_(self):
+        # classifier = fc1, ReLU, Dropout, fc2, ReLU, Dropout, fc3: keep up to fc2 (after loading).
+        self.net.classifier = self.net.classifier[:4]
+        return self
+
+    def embed(self, images):
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+        mean = torch.tensor(self.MEAN, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.STD, device=x.device)[None, :, None, None]
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        h = self.net.avgpool(self.net.features(x)).flatten(1)
+        return F.relu(self.net.classifier(h)).float(), None
+
+
+def load_vgg16(weights=None, device="cpu"):
+    """VGG16Features with torchvision's ImageNet weights (see weights_path), eval mode."""
+    path, sha = weights_path(VGG16_WEIGHTS, weights)
+    model = VGG16Features()
+    _load_weights(model.net, path, VGG16_WEIGHTS)
+    return _ready(model.truncate_(), sha, device)
+
+
 # --- 7b. Feature extraction -----------------------------------------------------------------------
-def inception_input(images):
-    """A batch as pytorch-fid feeds it: [0, 1] -> bilinear resize to 299 (align_corners=False)
-    -> 2x - 1. images: uint8 (0..255) or float in [-1, 1]; 1 or 3 channels; any size."""
+def to_uint8(images):
+    """Generated images in [-1, 1] -> uint8 exactly as writing them to a PNG does
+    (torchvision's save_image: x01 * 255 + 0.5, clamped, truncated), so that a score computed in
+    memory equals pytorch-fid's on the saved files. uint8 input is returned as it is."""
     if images.dtype == torch.uint8:
-        x = images.float() / 255.0                     # what torchvision's ToTensor does
-    else:
-        x = (images.float() + 1.0) / 2.0
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        return images
+    return ((images.float() + 1.0) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def inception_input(images):
+    """uint8 (B, 1 or 3, H, W) -> the network's input as pytorch-fid builds it from a PNG:
+    /255 (ToTensor), grey -> RGB (PIL's convert("RGB")), bilinear resize to 299
+    (align_corners=False), 2x - 1."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise UsageError(f"images must be (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    x = images.float() / 255.0
     if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)                     # grey -> RGB, as PIL's convert("RGB")
+        x = x.expand(-1, 3, -1, -1)
     x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
     return 2.0 * x - 1.0
 
@@ -2285,7 +2308,7 @@ def inception_input(images):
 class Progress:
     """`label: 1200/10000 (12%), 23.4 img/s, ETA 0:06:15` on stderr every `every` seconds."""
 
-    def __init__(self, total, label="inception", every=10.0, enabled=True):
+    def __init__(self, total, label, enabled=True, every=10.0):
         self.total, self.label, self.every, self.enabled = total, label, every, enabled
         self.done, self.start, self.last = 0, time.time(), time.time()
 
@@ -2303,61 +2326,68 @@ class Progress:
 
 
 class FeatureStats:
-    """Streaming statistics of the features, so no pass holds all images (or, for FID alone, all
-    features) in memory.
+    """Streaming statistics of one network's features, so no pass holds all images (or, for FID
+    alone, all features) in memory.
 
-    Mean and covariance in float64 with the pairwise update of Chan, Golub & LeVeque (1979):
-    merging a batch B into the running (n, mean, M2) uses the batch's own centred scatter matrix,
-    which keeps the result equal to np.cov(all, rowvar=False) to float64 rounding.
-    keep_features: keep float32 pool3 rows (all, or `keep_rows` chosen at random among `total`)
-    for KID / PR / PRD. keep_logits: keep the logits for IS / Mode Score / I-Variance.
+    moments: mean and covariance in float64 with the pairwise update of Chan, Golub & LeVeque
+    (1979), equal to np.cov(all, rowvar=False) to float64 rounding; with logits, also the mean
+    class probabilities p_y (the Mode Score's real marginal). keep_features: keep float32 feature
+    rows (all, or `keep_rows` chosen at random among `total`) for KID / PR / PRD.
+    keep_logits: keep the logits for IS / Mode Score / I-Variance.
     """
 
-    def __init__(self, keep_features=False, keep_logits=False, total=None, keep_rows=None, seed=0):
-        self.n, self.mean, self.m2 = 0, None, None
-        self.prob_sum = None
-        self.keep_features, self.keep_logits = keep_features, keep_logits
+    def __init__(self, moments=True, keep_features=False, keep_logits=False, total=None,
+                 keep_rows=None, seed=0):
+        self.n, self.mean, self.m2, self.prob_sum = 0, None, None, None
+        self.moments, self.keep_features, self.keep_logits = moments, keep_features, keep_logits
         self.features, self.logits = [], []
         self.keep_index = None
         if keep_features and keep_rows is not None and total is not None and total > keep_rows:
             rng = np.random.default_rng(seed)
             self.keep_index = np.sort(rng.choice(total, keep_rows, replace=False))
 
-    def add(self, pool3, logits):
-        """pool3 (B, 2048), logits (B, 1008): torch tensors (any device) or numpy arrays."""
-        f = pool3.detach().double().cpu().numpy() if torch.is_tensor(pool3) else np.asarray(pool3, np.float64)
-        lg = logits.detach().double().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits, np.float64)
+    def add(self, features, logits=None):
+        """features (B, D), logits (B, K) or None: torch tensors (any device) or numpy arrays."""
+        f = features.detach().double().cpu().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
         b = len(f)
         if b == 0:
             return
-        bmean = f.mean(0)
-        centred = f - bmean
-        bm2 = centred.T @ centred
-        if self.n == 0:
-            self.mean, self.m2 = bmean, bm2
-        else:
-            n = self.n + b
-            delta = bmean - self.mean
-            self.mean = self.mean + delta * (b / n)
-            self.m2 = self.m2 + bm2 + np.outer(delta, delta) * (self.n * b / n)
-        probs = _softmax(lg)
-        self.prob_sum = probs.sum(0) if self.prob_sum is None else self.prob_sum + probs.sum(0)
+        if self.moments:
+            bmean = f.mean(0)
+            centred = f - bmean
+            bm2 = centred.T @ centred
+            if self.n == 0:
+                self.mean, self.m2 = bmean, bm2
+            else:
+                n = self.n + b
+                delta = bmean - self.mean
+                self.mean = self.mean + delta * (b / n)
+                self.m2 = self.m2 + bm2 + np.outer(delta, delta) * (self.n * b / n)
+        if logits is not None:
+            from scipy.special import softmax
+
+            lg = logits.detach().double().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits, np.float64)
+            probs = softmax(lg, axis=1).sum(0)
+            self.prob_sum = probs if self.prob_sum is None else self.prob_sum + probs
+            if self.keep_logits:
+                self.logits.append(lg.astype(np.float32))
         if self.keep_features:
             if self.keep_index is None:
                 self.features.append(f.astype(np.float32))
             else:
                 lo, hi = np.searchsorted(self.keep_index, [self.n, self.n + b])
                 self.features.append(f[self.keep_index[lo:hi] - self.n].astype(np.float32))
-        if self.keep_logits:
-            self.logits.append(lg.astype(np.float32))
         self.n += b
 
     def result(self):
-        """{'mu', 'sigma', 'n', 'p_y', and 'features' / 'logits' when kept} (numpy)."""
+        """{'n', and 'mu', 'sigma', 'p_y', 'features', 'logits' where computed or kept} (numpy)."""
         if self.n < 2:
             raise UsageError(f"need at least 2 images for statistics, got {self.n}")
-        out = {"mu": self.mean, "sigma": self.m2 / (self.n - 1), "n": self.n,
-               "p_y": self.prob_sum / self.n}
+        out = {"n": self.n}
+        if self.moments:
+            out.update(mu=self.mean, sigma=self.m2 / (self.n - 1))
+        if self.prob_sum is not None:
+            out["p_y"] = self.prob_sum / self.n
         if self.keep_features:
             out["features"] = np.concatenate(self.features)
         if self.keep_logits:
@@ -2365,15 +2395,9 @@ class FeatureStats:
         return out
 
 
-def _softmax(logits):
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def _prefetched(iterable):
-    """Iterate in a background thread, one item ahead: image decoding (PIL releases the GIL)
-    overlaps the Inception forward pass. Exceptions reach the consumer unchanged."""
+    """Iterate in a background thread, one item ahead: image decoding or sampling overlaps the
+    forward pass. Exceptions reach the consumer unchanged."""
     from concurrent.futures import ThreadPoolExecutor
 
     it, end = iter(iterable), object()
@@ -2388,70 +2412,25 @@ def _prefetched(iterable):
 
 
 @torch.inference_mode()
-def extract(batches, model, device, stats, total=None, progress=True, label="inception"):
-    """Run `model` over an iterable of image batches (uint8, or float in [-1, 1]) and call
-    `stats.add(pool3, logits)` for each batch (a FeatureStats or anything with `add`).
-    Returns `stats`. One batch at a time: the images are never all in memory."""
+def extract(batches, nets, stats, device, total=None, progress=True, label="features", on_batch=None):
+    """Feed every batch to every network: stats[name].add(*nets[name].embed(batch)).
+
+    batches: uint8 (B, C, H, W), or float in [-1, 1], which is first quantised by to_uint8
+    exactly as a PNG stores it. on_batch(uint8 batch), if given, sees every quantised batch
+    (`evaluate.py ckpt --save-samples` writes them). One batch at a time: images never pile up.
+    """
     device = torch.device(device)
     meter = Progress(total, label, enabled=progress)
-    channels_last = device.type == "cpu"
     for batch in batches:
-        if isinstance(batch, (list, tuple)):
-            batch = batch[0]                            # (x, y) pairs from a DataLoader
         if len(batch) == 0:
             continue
-        x = inception_input(batch.to(device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pool3 = model(x).float()
-        stats.add(pool3, model.logits(pool3))
-        meter.update(len(batch))
+        x = to_uint8(batch.detach()).to(device)
+        if on_batch is not None:
+            on_batch(x.cpu())
+        for name, net in nets.items():
+            stats[name].add(*net.embed(x))
+        meter.update(len(x))
     return stats
-
-
-def inception_features(batches, model, device, progress=False):
-    """(pool3 (N, 2048) float64, logits (N, 1008) float64) of an iterable of image batches
-    (uint8, or float in [-1, 1]). Holds features, never all images."""
-    feats, logits = [], []
-
-    class _Keep:
-        def add(self, pool3, lg):
-            feats.append(pool3.double().cpu().numpy())
-            logits.append(lg.double().cpu().numpy())
-
-    extract(batches, model, device, _Keep(), progress=progress)
-    if not feats:
-        return np.zeros((0, 2048)), np.zeros((0, INCEPTION_CLASSES))
-    return np.concatenate(feats), np.concatenate(logits)
-
-
-def image_files(folder):
-    """Sorted image files of a folder (recursive), or a UsageError if there are none."""
-    if not os.path.isdir(folder):
-        raise UsageError(f"{folder} is not a folder")
-    files, _ = list_images(folder)
-    return files
-
-
-def file_batches(files, batch_size=50):
-    """uint8 (B, 3, H, W) batches decoded from image files (RGB, as pytorch-fid: PIL
-    convert("RGB"), no resize here). Files of different sizes in one batch are resized to 299
-    one by one and the batch comes as float in [-1, 1]. A file that cannot be read: UsageError."""
-    from PIL import Image
-
-    for i in range(0, len(files), batch_size):
-        ims = []
-        for path in files[i:i + batch_size]:
-            try:
-                with Image.open(path) as im:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            except Exception as err:
-                raise UsageError(f"cannot read image {path} ({type(err).__name__})") from None
-            ims.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-        if len({t.shape for t in ims}) == 1:
-            yield torch.stack(ims)
-        else:
-            yield torch.cat([inception_input(t[None]) for t in ims])
 
 
 # --- 7c. Scores ---------------------------------------------------------------------------------
@@ -2491,27 +2470,20 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
-def _split_rows(n, splits):
-    # The split rule of the IS reference code (and of MEE's I-Variance): `splits` consecutive
-    # chunks of n // splits rows; the n % splits rows left over are not used.
-    size = n // splits
-    if size == 0:
-        raise UsageError(f"need at least {splits} samples for {splits} splits, got {n}")
-    return [slice(k * size, (k + 1) * size) for k in range(splits)]
-
-
-def _log_softmax(logits):
-    z = logits - logits.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
 def inception_score(logits, splits=10):
     """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))), p(y) the split's marginal;
-    mean and std over `splits` splits. p(y|x) = softmax of the 1008 logits."""
-    logp = _log_softmax(np.asarray(logits, np.float64))
+    mean and std over `splits` splits. p(y|x) = softmax of the 1008 logits. Splits as the
+    OpenAI code and torch-fidelity cut them, rows [i N / splits, (i + 1) N / splits) (no row
+    dropped); in the order given (torch-fidelity shuffles first, the OpenAI code does not)."""
+    from scipy.special import log_softmax
+
+    logp = log_softmax(np.asarray(logits, np.float64), axis=1)
+    n = len(logp)
+    if n < splits:
+        raise UsageError(f"the Inception Score needs at least {splits} samples ({splits} splits), got {n}")
     scores = []
-    for s in _split_rows(len(logp), splits):
-        lp = logp[s]
+    for i in range(splits):
+        lp = logp[i * n // splits:(i + 1) * n // splits]
         p = np.exp(lp)
         log_py = np.log(p.mean(0) + 1e-300)
         scores.append(np.exp((p * (lp - log_py)).sum(1).mean()))
@@ -2522,7 +2494,9 @@ def mode_score(logits, p_real):
     """Mode Score (Che et al. 2017, "Mode Regularized GANs"):
     exp(E_x KL(p(y|x) || p_g(y)) - KL(p_g(y) || p_real(y))), p_g the generated marginal,
     p_real the real images' marginal class distribution; over all samples (no splits)."""
-    logp = _log_softmax(np.asarray(logits, np.float64))
+    from scipy.special import log_softmax
+
+    logp = log_softmax(np.asarray(logits, np.float64), axis=1)
     p = np.exp(logp)
     pg = p.mean(0)
     log_pg = np.log(pg + 1e-300)
@@ -2534,13 +2508,15 @@ def mode_score(logits, p_real):
 
 def kid(feat_fake, feat_real, n_subsets=100, subset_size=1000, seed=0, device="cpu"):
     """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD^2 with the polynomial
-    kernel k(x, y) = (x.y / d + 1)^3, over `n_subsets` random subsets of `subset_size` (the
-    smaller set's size if less); mean and std over subsets (torch-fidelity's defaults)."""
+    kernel k(x, y) = (x.y / d + 1)^3, over `n_subsets` random subsets of `subset_size` of each
+    set; mean and std over subsets (torch-fidelity's defaults and its unbiased estimator). Fewer
+    samples than `subset_size` is an error, as in torch-fidelity."""
     a = torch.as_tensor(np.asarray(feat_fake), dtype=torch.float64, device=device)
     b = torch.as_tensor(np.asarray(feat_real), dtype=torch.float64, device=device)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise UsageError("KID needs at least 2 generated and 2 real samples")
+    m = subset_size
+    if min(len(a), len(b)) < m or m < 2:
+        raise UsageError(f"KID with subsets of {m} needs at least {m} generated and {m} real "
+                         f"samples, got {len(a)} and {len(b)} (lower --kid-subset-size)")
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     vals = []
@@ -2577,7 +2553,7 @@ def precision_recall(feat_fake, feat_real, k=3, device="cpu", seed=0):
     the union of balls around each real feature reaching its k-th nearest real neighbour;
     precision = fraction of generated samples inside it; recall = fraction of real samples
     inside the generated manifold. Both sets are cut to the smaller size (random subset), as the
-    paper uses equal sizes."""
+    paper uses equal sizes. The reference features are VGG-16's (load_vgg16)."""
     fake, real = _balanced(feat_fake, feat_real, seed)
     if len(fake) <= k:
         raise UsageError(f"precision/recall with k={k} needs more than {k} samples per set")
@@ -2618,26 +2594,43 @@ def f_beta(precision, recall, beta):
     return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
 
 
-def prd_scores(feat_fake, feat_real, num_clusters=20, num_angles=1001, num_runs=10, beta=8, seed=0):
-    """(F_8, F_1/8) of the PRD curve (Sajjadi et al. 2018): k-means with 20 clusters on the
-    union of both (equal-size) feature sets, histograms of cluster labels per set, the PRD curve
-    of the two histograms, averaged over 10 runs with different k-means seeds; then the maximum
-    F_beta over the curve (F_8 weighs recall: mode coverage; F_1/8 weighs precision: quality).
-    The reference uses sklearn's MiniBatchKMeans; scipy's kmeans2 (k-means++ init) is our stand-in."""
+def _kmeans_labels(data, k, n_init, rng):
+    """Cluster labels of the best (lowest inertia) of `n_init` k-means++ runs (scipy's kmeans2)."""
+    import inspect
     import warnings
 
     from scipy.cluster.vq import kmeans2
 
+    # SciPy 1.15 renamed kmeans2's `seed` to `rng`; both accept a numpy Generator.
+    key = "rng" if "rng" in inspect.signature(kmeans2).parameters else "seed"
+    best, best_inertia = None, np.inf
+    for _ in range(n_init):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # "one of the clusters is empty": harmless here
+            centroids, labels = kmeans2(data, k, minit="++", **{key: rng})
+        inertia = ((data - centroids[labels]) ** 2).sum()
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def prd_scores(feat_fake, feat_real, num_clusters=20, num_angles=1001, num_runs=10, n_init=10,
+               beta=8, seed=0):
+    """(F_8, F_1/8) of the PRD curve (Sajjadi et al. 2018): k-means with 20 clusters on the
+    union of both (equal-size) feature sets, histograms of cluster labels per set, the PRD curve
+    of the two histograms, averaged over 10 runs; then the maximum F_beta over the curve (F_8
+    weighs recall: mode coverage; F_1/8 weighs precision: quality). Each run keeps the best of
+    10 k-means initialisations, as the reference's MiniBatchKMeans(n_init=10); our k-means is
+    scipy's full-batch kmeans2 with k-means++ seeding."""
     fake, real = _balanced(feat_fake, feat_real, seed)
     n = len(fake)
     if n < num_clusters:
         raise UsageError(f"PRD needs at least {num_clusters} samples per set, got {n}")
     data = np.concatenate([fake, real]).astype(np.float64)
+    rng = np.random.default_rng(seed)
     precisions, recalls = [], []
-    for run in range(num_runs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # "one of the clusters is empty": harmless here
-            _, labels = kmeans2(data, num_clusters, minit="++", rng=np.random.default_rng(seed + run))
+    for _ in range(num_runs):
+        labels = _kmeans_labels(data, num_clusters, n_init, rng)
         eval_hist = np.bincount(labels[:n], minlength=num_clusters) / n
         ref_hist = np.bincount(labels[n:], minlength=num_clusters) / n
         p, r = prd_curve(eval_hist, ref_hist, num_angles)
@@ -2652,138 +2645,243 @@ def i_variance(logits, splits=10):
 
     Official code (HaozheLiu-ST/MEE, inception_variance.py): class probabilities of Inception-v3,
     for each class the std over the images of a split (population std), averaged over classes;
-    10 splits. Table 4's caption ("the variance of the class-wise outputs") describes this form,
-    not Eq. 15. The official code feeds torchvision's ImageNet Inception (1000 classes); we use
-    the FID network's 1008-way softmax, so values are close to, not equal to, the paper's.
+    10 splits of N // 10 consecutive rows (the remainder is unused). Table 4's caption ("the
+    variance of the class-wise outputs") describes this form, not Eq. 15. The official code
+    feeds torchvision's ImageNet Inception (1000 classes); we use the FID network's 1008-way
+    softmax, so values are close to, not equal to, the paper's.
     """
-    probs = _softmax(np.asarray(logits, np.float64))
-    scores = [probs[s].std(0).mean() for s in _split_rows(len(probs), splits)]
+    from scipy.special import softmax
+
+    probs = softmax(np.asarray(logits, np.float64), axis=1)
+    size = len(probs) // splits
+    if size == 0:
+        raise UsageError(f"I-Variance needs at least {splits} samples ({splits} splits), got {len(probs)}")
+    scores = [probs[k * size:(k + 1) * size].std(0).mean() for k in range(splits)]
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def i_variance_eq15(features):
-    """MaEM-GAN Eq. 15: I-Variance = sqrt(E_x ||T(x) - E_x T(x)||_2^2), T(x) the Inception
-    feature (pool3, 2048-d). The typeset equation lost the square and a bracket; we read it
-    as the text defines it, "the standard deviation of generated distributions" (the square root
-    of the total variance). Equals sqrt(trace(Sigma_g) (n-1)/n)."""
-    f = np.asarray(features, np.float64)
-    return float(np.sqrt(((f - f.mean(0)) ** 2).sum(1).mean()))
-
-
-# --- 7d. Statistics files -----------------------------------------------------------------------
+# --- 7d. Statistics files and real images ---------------------------------------------------------
 # An .npz with `mu` (2048,) and `sigma` (2048, 2048) in float64 is what pytorch-fid writes and
 # reads (`--save-stats`); we add, when known: `n` (number of images), `p_y` (mean class
-# probabilities, for the Mode Score), `features` (float32 pool3 of up to REAL_FEATURES_KEPT random
-# images, for KID / PR / PRD) and `weights_sha256`. pytorch-fid ignores the extra keys.
-REAL_FEATURES_KEPT = 10_000
+# probabilities, for the Mode Score), `features` (float32 rows of up to `feature_rows` random
+# images, for KID / PR / PRD), `weights_sha256` and `key` (what produced the file, as JSON).
+# pytorch-fid ignores the extra keys. VGG-16 files hold `features` only.
+FEATURE_ROWS = 10_000
 
 
 def save_stats(path, stats):
     tmp = path + ".tmp.npz"
     keep = {k: stats[k] for k in ("mu", "sigma", "n", "p_y", "features") if k in stats}
-    if stats.get("weights_sha256"):
-        keep["weights_sha256"] = np.array(stats["weights_sha256"])
+    for k in ("weights_sha256", "key"):
+        if stats.get(k):
+            keep[k] = np.array(stats[k])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(tmp, **keep)
     os.replace(tmp, path)
 
 
-def load_stats(path):
+def load_stats(path, moments=True):
     """A statistics file as a dict; UsageError when it is unreadable or lacks mu / sigma."""
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
     except Exception as err:
         raise UsageError(f"cannot read statistics file {path} ({type(err).__name__})") from None
+    for k in ("weights_sha256", "key"):
+        if k in data:
+            data[k] = str(data[k])
+    if not moments:
+        return data
     if "mu" not in data or "sigma" not in data:
         raise UsageError(f"{path} has no 'mu' and 'sigma' arrays: not an FID statistics file")
     mu, sigma = data["mu"], data["sigma"]
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UsageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    if "weights_sha256" in data:
-        data["weights_sha256"] = str(data["weights_sha256"])
     return data
 
 
-def stats_cache_path(dataset, split, img_size, weights_sha256, n=None, cache_dir=None):
-    """Cached real statistics are keyed by dataset, split, resolution, image count and weights."""
-    cache_dir = cache_dir or os.path.join(os.path.dirname(torch.hub.get_dir()), "fid_stats")
-    res = img_size or dataset_info(dataset)["img_size"]
-    return os.path.join(cache_dir, f"{dataset}-{split}-{res}px-n{n or 'all'}-{weights_sha256[:8]}.npz")
+def subset_indices(total, n=None, seed=0):
+    """range(total), or a sorted random subset of n of it drawn with `seed`: the first n files of
+    a class-sorted folder (ImageNet) would be a few classes."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
-def folder_stats(folder, model, device, batch_size=50, keep_features=True, keep_logits=False,
-                 progress=True, n=None):
-    """Statistics of the images of a folder (streamed, decoded one batch ahead)."""
-    files = image_files(folder)[:n]
-    stats = FeatureStats(keep_features, keep_logits, total=len(files),
-                         keep_rows=REAL_FEATURES_KEPT if keep_features else None)
-    extract(_prefetched(file_batches(files, batch_size)), model, device, stats, total=len(files),
-            progress=progress, label=f"inception {os.path.basename(os.path.normpath(folder))}")
-    out = stats.result()
-    out["weights_sha256"] = model.weights_sha256
-    return out
+class _Uint8Items(torch.utils.data.Dataset):
+    # Item i of a file-backed image dataset as uint8 (C, H, W), for decoding in DataLoader workers.
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds.load_uint8(i)
 
 
-def dataset_stats(name, model, device, root=None, split="train", img_size=None, download=False,
-                  batch_size=50, n=None, cache=True, cache_dir=None, progress=True):
-    """Real statistics of a dataset of section 5, cached on disk (see stats_cache_path)."""
-    info = dataset_info(name)
+def uint8_batches(ds, idx, batch_size=50, num_workers=None):
+    """uint8 batches of the items `idx` of an image dataset of section 5, pixels exactly as
+    training sees them (same crop and resize, before the [-1, 1] scaling)."""
+    chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    if hasattr(ds, "get_uint8"):                     # in-memory arrays: index directly
+        return (ds.get_uint8(torch.as_tensor(c)) for c in chunks)
+    if num_workers is None:                          # files: decode in worker processes
+        num_workers = min(4, os.cpu_count() or 1) if len(idx) >= 1000 else 0
+    return iter(torch.utils.data.DataLoader(_Uint8Items(ds), batch_sampler=[c.tolist() for c in chunks],
+                                            num_workers=num_workers))
+
+
+def real_stats(net, dataset, root=None, split="train", img_size=None, n=None, seed=0,
+               download=False, device="cpu", batch_size=50, feature_rows=FEATURE_ROWS,
+               cache=True, cache_dir=None, progress=True):
+    """Features of real images for `net` (the FID Inception or VGG-16), the one real-image path
+    of every script and of evaluate.py: build_dataset gives the images exactly as training sees
+    them (crop, resize, uint8 pixels), `n` takes a seeded random subset.
+
+    Cached under a key of everything that changes the numbers (dataset, data root, split,
+    resolution, crop, subset, feature rows, network and its weights), in
+    ~/.cache/torch/fid_stats (or `cache_dir`); cache=False neither reads nor writes it.
+    """
+    info = dataset_info(dataset)
     if info["kind"] != "image":
-        raise UsageError(f"{name} is not an image dataset")
-    sha = model.weights_sha256 or "unknown"
-    path = stats_cache_path(name, split, img_size, sha, n, cache_dir)
+        raise UsageError(f"{dataset} is not an image dataset")
+    ds = build_dataset(dataset, root=root, split=split, img_size=img_size, download=download)
+    idx = subset_indices(len(ds), n, seed)
+    if len(idx) < 2:
+        raise UsageError(f"{dataset} ({split}) has {len(idx)} images")
+    res = img_size or info["img_size"]
+    key = {"dataset": dataset, "root": os.path.abspath(root or default_data_root(dataset)),
+           "split": split, "img_size": res, "crop": getattr(ds, "crop_rule", "none"),
+           "images": len(ds), "n": len(idx), "subset_seed": seed if len(idx) < len(ds) else None,
+           "feature_rows": feature_rows, "net": net.kind, "weights_sha256": net.weights_sha256}
+    key_text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    cache_dir = cache_dir or os.path.join(os.path.dirname(torch.hub.get_dir()), "fid_stats")
+    path = os.path.join(cache_dir, f"{dataset}-{split}-{res}px-n{len(idx)}-{net.kind}-{digest}.npz")
     if cache and os.path.isfile(path):
-        print(f"real statistics: {path} (cached)", file=sys.stderr, flush=True)
-        return load_stats(path)
-    ds = build_dataset(name, root=root, split=split, img_size=img_size, download=download)
-    total = min(len(ds), n) if n else len(ds)
-    if total < 2:
-        raise UsageError(f"{name} ({split}) has {len(ds)} images")
-    if hasattr(ds, "get_batch"):            # in-memory sets: index batches directly
-        batches = (ds.get_batch(torch.arange(i, min(i + batch_size, total)))[0]
-                   for i in range(0, total, batch_size))
-    else:
-        sub = torch.utils.data.Subset(ds, range(total))
-        batches = (x for x, _ in make_loader(sub, batch_size, num_workers=min(4, os.cpu_count() or 1)))
-    stats = FeatureStats(True, False, total=total, keep_rows=REAL_FEATURES_KEPT)
-    extract(_prefetched(batches), model, device, stats, total=total, progress=progress,
-            label=f"inception {name}")
-    out = stats.result()
-    out["weights_sha256"] = sha
+        print(f"real {net.kind} statistics: {path} (cached)", file=sys.stderr, flush=True)
+        return load_stats(path, moments=net.kind == "inception")
+    inception = net.kind == "inception"
+    stats = FeatureStats(moments=inception, keep_features=True, keep_logits=False, total=len(idx),
+                         keep_rows=feature_rows)
+    extract(_prefetched(uint8_batches(ds, idx, batch_size)), {"net": net}, {"net": stats}, device,
+            total=len(idx), progress=progress, label=f"{net.kind} {dataset}")
+    out = dict(stats.result(), weights_sha256=net.weights_sha256, key=key_text)
     if cache:
         save_stats(path, out)
-        print(f"real statistics saved to {path}", file=sys.stderr, flush=True)
+        print(f"real {net.kind} statistics saved to {path}", file=sys.stderr, flush=True)
     return out
 
 
-def resolve_real(real, model, device, batch_size=50, **dataset_kw):
-    """Real statistics from a stats dict, an .npz file, a folder of images or a dataset name."""
-    if isinstance(real, dict):
-        return real
-    real = str(real)
-    if real.endswith(".npz"):
+# --- 7e. One call for the image metrics ---------------------------------------------------------
+IMAGE_METRICS = ("fid", "is", "ms", "kid", "pr", "prd", "ivar")
+_NEEDS_FEATURES = {"kid", "pr", "prd"}
+
+
+def parse_metrics(metrics):
+    """A comma list (or a sequence) of IMAGE_METRICS names -> list; UsageError for unknown names."""
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    bad = [m for m in names if m not in IMAGE_METRICS]
+    if bad or not names:
+        raise UsageError(f"unknown metric {bad[0] if bad else metrics!r}: choose from {','.join(IMAGE_METRICS)}")
+    return names
+
+
+def check_real_stats(real, metrics, pr_features="vgg16"):
+    """Fail before any sample is drawn when the real statistics cannot serve `metrics`."""
+    needs = {m for m in _NEEDS_FEATURES & set(metrics) if not (m == "pr" and pr_features == "vgg16")}
+    if needs and "features" not in real:
+        raise UsageError(f"{', '.join(sorted(needs))} need real features, which this statistics file "
+                         "lacks: give a folder, a dataset name, or a file written by evaluate.py stats")
+    if "ms" in metrics and "p_y" not in real:
+        raise UsageError("the Mode Score needs the real class marginal, which this statistics file "
+                         "lacks: give a folder, a dataset name, or a file written by evaluate.py stats")
+
+
+def image_metrics(batches, n, metrics, real, device="cpu", inception=None, inception_weights=None,
+                  vgg_weights=None, pr_features="vgg16", kid_subset_size=1000,
+                  feature_rows=FEATURE_ROWS, batch_size=50, progress=True, on_batch=None, cache=True,
+                  cache_dir=None):
+    """Image metrics of `n` generated images against real ones: the one scoring path of the
+    method scripts and evaluate.py.
+
+    batches: iterable of generated batches (uint8, or float in [-1, 1], quantised as a PNG).
+    real: an .npz statistics file, or the real_stats keywords as a dict
+          (dataset=..., root=..., split=..., img_size=..., n=..., download=...).
+    pr_features: "vgg16" (the reference's features; needs real images, not an .npz) or
+          "inception" (pool3). Returns the JSON keys of the metrics and `protocol`: which
+          features and how many samples produced each number.
+    """
+    metrics = parse_metrics(metrics)
+    if pr_features not in ("vgg16", "inception"):
+        raise UsageError(f"unknown --pr-features {pr_features!r}: choose vgg16 or inception")
+    inception = inception or load_fid_inception(inception_weights, device)
+    real_kw = dict(device=device, batch_size=batch_size, feature_rows=feature_rows, cache=cache,
+                   cache_dir=cache_dir, progress=progress)
+    if isinstance(real, str):
         if not os.path.isfile(real):
             raise UsageError(f"statistics file {real} does not exist")
-        stats = load_stats(real)
-        sha = stats.get("weights_sha256")
-        if sha and model is not None and model.weights_sha256 and sha != model.weights_sha256:
-            print(f"warning: {real} was computed with other Inception weights ({sha[:8]}... vs "
-                  f"{model.weights_sha256[:8]}...)", file=sys.stderr, flush=True)
-        return stats
-    if os.path.isdir(real):
-        return folder_stats(real, model, device, batch_size, keep_features=True)
-    if real in DATASETS:
-        return dataset_stats(real, model, device, batch_size=batch_size, **dataset_kw)
-    raise UsageError(f"{real} is neither a .npz statistics file, a folder nor a dataset name")
+        real_inc = load_stats(real)
+        if real_inc.get("weights_sha256") and real_inc["weights_sha256"] != inception.weights_sha256:
+            print(f"warning: {real} was computed with other Inception weights", file=sys.stderr, flush=True)
+    else:
+        real_inc = real_stats(inception, **real, **real_kw)
+    check_real_stats(real_inc, metrics, pr_features)
+    nets = {"inception": inception}
+    gen = {"inception": FeatureStats(keep_features=bool(_NEEDS_FEATURES & set(metrics)),
+                                     keep_logits=bool({"is", "ms", "ivar"} & set(metrics)))}
+    if "pr" in metrics and pr_features == "vgg16":
+        if isinstance(real, str):
+            raise UsageError("precision/recall on VGG-16 features needs real images (a dataset or "
+                             "a folder), not a statistics file; or pass --pr-features inception")
+        nets["vgg16"] = load_vgg16(vgg_weights, device)
+        real_vgg = real_stats(nets["vgg16"], **real, **real_kw)
+        gen["vgg16"] = FeatureStats(moments=False, keep_features=True)
+    extract(batches, nets, gen, device, total=n, progress=progress, label="generated", on_batch=on_batch)
+    g = {name: s.result() for name, s in gen.items()}
+    gi = g["inception"]
+    out, used = {}, {}
+    if "fid" in metrics:
+        out["fid"] = fid_from_stats(gi["mu"], gi["sigma"], real_inc["mu"], real_inc["sigma"])
+        used["fid"] = f"inception pool3, {gi['n']} generated vs {int(real_inc['n'])} real"
+    if "is" in metrics:
+        out["is_mean"], out["is_std"] = inception_score(gi["logits"])
+        used["is"] = f"inception 1008 logits, {gi['n']} generated, 10 splits"
+    if "ms" in metrics:
+        out["mode_score"] = mode_score(gi["logits"], real_inc["p_y"])
+        used["ms"] = f"inception 1008 logits, {gi['n']} generated vs the real marginal of {int(real_inc['n'])}"
+    if "ivar" in metrics:
+        out["ivar_mean"], out["ivar_std"] = i_variance(gi["logits"])
+        used["ivar"] = f"inception 1008-way softmax, {gi['n']} generated, 10 splits"
+    if "kid" in metrics:
+        out["kid_mean"], out["kid_std"] = kid(gi["features"], real_inc["features"],
+                                              subset_size=kid_subset_size, device=device)
+        used["kid"] = (f"inception pool3, 100 subsets of {kid_subset_size} from {gi['n']} generated "
+                       f"and {len(real_inc['features'])} real")
+    if "pr" in metrics:
+        fake_f, real_f = ((g["vgg16"]["features"], real_vgg["features"]) if pr_features == "vgg16"
+                          else (gi["features"], real_inc["features"]))
+        out["precision"], out["recall"] = precision_recall(fake_f, real_f, device=device)
+        m = min(len(fake_f), len(real_f))
+        used["pr"] = (f"{'vgg16 fc2 after ReLU' if pr_features == 'vgg16' else 'inception pool3'}, "
+                      f"k=3, {m} generated vs {m} real")
+    if "prd" in metrics:
+        out["f8"], out["f1_8"] = prd_scores(gi["features"], real_inc["features"])
+        m = min(len(gi["features"]), len(real_inc["features"]))
+        used["prd"] = f"inception pool3, {m} generated vs {m} real, 20 clusters, 10 runs x 10 inits"
+    out["protocol"] = used
+    return out
 
 
-# --- 7e. Mode coverage ------------------------------------------------------------------------
+# --- 7f. Mode coverage ------------------------------------------------------------------------
 def mode_stats(samples, centers, std):
     """2-D mode coverage against mode centres (K, 2) with per-mode std (METHODS.md):
     high quality = within 3 std of the nearest centre (VEEGAN / PacGAN); modes = centres with at
     least one high-quality sample; reverse KL = sum_i p_i log(p_i K) over the histogram of the
-    nearest centre of *all* samples (natural log; 0 for a uniform histogram, log K for one mode)."""
+    nearest centre of all finite samples (natural log; 0 for a uniform histogram, log K for one
+    mode). Non-finite samples (a diverged G) belong to no mode and are never high quality; their
+    number is `non_finite`, and with no finite sample the reverse KL is None."""
     if torch.is_tensor(samples):
         samples = samples.detach().cpu().numpy()
     if torch.is_tensor(centers):
@@ -2792,13 +2890,17 @@ def mode_stats(samples, centers, std):
     c = torch.as_tensor(np.asarray(centers, dtype=np.float64))
     if x.dim() != 2 or x.shape[1] != 2 or len(x) == 0:
         raise UsageError(f"samples must be a non-empty (N, 2) array, got {tuple(x.shape)}")
-    dist, nearest = torch.cdist(x, c).min(1)
-    hq = dist <= 3 * std
-    k = len(c)
-    hist = torch.bincount(nearest, minlength=k).double() / len(x)
-    return {"modes": int(torch.unique(nearest[hq]).numel()),
-            "hq_fraction": float(hq.double().mean()),
-            "reverse_kl": _reverse_kl(hist.numpy())}
+    finite = torch.isfinite(x).all(1)
+    x_ok = x[finite]
+    out = {"modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": int((~finite).sum())}
+    if len(x_ok):
+        dist, nearest = torch.cdist(x_ok, c).min(1)
+        hq = dist <= 3 * std
+        hist = torch.bincount(nearest, minlength=len(c)).double() / len(x_ok)
+        out.update(modes=int(torch.unique(nearest[hq]).numel()),
+                   hq_fraction=float(hq.double().sum() / len(x)),
+                   reverse_kl=_reverse_kl(hist.numpy()))
+    return out
 
 
 def _reverse_kl(p):
@@ -2809,69 +2911,152 @@ def _reverse_kl(p):
 
 
 def mode_metrics_2d(samples, dataset, data_std=None):
-    """{'modes', 'hq_fraction', 'reverse_kl'} of (N, 2) samples for `ring` or `grid`."""
+    """{'modes', 'hq_fraction', 'reverse_kl', 'non_finite'} of (N, 2) samples of `ring` or `grid`."""
     centers, std = synthetic_modes(dataset, data_std)
     return mode_stats(samples, centers, std)
 
 
+# Stacked (Fashion-)MNIST: a classifier labels each channel, a sample's mode is its triplet.
+# An uncalibrated count reads every confident error as a mode: at 88 % per-channel accuracy a
+# 10-mode generator reads as ~740 modes. Two rules keep the count honest (METHODS.md, "Stacked
+# mode counting must be calibrated"); README shows the calibration rows they give:
+#   1. a sample counts only where all three channels are classified with top probability >=
+#      the classifier's `threshold`, chosen on held-out real images (train_mode_classifier);
+#   2. a triplet counts as a mode only if it holds at least MIN_MODE_COUNT counted samples and
+#      more than LEAK_FACTOR times what the confident errors of its one-channel neighbours are
+#      expected to put there (the confusion rates of rule 1, measured on the same held-out set).
+MIN_MODE_COUNT = 2
+LEAK_FACTOR = 3.0
+
+
 class ModeClassifier(nn.Module):
-    """The small CNN that labels each channel of stacked (Fashion-)MNIST samples.
-    (B, 1, 32, 32) in [-1, 1] -> (B, 10) logits; 32 -> 16 -> 8 -> 4 with stride-2 convs,
-    ~1.5M multiply-adds per image, so that it trains in minutes on a CPU."""
+    """The CNN that labels each channel of stacked (Fashion-)MNIST samples.
+    (B, 1, 32, 32) in [-1, 1] -> (B, 10) logits: three conv-BN-ReLU-maxpool stages
+    (32 -> 16 -> 8 -> 4 pixels, 32/64/128 channels), dropout, linear; ~10M multiply-adds per
+    image, so that it trains in minutes on a CPU. `threshold` and `confusion` (rules 1 and 2
+    above) are set by train_mode_classifier and saved with the weights."""
 
     def __init__(self, n_classes=10):
         super().__init__()
 
-        def conv(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
-        self.net = nn.Sequential(*conv(1, 32, 2),                         # (B, 32, 16, 16)
-                                 *conv(32, 64, 2),                        # (B, 64, 8, 8)
-                                 *conv(64, 64, 2),                        # (B, 64, 4, 4)
-                                 nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 16, n_classes))
+        self.net = nn.Sequential(*stage(1, 32), *stage(32, 64), *stage(64, 128),   # (B, 128, 4, 4)
+                                 nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 16, n_classes))
+        self.threshold = 0.0
+        self.register_buffer("confusion", torch.eye(n_classes, dtype=torch.float64))
 
     def forward(self, x):
         if x.shape[-1] != 32 or x.shape[-2] != 32:
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         return self.net(x)
 
+    @torch.no_grad()
+    def predict(self, images):
+        """uint8 or [-1, 1] images (B, C, H, W) -> (labels (B, C), top probability (B, C)): each
+        channel classified on its own. Float input is quantised as a PNG would store it."""
+        x = to_uint8(images).float() / 127.5 - 1.0
+        b, c = x.shape[:2]
+        probs = self(x.reshape(b * c, 1, *x.shape[-2:])).softmax(1)
+        top, labels = probs.max(1)
+        return labels.view(b, c), top.view(b, c)
+
+
+def _augment(x, gen):
+    # Per-sample shifts of up to 2 pixels (pad with black, random crop) and horizontal flips:
+    # GAN samples are not centred as carefully as the dataset's images.
+    b, _, h, w = x.shape
+    xp = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    dy, dx = torch.randint(0, 5, (2, b), generator=gen)
+    x = xp.unfold(2, h, 1).unfold(3, w, 1)[torch.arange(b), :, dy, dx]       # (B, 1, H, W)
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
 
 @torch.no_grad()
-def _classifier_accuracy(model, ds, device, batch_size=500):
-    model.eval()
-    correct = 0
-    for i in range(0, len(ds), batch_size):
-        x, y = ds.get_batch(torch.arange(i, min(i + batch_size, len(ds))))
-        correct += int((model(x.to(device)).argmax(1).cpu() == torch.as_tensor(y)).sum())
-    return correct / len(ds)
+def _predict_all(model, images, batch_size=1000):
+    out = [model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat([o[0][:, 0] for o in out]), torch.cat([o[1][:, 0] for o in out])
 
 
-def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=2, batch_size=256,
-                          lr=3e-3, seed=0, download=False, log=print):
-    """Train ModeClassifier on mnist / fashion-mnist (train split, 32x32, light random shifts),
-    save {'state_dict', 'dataset', 'test_accuracy'} to `out`; return the test accuracy."""
+def choose_threshold(top, correct, max_error):
+    """The lowest confidence threshold (on a grid) whose accepted predictions have an error rate
+    <= max_error on held-out data; (threshold, error rate, accepted fraction)."""
+    for t in np.round(np.arange(0.5, 1.0, 0.005), 3).tolist() + [0.999, 0.9999]:
+        keep = top >= t
+        if keep.sum() == 0:
+            break
+        err = float((~correct[keep]).double().mean())
+        if err <= max_error:
+            return t, err, float(keep.double().mean())
+    raise UsageError(f"no confidence threshold brings the held-out error under {max_error}: "
+                     "the classifier is too weak (train longer: --epochs)")
+
+
+def confident_confusion(labels, pred, top, threshold, n_classes=10):
+    """R[i, j] = P(predicted j | true i, accepted at `threshold`), add-one smoothed, so an unseen
+    confusion is not assumed impossible (held-out data have ~500 images per class)."""
+    keep = top >= threshold
+    counts = torch.zeros(n_classes, n_classes, dtype=torch.float64)
+    counts.index_put_((labels[keep], pred[keep]), torch.ones(int(keep.sum()), dtype=torch.float64),
+                      accumulate=True)
+    return (counts + 1) / (counts.sum(1, keepdim=True) + n_classes)
+
+
+def stacked_calibration_set(images, labels, n, k=None, seed=0):
+    """n stacked uint8 samples (n, 3, H, W) from single-channel `images` with class `labels`:
+    triplets drawn uniformly from all 1000 (k=None), or from k fixed random triplets (a
+    generator that covers exactly k modes); each channel a random image of its class."""
+    gen = torch.Generator().manual_seed(seed)
+    if k is None:
+        trip = torch.randint(0, 10, (n, 3), generator=gen)
+    else:
+        modes = torch.randperm(1000, generator=gen)[:k]
+        chosen = modes[torch.randint(0, k, (n,), generator=gen)]
+        trip = torch.stack([chosen // 100, chosen // 10 % 10, chosen % 10], 1)
+    flat = trip.flatten()
+    pick = torch.empty_like(flat)
+    for c in range(10):
+        where, pool = flat == c, torch.nonzero(labels == c).flatten()
+        pick[where] = pool[torch.randint(0, len(pool), (int(where.sum()),), generator=gen)]
+    return images[pick.view(n, 3)].squeeze(2), trip                        # (n, 3, H, W)
+
+
+def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=10, batch_size=128,
+                          lr=3e-3, seed=0, download=False, held_out=5000, max_error=0.005,
+                          calibration_samples=26_000, log=print):
+    """Train ModeClassifier on mnist / fashion-mnist and save it, calibrated, to `out`.
+
+    The train split minus its last `held_out` images trains the network (AdamW, one-cycle lr,
+    shifts and flips); the held-out images choose the confidence threshold (error <= max_error
+    among accepted channels) and measure the confusion rates; the test split gives the accuracy
+    and the calibration rows (stacked test samples covering 1000, 100 and 10 known modes, each
+    counted by stacked_mode_metrics). Returns the saved dict's metadata.
+    """
     if dataset not in ("mnist", "fashion-mnist"):
         raise UsageError(f"the mode classifier trains on mnist or fashion-mnist, not {dataset!r}")
     train = build_dataset(dataset, root=root, split="train", img_size=32, download=download)
     test = build_dataset(dataset, root=root, split="test", img_size=32, download=download)
+    held_out = min(held_out, len(train) // 5)
+    n_train = len(train) - held_out
+    if n_train < batch_size:
+        raise UsageError(f"{dataset} has {len(train)} training images, too few for batches of {batch_size}")
     torch.manual_seed(seed)
     device = torch.device(device)
     model = ModeClassifier().to(device)
-    steps = epochs * (len(train) // batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * (n_train // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     step, t0 = 0, time.time()
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        for i in range(len(train) // batch_size):
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(n_train // batch_size):
             x, y = train.get_batch(perm[i * batch_size:(i + 1) * batch_size])
-            # Random shifts of up to 2 pixels: GAN samples are not centred as carefully as MNIST.
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(x.to(device)), torch.as_tensor(y).to(device))
+            loss = F.cross_entropy(model(_augment(x, gen).to(device)), torch.as_tensor(y).to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -2881,114 +3066,100 @@ def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=2, batch
                 rate = step / (time.time() - t0)
                 log(f"classifier epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f} "
                     f"{rate:.1f} it/s ETA {format_duration((steps - step) / rate)}")
-    acc = _classifier_accuracy(model, test, device)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                "dataset": dataset, "test_accuracy": acc}, tmp)
-    os.replace(tmp, out)
-    return acc
+    model.eval()
+    held = torch.arange(n_train, len(train))
+    pred, top = _predict_all(model, train.get_uint8(held).to(device))
+    truth = torch.as_tensor(train.labels)[held]
+    model.threshold, held_error, held_kept = choose_threshold(top.cpu(), pred.cpu() == truth, max_error)
+    model.confusion = confident_confusion(truth, pred.cpu(), top.cpu(), model.threshold).to(device)
+    test_images, test_labels = test.get_uint8(torch.arange(len(test))), torch.as_tensor(test.labels)
+    pred, _ = _predict_all(model, test_images.to(device))
+    acc = float((pred.cpu() == test_labels).double().mean())
+    rows = []
+    for k in (None, 100, 10):
+        x, _ = stacked_calibration_set(test_images, test_labels, calibration_samples, k, seed)
+        m = stacked_mode_metrics(x, model, device)
+        rows.append(dict(true_modes=k or 1000, samples=calibration_samples,
+                         expected_reverse_kl=float(math.log(1000 / (k or 1000))), **m))
+    meta = {"dataset": dataset, "test_accuracy": acc, "held_out": held_out,
+            "held_out_error": held_error, "held_out_accepted": held_kept, "calibration": rows}
+    save_mode_classifier(out, model, **meta)
+    return dict(meta, threshold=model.threshold)
+
+
+def save_mode_classifier(path, model, **meta):
+    """Write a ModeClassifier with its threshold and confusion rates (atomic)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "format": 2,
+                "threshold": float(model.threshold), **meta}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_mode_classifier(path, device="cpu"):
-    """A ModeClassifier saved by train_mode_classifier, in eval mode."""
+    """A calibrated ModeClassifier saved by train_mode_classifier, in eval mode."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = ModeClassifier()
-        model.load_state_dict(ckpt["state_dict"])
     except FileNotFoundError:
         raise UsageError(f"classifier {path} does not exist (train it: evaluate.py classifier)") from None
     except Exception as err:
         raise UsageError(f"{path} is not a mode classifier saved by evaluate.py classifier "
                          f"({type(err).__name__})") from None
-    model.dataset = ckpt.get("dataset")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UsageError(f"{path} is not a mode classifier saved by evaluate.py classifier")
+    if ckpt.get("format") != 2 or "threshold" not in ckpt:
+        raise UsageError(f"{path} is an uncalibrated classifier of an older version: train a new "
+                         "one with evaluate.py classifier")
+    model = ModeClassifier()
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise UsageError(f"{path} does not hold this version's ModeClassifier: train a new one "
+                         "with evaluate.py classifier") from None
+    model.threshold, model.dataset = float(ckpt["threshold"]), ckpt.get("dataset")
     return model.to(device).eval()
+
+
+def count_modes(counts, confusion):
+    """Rule 2 on a (10, 10, 10) histogram of counted triplets: a triplet is a mode if it holds
+    at least MIN_MODE_COUNT samples and more than LEAK_FACTOR times its expected leak
+    sum_c sum_{j != e_c} counts[e with channel c set to j] * R[j, e_c]."""
+    n = counts.double()
+    r = confusion.double().cpu()
+    off = r - torch.diag(torch.diagonal(r))                          # R with a zero diagonal
+    leak = (torch.einsum("jbc,ja->abc", n, off) + torch.einsum("ajc,jb->abc", n, off)
+            + torch.einsum("abj,jc->abc", n, off))
+    return (n >= MIN_MODE_COUNT) & (n > LEAK_FACTOR * leak)
 
 
 @torch.no_grad()
 def stacked_mode_metrics(images, classifier, device="cpu", batch_size=500):
-    """{'modes', 'reverse_kl'} of stacked (Fashion-)MNIST samples: each of the 3 channels is
-    labelled by the classifier; the sample's mode is 100*a + 10*b + c (a, b, c the R, G, B
-    labels, the label layout of section 5); modes = distinct triplets among the samples;
-    reverse KL = KL(histogram || uniform over 1000) (PacGAN, VEEGAN, PGMGAN's Table 2).
-    images: (N, 3, H, W) in [-1, 1], or an iterable of such batches (streamed)."""
+    """Calibrated mode coverage of stacked (Fashion-)MNIST samples (rules 1 and 2 above).
+
+    images: (N, 3, H, W) uint8 or in [-1, 1] (quantised as a PNG), or an iterable of such
+    batches (streamed). A sample's mode is 100a + 10b + c (a, b, c the R, G, B labels, the label
+    layout of section 5). Returns modes (out of 1000), reverse_kl = KL(histogram of counted
+    samples || uniform over 1000), natural log (PacGAN, VEEGAN; PGMGAN's table is log10), and
+    counted_fraction (samples whose three channels passed the threshold).
+    """
     device = torch.device(device)
     batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size)) \
         if torch.is_tensor(images) else images
     counts = torch.zeros(1000, dtype=torch.long)
+    total = 0
     for x in batches:
-        x = x.to(device).float()
         if x.dim() != 4 or x.shape[1] != 3:
             raise UsageError(f"stacked samples must be (N, 3, H, W), got {tuple(x.shape)}")
-        digits = classifier(x.reshape(-1, 1, *x.shape[-2:])).argmax(1).view(-1, 3).cpu()
-        counts += torch.bincount(digits[:, 0] * 100 + digits[:, 1] * 10 + digits[:, 2], minlength=1000)
-    if counts.sum() == 0:
+        labels, top = classifier.predict(x.to(device))
+        ok = (top >= classifier.threshold).all(1).cpu()
+        mode = (labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]).cpu()
+        counts += torch.bincount(mode[ok], minlength=1000)
+        total += len(x)
+    if total == 0:
         raise UsageError("no samples to classify")
-    return {"modes": int((counts > 0).sum()),
-            "reverse_kl": _reverse_kl((counts.double() / counts.sum()).numpy())}
-
-
-# --- 7f. One call per use ---------------------------------------------------------------------
-IMAGE_METRICS = ("fid", "is", "ms", "kid", "pr", "prd", "ivar")
-
-
-def parse_metrics(text):
-    names = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in names if m not in IMAGE_METRICS]
-    if bad or not names:
-        raise UsageError(f"unknown metric {bad[0] if bad else text!r}: choose from {','.join(IMAGE_METRICS)}")
-    return names
-
-
-def scores_from_stats(gen, real, metrics, device="cpu"):
-    """The JSON keys of `metrics` from generated and real statistics (FeatureStats.result())."""
-    out = {}
-    needs_feat = {"kid", "pr", "prd"} & set(metrics)
-    if needs_feat and "features" not in real:
-        raise UsageError(f"{', '.join(sorted(needs_feat))} need real features: give a folder, a "
-                         "dataset name, or a statistics file written by evaluate.py stats")
-    if "ms" in metrics and "p_y" not in real:
-        raise UsageError("the Mode Score needs the real class marginal: give a folder, a dataset "
-                         "name, or a statistics file written by evaluate.py stats")
-    if "fid" in metrics:
-        out["fid"] = fid_from_stats(gen["mu"], gen["sigma"], real["mu"], real["sigma"])
-    if "is" in metrics:
-        out["is_mean"], out["is_std"] = inception_score(gen["logits"])
-    if "ms" in metrics:
-        out["mode_score"] = mode_score(gen["logits"], real["p_y"])
-    if "kid" in metrics:
-        out["kid_mean"], out["kid_std"] = kid(gen["features"], real["features"], device=device)
-    if "pr" in metrics:
-        out["precision"], out["recall"] = precision_recall(gen["features"], real["features"], device=device)
-    if "prd" in metrics:
-        out["f8"], out["f1_8"] = prd_scores(gen["features"], real["features"])
-    if "ivar" in metrics:
-        out["ivar_mean"], out["ivar_std"] = i_variance(gen["logits"])
-        # Eq. 15 from the streamed covariance: E||T - E T||^2 = trace(Sigma) (n - 1) / n.
-        out["ivar_eq15"] = float(np.sqrt(np.trace(gen["sigma"]) * (gen["n"] - 1) / gen["n"]))
-    return out
-
-
-def _gen_stats(metrics, total=None):
-    need_feat = bool({"kid", "pr", "prd"} & set(metrics))
-    need_logits = bool({"is", "ms", "ivar"} & set(metrics))
-    return FeatureStats(keep_features=need_feat, keep_logits=need_logits, total=total)
-
-
-def image_metrics(sample_fn, n, real, metrics=("fid", "is"), device="cpu", batch_size=50,
-                  inception_weights=None, model=None, progress=True):
-    """Metrics of `n` samples drawn by `sample_fn(k) -> (k, C, H, W)` in [-1, 1] (or uint8),
-    against `real` (a statistics dict, an .npz path, a folder or a dataset name).
-    Returns a dict with the JSON keys of the requested metrics (see scores_from_stats)."""
-    metrics = parse_metrics(",".join(metrics)) if not isinstance(metrics, str) else parse_metrics(metrics)
-    model = model or load_fid_inception(inception_weights, device)
-    real_stats = resolve_real(real, model, device, batch_size)
-
-    def batches():
-        for i in range(0, n, batch_size):
-            with torch.no_grad():
-                yield sample_fn(min(batch_size, n - i))
-
-    gen = extract(batches(), model, device, _gen_stats(metrics, n), total=n, progress=progress,
-                  label="inception samples").result()
-    return scores_from_stats(gen, real_stats, metrics, device)
+    counted = int(counts.sum())
+    if counted == 0:
+        return {"modes": 0, "reverse_kl": None, "counted_fraction": 0.0}
+    modes = count_modes(counts.view(10, 10, 10), classifier.confusion)
+    return {"modes": int(modes.sum()),
+            "reverse_kl": _reverse_kl((counts.double() / counted).numpy()),
+            "counted_fraction": counted / total}

@@ -1,42 +1,27 @@
 """evaluate.py: the metrics of the three papers from the command line.
 
-The definitions live in common.py, section 7 ("Metrics"); METHODS.md ("Metrics") says why each
-one is computed the way it is. This file only parses arguments, streams inputs into those
-functions, prints a table and writes the numbers to `--json PATH`.
+The definitions live in common.py, section 7 ("Metrics"); README ("Evaluation") says which
+features and sample counts each number uses. This file parses arguments, streams inputs into
+those functions, prints a table and writes the numbers to `--json PATH`.
 
-Sub-commands
-    images DIR --real DIR|NPZ|DATASET --metrics fid,is,ms,kid,pr,prd,ivar
-                    metrics of a folder of generated PNG/JPG files
-    stats SRC --out FILE.npz
-                    FID statistics of a folder or a dataset (mu/sigma as pytorch-fid writes them,
-                    plus the class marginal and 10k features for the Mode Score, KID, PR, PRD)
-    fid SRC1 SRC2   FID of two folders or .npz statistics files (pytorch-fid's own command line)
-    points FILE.npy --dataset ring|grid
-                    mode coverage of (N, 2) samples: modes, high-quality fraction, reverse KL
-    classifier --dataset mnist|fashion-mnist --out FILE
-                    train the classifier that counts stacked-(Fashion-)MNIST modes
-    ckpt CKPT --n N --metrics ...
-                    sample N images/points from any method's checkpoint (its script's
-                    `load_sampler`) and evaluate them
+    images DIR --real SRC     image metrics of a folder of generated images (--metrics fid,is,...)
+    stats SRC --out F.npz     FID statistics (mu/sigma as pytorch-fid writes them, plus features)
+    fid SRC1 SRC2             FID of two sources (pytorch-fid's own command line)
+    points F.npy --dataset D  2-D mode coverage of (N, 2) samples (ring, grid)
+    classifier --dataset D    train and calibrate the stacked-(Fashion-)MNIST mode counter
+    modes SAMPLES --classifier F --dataset D
+                              calibrated mode count of stacked samples (.npy or a PNG folder)
+    ckpt CKPT --n N           sample any method's checkpoint (its script's `load_sampler`) and
+                              evaluate as its script does; --save-samples DIR keeps the PNGs scored
 
-Examples
-    python evaluate.py stats cifar10 --split train --out stats/cifar10-train.npz
-    python evaluate.py images samples/ --real stats/cifar10-train.npz --metrics fid,is,kid --json m.json
-    python evaluate.py fid samples/ stats/cifar10-train.npz
-    python evaluate.py points samples.npy --dataset grid
-    python evaluate.py classifier --dataset fashion-mnist --out cls/fmnist.pt
-    python evaluate.py ckpt runs/pgm_gan-cifar10-0/ckpt.pt --n 10000 --metrics fid,is
-
-Inception weights: `--inception-weights PATH`, else torch.hub's cache
-(~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth, shared with pytorch-fid),
-else a download from pytorch-fid's release, whose SHA-256 is checked.
-Bad input (empty folder, unreadable image, stats file without mu/sigma, wrong weights file):
-one line on stderr, exit code 2.
+A source SRC is an .npz statistics file, a dataset name, or a folder. Every folder, real or
+generated, is read as the `folder` dataset (centre square crop, resized to --img-size; default
+the size of its first image, so equal square images are used as they are, as pytorch-fid reads
+them). Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -48,8 +33,8 @@ import common
 
 # The keys of the JSON file, in the order the table prints them.
 JSON_KEYS = ("fid", "is_mean", "is_std", "mode_score", "kid_mean", "kid_std", "precision", "recall",
-             "f8", "f1_8", "ivar_mean", "ivar_std", "ivar_eq15", "modes", "hq_fraction",
-             "reverse_kl", "accuracy")
+             "f8", "f1_8", "ivar_mean", "ivar_std", "modes", "hq_fraction", "reverse_kl",
+             "counted_fraction", "non_finite", "accuracy")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,8 +50,11 @@ def report(results, json_path=None, title=None):
     print(f"{'-' * width}  {'-' * 12}")
     for k in keys:
         v = results[k]
-        text = f"{v:.6g}" if isinstance(v, float) else str(v)
-        print(f"{k:<{width}}  {text}")
+        if isinstance(v, dict):
+            for name, text in v.items():
+                print(f"{(k if name == next(iter(v)) else ''):<{width}}  {name}: {text}")
+            continue
+        print(f"{k:<{width}}  {f'{v:.6g}' if isinstance(v, float) else v}")
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         common.write_json(json_path, results)
@@ -74,49 +62,51 @@ def report(results, json_path=None, title=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers shared by the sub-commands
+# Sources
 # ------------------------------------------------------------------------------------------------
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise common.UsageError("--device cuda was asked for but no CUDA device is visible")
-    return torch.device(name)
+def _first_image_size(folder):
+    from PIL import Image
+
+    files, _ = common.list_images(folder)
+    try:
+        with Image.open(files[0]) as im:
+            return min(im.size)
+    except Exception as err:
+        raise common.UsageError(f"cannot read image {files[0]} ({type(err).__name__})") from None
 
 
-def _model(args, device):
-    return common.load_fid_inception(args.inception_weights, device)
-
-
-def _dataset_kw(args):
-    return dict(root=args.data_root, split=args.split, img_size=args.img_size,
-                download=args.download, n=args.n_real, cache=not args.no_cache,
-                cache_dir=args.stats_cache, progress=not args.quiet)
-
-
-def _check_source(src, what):
-    """Fail early (before any long pass) on a source that is none of: .npz, folder, dataset."""
+def _source(src, args, what, img_size=None):
+    """An .npz path, or the real_stats keywords of a dataset name or a folder."""
     if src.endswith(".npz"):
         if not os.path.isfile(src):
             raise common.UsageError(f"{what} {src}: no such statistics file")
-        return "npz"
+        return src
     if os.path.isdir(src):
-        common.image_files(src)                       # raises on an empty folder
-        return "folder"
+        size = args.img_size or img_size or _first_image_size(src)
+        return dict(dataset="folder", root=src, split="train", img_size=size, n=args.n_real,
+                    seed=args.subset_seed)
     if src in common.DATASETS:
-        return "dataset"
+        return dict(dataset=src, root=args.data_root, split=args.split, img_size=args.img_size or img_size,
+                    n=args.n_real, seed=args.subset_seed, download=args.download)
     raise common.UsageError(f"{what} {src} is neither a .npz file, a folder of images nor a "
                             f"dataset name ({', '.join(common.DATASETS)})")
 
 
-def _real_stats(src, args, model, device):
-    kind = _check_source(src, "--real")
-    if kind == "npz":
-        return common.resolve_real(src, model, device)
-    if kind == "folder":
-        return common.folder_stats(src, model, device, args.batch_size, keep_features=True,
-                                   progress=not args.quiet, n=args.n_real)
-    return common.dataset_stats(src, model, device, batch_size=args.batch_size, **_dataset_kw(args))
+def _stats(src, net, args):
+    """Inception statistics of a source (an .npz is read, anything else computed or cached)."""
+    if isinstance(src, str):
+        return common.load_stats(src)
+    return common.real_stats(net, **src, device=args.device, batch_size=args.batch_size,
+                             feature_rows=args.feature_rows, cache=not args.no_cache,
+                             cache_dir=args.stats_cache, progress=not args.quiet)
+
+
+def _metric_kw(args):
+    return dict(device=args.device, inception_weights=args.inception_weights,
+                vgg_weights=args.vgg_weights, pr_features=args.pr_features,
+                kid_subset_size=args.kid_subset_size, feature_rows=args.feature_rows,
+                batch_size=args.batch_size, progress=not args.quiet, cache=not args.no_cache,
+                cache_dir=args.stats_cache)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,85 +114,115 @@ def _real_stats(src, args, model, device):
 # ------------------------------------------------------------------------------------------------
 def cmd_images(args):
     metrics = common.parse_metrics(args.metrics)
-    files = common.image_files(args.dir)[:args.n]
-    _check_source(args.real, "--real")
-    if args.real.endswith(".npz"):                    # a stats file that cannot serve: fail now
-        _needs_check(common.load_stats(args.real), metrics)
-    device = _device(args.device)
-    model = _model(args, device)
-    real = _real_stats(args.real, args, model, device)
-    gen = common.FeatureStats(keep_features=bool({"kid", "pr", "prd"} & set(metrics)),
-                              keep_logits=bool({"is", "ms", "ivar"} & set(metrics)))
-    common.extract(common._prefetched(common.file_batches(files, args.batch_size)), model, device,
-                   gen, total=len(files), progress=not args.quiet, label="inception images")
-    results = common.scores_from_stats(gen.result(), real, metrics, device)
-    return report(results, args.json, f"{len(files)} images in {args.dir} vs {args.real}")
-
-
-def _needs_check(real, metrics):
-    # The same checks scores_from_stats makes, before the generated images are read.
-    needs = {"kid", "pr", "prd"} & set(metrics)
-    if needs and "features" not in real:
-        raise common.UsageError(f"{', '.join(sorted(needs))} need real features, which this "
-                                "statistics file lacks: give a folder, a dataset name, or a file "
-                                "written by evaluate.py stats")
-    if "ms" in metrics and "p_y" not in real:
-        raise common.UsageError("the Mode Score needs the real class marginal, which this "
-                                "statistics file lacks: give a folder, a dataset name, or a file "
-                                "written by evaluate.py stats")
+    size = args.img_size or _first_image_size(args.dir)
+    gen = common.build_dataset("folder", root=args.dir, img_size=size)
+    idx = common.subset_indices(len(gen), args.n, args.subset_seed)
+    real = _source(args.real, args, "--real", size)
+    if isinstance(real, str):                          # a stats file that cannot serve: fail now
+        common.check_real_stats(common.load_stats(real), metrics, args.pr_features)
+    batches = common.uint8_batches(gen, idx, args.batch_size)
+    results = common.image_metrics(batches, len(idx), metrics, real, **_metric_kw(args))
+    return report(results, args.json, f"{len(idx)} images in {args.dir} vs {args.real}")
 
 
 def cmd_stats(args):
-    kind = _check_source(args.src, "source")
-    if kind == "npz":
+    if args.src.endswith(".npz"):
         raise common.UsageError(f"{args.src} already is a statistics file")
     if not args.out.endswith(".npz"):
         raise common.UsageError(f"--out {args.out} must end with .npz")
-    device = _device(args.device)
-    model = _model(args, device)
-    stats = _real_stats(args.src, args, model, device)
+    src = _source(args.src, args, "source")
+    stats = _stats(src, common.load_fid_inception(args.inception_weights, args.device), args)
     common.save_stats(args.out, stats)
     return report({"n": int(stats["n"]), "out": args.out}, args.json, f"statistics of {args.src}")
 
 
 def cmd_fid(args):
-    kinds = [_check_source(s, "source") for s in args.src]
-    model = device = None
-    if any(k != "npz" for k in kinds):
-        device = _device(args.device)
-        model = _model(args, device)
-    stats = [_real_stats(s, args, model, device) if k != "npz" else common.load_stats(s)
-             for s, k in zip(args.src, kinds)]
-    value = common.fid_from_stats(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"])
+    srcs = [_source(s, args, "source") for s in args.src]
+    model = None
+    if any(not isinstance(s, str) for s in srcs):
+        model = common.load_fid_inception(args.inception_weights, args.device)
+    a, b = (_stats(s, model, args) for s in srcs)
+    value = common.fid_from_stats(a["mu"], a["sigma"], b["mu"], b["sigma"])
     print(f"FID: {value}")
     return report({"fid": value}, args.json)
 
 
-def cmd_points(args):
-    if not os.path.isfile(args.file):
-        raise common.UsageError(f"{args.file}: no such file")
+def _load_array(path, what):
+    if not os.path.isfile(path):
+        raise common.UsageError(f"{path}: no such file")
     try:
-        points = np.load(args.file, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except Exception as err:
-        raise common.UsageError(f"cannot read {args.file} as a .npy array ({type(err).__name__})") from None
-    if not isinstance(points, np.ndarray) or points.dtype.kind not in "fiu":
-        raise common.UsageError(f"{args.file} does not hold a numeric (N, 2) array (.npy)")
+        raise common.UsageError(f"cannot read {path} as a .npy array ({type(err).__name__})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise common.UsageError(f"{path} does not hold a numeric {what} array (.npy)")
+    return array
+
+
+def cmd_points(args):
+    points = _load_array(args.file, "(N, 2)")
     results = common.mode_metrics_2d(points, args.dataset, args.data_std)
     return report(results, args.json, f"{len(points)} points vs {args.dataset}")
 
 
 def cmd_classifier(args):
-    device = _device(args.device)
-    acc = common.train_mode_classifier(args.dataset, args.out, root=args.data_root, device=device,
-                                       epochs=args.epochs, batch_size=args.batch_size,
-                                       seed=args.seed, download=args.download,
-                                       log=(lambda s: None) if args.quiet else
-                                       (lambda s: print(s, file=sys.stderr, flush=True)))
-    print(f"saved {args.out}")
-    return report({"accuracy": acc}, args.json, f"mode classifier on {args.dataset} (test split)")
+    meta = common.train_mode_classifier(
+        args.dataset, args.out, root=args.data_root, device=args.device, epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, download=args.download,
+        calibration_samples=args.calibration_samples,
+        log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    print(f"saved {args.out}: test accuracy {meta['test_accuracy']:.4f}, threshold "
+          f"{meta['threshold']} (held-out error {meta['held_out_error']:.4f} on the "
+          f"{meta['held_out_accepted']:.1%} of channels it accepts)")
+    print("calibration (stacked test images; expected: modes ~ true modes, reverse KL ~ log(1000/K)):")
+    print("true modes | samples | modes | reverse KL | expected KL | counted")
+    for r in meta["calibration"]:
+        kl = "-" if r["reverse_kl"] is None else f"{r['reverse_kl']:.3f}"
+        print(f"{r['true_modes']:>10} | {r['samples']:>7} | {r['modes']:>5} | {kl:>10} | "
+              f"{r['expected_reverse_kl']:>11.3f} | {r['counted_fraction']:.3f}")
+    return report({"accuracy": meta["test_accuracy"], "threshold": meta["threshold"]}, args.json,
+                  f"mode classifier on {args.dataset} (test split)")
+
+
+def _stacked_samples(path):
+    """uint8 or [-1, 1] stacked samples from an .npy file (N, 3, H, W) or a folder of PNGs."""
+    if os.path.isdir(path):
+        size = _first_image_size(path)
+        ds = common.build_dataset("folder", root=path, img_size=size)
+        return torch.cat(list(common.uint8_batches(ds, np.arange(len(ds)), 500)))
+    x = _load_array(path, "(N, 3, H, W)")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise common.UsageError(f"{path} holds an array of shape {x.shape}, not (N, 3, H, W)")
+    if x.dtype != np.uint8 and np.nanmax(np.abs(x)) > 1.0:
+        raise common.UsageError(f"{path}: float samples must lie in [-1, 1] (or give uint8 0..255)")
+    return torch.from_numpy(np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32)))
+
+
+def cmd_modes(args):
+    classifier = common.load_mode_classifier(args.classifier, args.device)
+    x = _stacked_samples(args.samples)
+    results = common.stacked_mode_metrics(x, classifier, args.device)
+    return report(results, args.json, f"{len(x)} samples of {args.samples} ({args.dataset})")
 
 
 METHOD_SCRIPTS = {"maem_gan": "maem_gan", "invert_gan": "invert_gan", "pgm_gan": "pgm_gan"}
+
+
+class _PngWriter:
+    """on_batch callback of common.extract: writes the very uint8 images that are scored."""
+
+    def __init__(self, folder):
+        from PIL import Image
+
+        self.image, self.folder, self.count = Image, folder, 0
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, batch):
+        for x in batch:
+            arr = x.permute(1, 2, 0).numpy()
+            self.image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(
+                os.path.join(self.folder, f"{self.count:06d}.png"))
+            self.count += 1
 
 
 def cmd_ckpt(args):
@@ -211,33 +231,36 @@ def cmd_ckpt(args):
     if method not in METHOD_SCRIPTS:
         raise common.UsageError(f"{args.ckpt} names no known method ({method or 'none'}); "
                                 f"pass --method {'|'.join(METHOD_SCRIPTS)}")
-    saved_args = ckpt.get("args") or {}
+    saved = ckpt.get("args") or {}
+    del ckpt
     # A method's preset name (e.g. MaEM's "animeface") may differ from its common.py dataset
     # ("folder"); scripts that have presets store the latter as "data_name".
-    dataset = args.dataset or saved_args.get("data_name") or saved_args.get("dataset")
+    dataset = args.dataset or saved.get("data_name") or saved.get("dataset")
     if dataset not in common.DATASETS:
         raise common.UsageError(f"cannot tell the dataset of {args.ckpt}; pass --dataset")
-    del ckpt
+    kind = common.dataset_info(dataset)["kind"]
+    stacked = dataset.startswith("stacked")
+    if stacked and not args.classifier:
+        raise common.UsageError("stacked datasets need --classifier FILE (train one with "
+                                "evaluate.py classifier)")
+    metrics = common.parse_metrics(args.metrics) if kind == "image" else []
+    real = None
+    if args.real is not None:
+        real = _source(args.real, args, "--real", saved.get("img_size"))
+    elif kind == "image" and not stacked:
+        # The run's own training images: its dataset, data root, split and resolution.
+        real = dict(dataset=dataset, root=args.data_root or saved.get("data_root"),
+                    split=args.split if args.split_given else saved.get("split", "train"),
+                    img_size=args.img_size or saved.get("img_size"), n=args.n_real,
+                    seed=args.subset_seed, download=args.download)
+    if isinstance(real, str):
+        common.check_real_stats(common.load_stats(real), metrics, args.pr_features)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         script = importlib.import_module(METHOD_SCRIPTS[method])
     except ModuleNotFoundError:
         raise common.UsageError(f"{METHOD_SCRIPTS[method]}.py is not in this checkout") from None
-    if not hasattr(script, "load_sampler"):
-        raise common.UsageError(f"{METHOD_SCRIPTS[method]}.py has no load_sampler()")
-    device = _device(args.device)
-    kind = common.dataset_info(dataset)["kind"]
-    if dataset.startswith("stacked") and not args.classifier:
-        raise common.UsageError("stacked datasets need --classifier FILE (train one with "
-                                "evaluate.py classifier)")
-    metrics = common.parse_metrics(args.metrics) if kind == "image" else []
-    if kind == "image" and not dataset.startswith("stacked") and args.real is None:
-        args.real = dataset                     # real statistics of the training set
-    if args.real is not None:
-        _check_source(args.real, "--real")
-        if args.real.endswith(".npz"):
-            _needs_check(common.load_stats(args.real), metrics)
-    sample = script.load_sampler(args.ckpt, device)
+    sample = script.load_sampler(args.ckpt, args.device)
     torch.manual_seed(args.seed)
 
     def batches(bs):
@@ -248,30 +271,48 @@ def cmd_ckpt(args):
     title = f"{args.n} samples of {args.ckpt} ({method}, {dataset})"
     if kind == "points":
         points = torch.cat([b.detach().float().cpu() for b in batches(10_000)])
-        data_std = args.data_std if args.data_std is not None else saved_args.get("data_std")
+        data_std = args.data_std if args.data_std is not None else saved.get("data_std")
         return report(common.mode_metrics_2d(points.numpy(), dataset, data_std), args.json, title)
+    writer = _PngWriter(args.save_samples) if args.save_samples else None
+    if stacked and real is None:
+        classifier = common.load_mode_classifier(args.classifier, args.device)
+
+        def written(bs):
+            for b in batches(bs):
+                b = common.to_uint8(b.detach().cpu())
+                if writer:
+                    writer(b)
+                yield b
+        return report(common.stacked_mode_metrics(written(500), classifier, args.device), args.json, title)
     results = {}
-    if dataset.startswith("stacked"):
-        classifier = common.load_mode_classifier(args.classifier, device)
-        results.update(common.stacked_mode_metrics(batches(500), classifier, device))
-    if args.real is not None:
-        model = _model(args, device)
-        real = _real_stats(args.real, args, model, device)
-        results.update(common.image_metrics(lambda k: sample(k), args.n, real, metrics, device,
-                                            args.batch_size, model=model, progress=not args.quiet))
+    if stacked:                                        # mode count and image metrics: two passes
+        classifier = common.load_mode_classifier(args.classifier, args.device)
+        results.update(common.stacked_mode_metrics(batches(500), classifier, args.device))
+    results.update(common.image_metrics(batches(args.batch_size), args.n, metrics, real,
+                                        on_batch=writer, **_metric_kw(args)))
     return report(results, args.json, title)
 
 
 # ------------------------------------------------------------------------------------------------
 # Arguments
 # ------------------------------------------------------------------------------------------------
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise common.argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise common.argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Run `evaluate.py SUB-COMMAND --help` for its flags.")
+    p = common.ArgParser(description=__doc__.split("\n\n")[0],
+                         formatter_class=common.argparse.RawDescriptionHelpFormatter,
+                         epilog="Run `evaluate.py SUB-COMMAND --help` for its flags.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="SUB-COMMAND")
 
-    def common_flags(sp, inception=True, real=True):
+    def flags(sp, inception=True, real=True):
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = CUDA when visible, else CPU")
         sp.add_argument("--json", default=None, metavar="PATH", help="write the results to this JSON file")
@@ -279,35 +320,49 @@ def build_parser():
         if inception:
             sp.add_argument("--inception-weights", default=None, metavar="PATH",
                             help="FID Inception state dict (default: torch.hub cache, else download)")
-            sp.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+            sp.add_argument("--batch-size", type=_positive_int, default=50, help="images per forward pass")
         if real:
-            g = sp.add_argument_group("datasets (when a source is a dataset name)")
+            g = sp.add_argument_group("real images (a source that is a dataset name or a folder)")
             g.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
-            g.add_argument("--split", default="train", help="train, test, all, ... (see common.build_dataset)")
-            g.add_argument("--img-size", type=int, default=None, help="resolution (default: the dataset's)")
+            g.add_argument("--split", default=None, help="train (default), test, all, ... (common.build_dataset)")
+            g.add_argument("--img-size", type=_positive_int, default=None,
+                           help="resolution (default: the dataset's, a folder's first image, a checkpoint's)")
             g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-            g.add_argument("--n-real", type=int, default=None, help="use only the first N real images")
+            g.add_argument("--n-real", type=_positive_int, default=None,
+                           help="a random subset of N real images (seed --subset-seed)")
+            g.add_argument("--subset-seed", type=int, default=0, help="seed of the --n / --n-real subsets")
+            g.add_argument("--feature-rows", type=_positive_int, default=common.FEATURE_ROWS,
+                           help="feature rows kept for KID/PR/PRD (the PR reference uses 50000)")
             g.add_argument("--stats-cache", default=None, metavar="DIR",
                            help="cache of real statistics (default ~/.cache/torch/fid_stats)")
             g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
 
+    def metric_flags(sp):
+        sp.add_argument("--metrics", default="fid,is", help=f"comma list of {','.join(common.IMAGE_METRICS)}")
+        sp.add_argument("--pr-features", default="vgg16", choices=["vgg16", "inception"],
+                        help="precision/recall features: VGG-16 fc2 (the reference) or Inception pool3")
+        sp.add_argument("--vgg-weights", default=None, metavar="PATH",
+                        help="torchvision VGG-16 state dict (default: torch.hub cache, else download)")
+        sp.add_argument("--kid-subset-size", type=_positive_int, default=1000,
+                        help="KID subset size (torch-fidelity: 1000; needs that many samples)")
+
     sp = sub.add_parser("images", help="metrics of a folder of generated images")
     sp.add_argument("dir", help="folder of PNG/JPG files (searched recursively)")
-    sp.add_argument("--real", required=True, help="real images: folder, .npz statistics or dataset name")
-    sp.add_argument("--metrics", default="fid,is", help=f"comma list of {','.join(common.IMAGE_METRICS)}")
-    sp.add_argument("--n", type=int, default=None, help="use only the first N generated images")
-    common_flags(sp)
+    sp.add_argument("--real", required=True, help="real images: dataset name, folder or .npz statistics")
+    sp.add_argument("--n", type=_positive_int, default=None, help="a random subset of N generated images")
+    metric_flags(sp)
+    flags(sp)
     sp.set_defaults(fn=cmd_images)
 
     sp = sub.add_parser("stats", help="FID statistics (.npz) of a folder or a dataset")
     sp.add_argument("src", help="folder of images or dataset name")
     sp.add_argument("--out", required=True, help="output .npz (pytorch-fid reads its mu/sigma)")
-    common_flags(sp)
+    flags(sp)
     sp.set_defaults(fn=cmd_stats)
 
-    sp = sub.add_parser("fid", help="FID of two folders / .npz statistics files")
-    sp.add_argument("src", nargs=2, help="folders of images or .npz statistics (or dataset names)")
-    common_flags(sp)
+    sp = sub.add_parser("fid", help="FID of two sources (folders, datasets, .npz statistics)")
+    sp.add_argument("src", nargs=2, help="folders of images, dataset names or .npz statistics")
+    flags(sp)
     sp.set_defaults(fn=cmd_fid)
 
     sp = sub.add_parser("points", help="2-D mode coverage of (N, 2) samples")
@@ -315,42 +370,53 @@ def build_parser():
     sp.add_argument("--dataset", required=True, choices=["ring", "grid"])
     sp.add_argument("--data-std", type=float, default=None,
                     help="per-mode std (default 0.01 ring, 0.05 grid; high quality = within 3 std)")
-    common_flags(sp, inception=False, real=False)
+    flags(sp, inception=False, real=False)
     sp.set_defaults(fn=cmd_points)
 
-    sp = sub.add_parser("classifier", help="train the stacked-MNIST mode classifier")
+    sp = sub.add_parser("classifier", help="train and calibrate the stacked-MNIST mode classifier")
     sp.add_argument("--dataset", required=True, choices=["mnist", "fashion-mnist"])
     sp.add_argument("--out", required=True, help="where to save the classifier (.pt)")
     sp.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
     sp.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    sp.add_argument("--epochs", type=int, default=2)
-    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--epochs", type=_positive_int, default=10)
+    sp.add_argument("--batch-size", type=_positive_int, default=128)
+    sp.add_argument("--calibration-samples", type=_positive_int, default=26_000,
+                    help="samples per calibration row (VEEGAN/PacGAN count 26K)")
     sp.add_argument("--seed", type=int, default=0)
-    common_flags(sp, inception=False, real=False)
+    flags(sp, inception=False, real=False)
     sp.set_defaults(fn=cmd_classifier)
+
+    sp = sub.add_parser("modes", help="calibrated mode count of stacked (Fashion-)MNIST samples")
+    sp.add_argument("samples", help=".npy (N, 3, H, W) in [-1, 1] or uint8, or a folder of PNGs")
+    sp.add_argument("--dataset", required=True, choices=["stacked-fashion-mnist", "stacked-mnist"])
+    sp.add_argument("--classifier", required=True, help="a classifier from `evaluate.py classifier`")
+    flags(sp, inception=False, real=False)
+    sp.set_defaults(fn=cmd_modes)
 
     sp = sub.add_parser("ckpt", help="sample from a method's checkpoint and evaluate")
     sp.add_argument("ckpt", help="ckpt.pt of maem_gan.py, invert_gan.py or pgm_gan.py")
-    sp.add_argument("--n", type=int, default=10_000, help="number of samples")
-    sp.add_argument("--metrics", default="fid,is", help=f"image metrics: {','.join(common.IMAGE_METRICS)}")
+    sp.add_argument("--n", type=_positive_int, default=10_000, help="number of samples")
     sp.add_argument("--method", default=None, help="override the checkpoint's method name")
     sp.add_argument("--dataset", default=None, help="override the checkpoint's dataset")
     sp.add_argument("--real", default=None,
-                    help="real images for image metrics (default: the checkpoint's dataset)")
+                    help="real images for image metrics (default: the run's training images)")
     sp.add_argument("--classifier", default=None, help="mode classifier (stacked datasets)")
     sp.add_argument("--data-std", type=float, default=None, help="2-D per-mode std override")
     sp.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    common_flags(sp)
+    sp.add_argument("--save-samples", default=None, metavar="DIR",
+                    help="write the scored images to DIR as PNGs (pytorch-fid on them gives our FID)")
+    metric_flags(sp)
+    flags(sp)
     sp.set_defaults(fn=cmd_ckpt)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("n", "n_real", "batch_size", "epochs"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise common.UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    args.device = common.pick_device(args.device)
+    if hasattr(args, "split"):
+        args.split_given = args.split is not None
+        args.split = args.split or "train"
     return args.fn(args)
 
 

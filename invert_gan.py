@@ -458,13 +458,13 @@ def final_metrics(G, args, rt, dataset):
     if common.DATASETS[args.dataset]["kind"] == "points":
         return evaluate_points(G, args, rt.device)
     try:
-        model = common.load_fid_inception(args.inception_weights, rt.device)
-        # FID against the training images (cached per dataset, resolution and weights).
-        real = args.fid_stats or common.dataset_stats(args.dataset, model, rt.device,
-                                                      root=args.data_root, img_size=args.img_size)
-        return common.image_metrics(lambda n: generate(G, n, args.z_dim, rt.device, batch=100),
-                                    args.eval_samples, real, ["fid", "is", "ms"], rt.device,
-                                    model=model)
+        # FID against the training images as training sees them (common.real_stats, cached).
+        real = args.fid_stats or dict(dataset=args.dataset, root=args.data_root, split="train",
+                                      img_size=args.img_size)
+        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device)
+                   for i in range(0, args.eval_samples, 100))
+        return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ms"], real, rt.device,
+                                    inception_weights=args.inception_weights)
     except common.UsageError as err:       # no Inception weights offline: training still counts
         print(f"note: image metrics skipped: {err}", flush=True)
         return {"skipped": str(err)}

@@ -701,7 +701,7 @@ def train(args, rt, dataset):
 
 def final_metrics(G, args, rt):
     """metrics.json: modes / high-quality fraction / reverse KL (2-D); modes and reverse KL with the
-    mode classifier (stacked); FID, IS and I-Variance (Eq. 15, Table 4) for other images."""
+    mode classifier (stacked); FID, IS and I-Variance (Table 4's form) for other images."""
     G = common.unwrap(G).eval()
     kind = common.DATASETS[args.data_name]["kind"]
     if kind == "points":
@@ -717,17 +717,14 @@ def final_metrics(G, args, rt):
                    for i in range(0, args.eval_samples, 500))
         return common.stacked_mode_metrics(batches, classifier, rt.device)
     try:
-        sample_fn = lambda n: generate(G, n, args.z_dim, rt.device, batch=100)  # noqa: E731
-        model = common.load_fid_inception(args.inception_weights, rt.device)
-        if args.fid_stats:
-            real = args.fid_stats
-        elif args.data_name == "folder":
-            real = args.data_root                        # the image folder itself
-        else:                                            # training split, cached by common.py
-            real = common.dataset_stats(args.data_name, model, rt.device, root=args.data_root,
-                                        split="train", img_size=args.img_size, download=args.download)
-        return common.image_metrics(sample_fn, args.eval_samples, real, ["fid", "is", "ivar"],
-                                    rt.device, model=model)
+        # FID against the images this run trains on (its split; a folder cropped and resized as
+        # training reads it): common.real_stats, cached.
+        real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
+                                      img_size=args.img_size, download=args.download)
+        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device)
+                   for i in range(0, args.eval_samples, 100))
+        return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ivar"], real,
+                                    rt.device, inception_weights=args.inception_weights)
     except common.UsageError as err:       # no Inception weights offline: training still counts
         print(f"note: image metrics skipped: {err}", flush=True)
         return {"skipped": str(err)}

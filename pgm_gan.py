@@ -868,11 +868,11 @@ def final_metrics(sample_fn, args, device):
         out = dict(common.stacked_mode_metrics(batches(), classifier, device))
         return dict(out, acceptance=float(np.mean(rates)), forced=sample_fn.stats["forced"])
     try:
-        model = common.load_fid_inception(args.inception_weights, device)
-        real = args.fid_stats or common.dataset_stats(data_name(args), model, device, root=args.data_root,
-                                                      img_size=args.img_size)
-        return common.image_metrics(lambda n: sample_fn(n)[0], args.eval_samples, real,
-                                    ["fid", "is"], device, model=model)
+        real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
+                                      img_size=args.img_size)
+        batches = (sample_fn(min(100, args.eval_samples - i))[0] for i in range(0, args.eval_samples, 100))
+        return common.image_metrics(batches, args.eval_samples, ["fid", "is"], real, device,
+                                    inception_weights=args.inception_weights)
     except common.UsageError as err:            # no Inception weights offline: training still counts
         print(f"note: image metrics skipped: {err}", flush=True)
         return {"skipped": str(err)}

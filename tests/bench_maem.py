@@ -95,7 +95,7 @@ def ablation(args, workdir, extra):
     if not os.path.isfile(args.classifier):
         print(f"training the mode classifier -> {args.classifier}", flush=True)
         acc = common.train_mode_classifier("fashion-mnist", args.classifier, root=args.data_root,
-                                           device=args.device, epochs=args.classifier_epochs)
+                                           device=args.device, epochs=args.classifier_epochs)["test_accuracy"]
         print(f"classifier test accuracy {acc:.4f}", flush=True)
     results = []
     for name, flags in ABLATION_ROWS:

@@ -4,8 +4,9 @@
 
 1. FID from two 2048-d statistics: common.fid_from_stats vs pytorch-fid's
    calculate_frechet_distance (scipy.linalg.sqrtm); time and relative difference.
-2. Feature extraction, same PNG files, same weights: evaluate.py's path (common.file_batches +
-   common.extract) vs pytorch-fid's get_activations; images/s and the largest difference.
+2. Feature extraction, same PNG files, same weights: evaluate.py's path (the `folder` dataset ->
+   common.uint8_batches -> common.extract) vs pytorch-fid's get_activations; images/s and the
+   largest difference.
 
 Weights: `--inception-weights PATH` (the standard file if you have it), else random weights in the
 standard format (speed does not depend on the values). pytorch-fid must be installed beside the
@@ -94,8 +95,14 @@ def bench_features(weights, n_images, batch_size, size):
     model = common.load_fid_inception(weights, "cpu")
     # Warm-up on one batch each (oneDNN picks its kernels on the first call).
     get_activations(files[:batch_size], ref_model, batch_size, 2048, "cpu", 0)
-    common.extract(common.file_batches(files[:batch_size], batch_size), model, "cpu",
-                   common.FeatureStats(), progress=False)
+    ds = common.build_dataset("folder", root=tmp, img_size=size)
+
+    def ours_features(idx):
+        keep = {"i": common.FeatureStats(keep_features=True)}
+        common.extract(common.uint8_batches(ds, idx, batch_size), {"i": model}, keep, "cpu", progress=False)
+        return keep["i"].features[0]
+
+    ours_features(np.arange(batch_size))
     # Interleaved batch by batch (and alternating who goes first), so that both see the same
     # machine load; both decode the PNGs in the main process (pytorch-fid with num_workers=0).
     times = {"pytorch-fid": 0.0, "ours": 0.0}
@@ -105,9 +112,7 @@ def bench_features(weights, n_images, batch_size, size):
         for who in (("pytorch-fid", "ours") if i % 2 == 0 else ("ours", "pytorch-fid")):
             t = time.perf_counter()
             if who == "ours":
-                keep = common.FeatureStats(keep_features=True)
-                common.extract(common.file_batches(chunk, batch_size), model, "cpu", keep, progress=False)
-                ours.append(keep.features[0])
+                ours.append(ours_features(np.arange(start, start + len(chunk))))
             else:
                 ref.append(get_activations(chunk, ref_model, batch_size, 2048, "cpu", 0))
             times[who] += time.perf_counter() - t

@@ -416,3 +416,59 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert result["final_max_diff"] < 1e-6                  # and DDP kept them identical
     assert result["per_rank_batch"] == [32, 32]             # global batch 64 split in two
     assert result["noise_differs"]                          # per-rank noise streams
+
+
+# ---------------------------------------------------------------- reliability of runs
+def test_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
+    out = str(tmp_path)
+    path = os.path.join(out, "log.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 5, "d_loss": 1.0}\n{"step": 10, "d_loss": 0.5}\n{"step": 15, "d_lo')
+    common.Logger(out, True, total_steps=20, start_step=10)
+    assert [json.loads(x)["step"] for x in open(path)] == [5, 10]
+    assert "dropped the torn last line" in capsys.readouterr().out
+    with open(path, "w") as f:                       # damage anywhere else is not a torn write
+        f.write('{"step": 5}\n{"step": 1\n{"step": 10}\n')
+    with pytest.raises(common.UsageError, match="line 2 is not JSON"):
+        common.Logger(out, True, total_steps=20, start_step=10)
+
+
+def test_nan_weights_never_become_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # Weights can turn non-finite in the update *after* the last finite loss was logged; the
+    # checkpoint of that step must not be written, and the message must name the one on disk.
+    import invert_gan
+
+    out = str(tmp_path / "run")
+    real = common.training_state
+
+    def poisoned(method, args, step, nets, *rest, **kw):
+        if step == 20:
+            with torch.no_grad():
+                next(common.unwrap(nets["G"]).parameters()).fill_(float("nan"))
+        return real(method, args, step, nets, *rest, **kw)
+
+    monkeypatch.setattr(common, "training_state", poisoned)
+    argv = ["--dataset", "ring", "--steps", "20", "--log-every", "10", "--ckpt-every", "10",
+            "--sample-every", "20", "--eval-samples", "100", "--device", "cpu", "--out", out]
+    with pytest.raises(common.UsageError) as err:
+        invert_gan.main(argv)
+    assert "non-finite weights in G" in str(err.value) and "at step 20" in str(err.value)
+    assert "last good checkpoint" in str(err.value) and "(step 10)" in str(err.value)
+    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 10
+    # With no checkpoint yet, the message says so instead of naming a missing file.
+    out2 = str(tmp_path / "run2")
+    with pytest.raises(common.UsageError, match="no checkpoint was written before it"):
+        invert_gan.main([*argv[:-1], out2, "--ckpt-every", "20", "--log-every", "20"])
+
+
+def test_resume_names_the_flags_it_ignores(tmp_path, capsys):
+    import argparse
+
+    out = str(tmp_path)
+    common.save_checkpoint(os.path.join(out, "ckpt.pt"), {
+        "method": "m", "args": {"dataset": "ring", "lr": 0.001, "steps": 5, "out": out, "resume": False}})
+    args = argparse.Namespace(dataset="ring", lr=0.01, steps=10, out=out, resume=True)
+    common.restore_saved_args(args, "m", ("steps", "out", "resume"))
+    assert args.lr == 0.001 and args.steps == 10
+    line = capsys.readouterr().out
+    assert "ignored: --lr 0.01 (kept 0.001)" in line and "--dataset" not in line and "--steps" not in line
