@@ -210,6 +210,9 @@ def parse_args(argv=None):
                    help="neighbours per point in the kNN graph (SCAN: 20; official stacked MNIST: 10)")
     g.add_argument("--alpha", type=float, default=None, help="weight of sum_i H(S(x_i)) in Eq. 5 (SCAN: 0)")
     g.add_argument("--beta", type=float, default=None, help="weight of H(mean S) in Eq. 5 (SCAN: 5)")
+    g.add_argument("--partitioner", default="lipschitz", choices=["lipschitz", "unconstrained"],
+                   help="lipschitz: residual blocks with bounded branches (Sec. 4.2, Thm. 3); "
+                        "unconstrained: a plain ReLU MLP, the ablation of Sec. 5.1 / Fig. 3-4 (2-D only)")
     g.add_argument("--lipschitz", type=float, default=0.9,
                    help="spectral norm L < 1 of every layer of psi (Sec. 5: 0.9)")
     g.add_argument("--part-blocks", type=int, default=None,
@@ -291,6 +294,8 @@ def parse_args(argv=None):
         raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
     if not 0 < args.aug_crop <= 1:
         raise common.UsageError("--aug-crop must be in (0, 1]")
+    if args.partitioner == "unconstrained" and not points:
+        raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
     if not args.ema < 1:
         raise common.UsageError("--ema must be < 1")
     args.data_name = data_name(args)     # saved with the args: evaluate.py ckpt reads it
@@ -540,7 +545,31 @@ class Partitioner(nn.Module):
                 m.power_iteration(n)
 
 
+class UnconstrainedPartitioner(nn.Module):
+    """Sec. 5.1's ablation (Fig. 3 and 4, right): "a multi-layer fully connected network with ReLU
+    activations", no Lipschitz bound, so R_i may have local minima outside A_i. 2-D only.
+    Depth --part-blocks hidden layers of --part-width units (ours: the paper gives no sizes)."""
+
+    def __init__(self, in_dim, k, n_layers, width):
+        super().__init__()
+        dims = [in_dim] + [width] * n_layers
+        self.body = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.feat_dim = dims[-1]
+        self.head = nn.Linear(self.feat_dim, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def converge(self, n=100):
+        """Nothing to converge (no spectral norm); the same interface as Partitioner."""
+
+
 def build_partitioner(args, channels):
+    if getattr(args, "partitioner", "lipschitz") == "unconstrained":
+        return UnconstrainedPartitioner(channels, args.k, args.part_blocks, args.part_width)
     shape = (channels,) if is_points(args) else (channels, args.img_size, args.img_size)
     levels = 0 if is_points(args) else args.part_levels
     return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
@@ -1038,7 +1067,8 @@ def run_partition(args, rt, dataset, channels):
         nbrs = knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, device)     # (n, neighbors)
         log.info(f"partition: kNN graph of {len(sub)} points, {args.neighbors} neighbours, "
                  f"{time.perf_counter() - t0:.1f}s; training S ({common.count_params(S)} params, "
-                 f"{args.part_blocks} residual blocks, L={args.lipschitz}) for {args.part_steps} steps"
+                 f"{args.part_blocks} " + ("ReLU layers, unconstrained" if args.partitioner == "unconstrained"
+                                           else f"residual blocks, L={args.lipschitz}") + f") for {args.part_steps} steps"
                  + (f", {args.part_restarts} restarts" if args.part_restarts > 1 else ""))
         init = copy.deepcopy(S.state_dict()) if args.part_restarts > 1 else None
         best = None
