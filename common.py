@@ -1235,6 +1235,179 @@ def make_loader(dataset, batch_size, rt=None, shuffle=False, drop_last=False, nu
 
 
 # ==================================================================================================
+# 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
+#     batched mapping over a dataset, a progress line); moved here from pgm_gan.py
+# ==================================================================================================
+
+class ProgressLine:
+    """A progress line for a long phase (embedding a dataset, a kNN graph, training steps, samples
+    for metrics): `add(n)` after each piece; prints `label: done/total unit (p%), elapsed, eta` on
+    stdout at most every `every` seconds and once at the end. Main process only (`show`).
+    (The metrics' own `Progress` below reports images per second on stderr.)"""
+
+    def __init__(self, label, total, unit="", every=10.0, show=True):
+        self.label, self.total, self.every, self.show = label, total, every, show
+        self.unit = f" {unit}" if unit else ""
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def add(self, n=1):
+        self.done += n
+        now = time.perf_counter()
+        if self.show and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.label}: {self.done}/{self.total}{self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{format_duration(now - self.start)} elapsed, eta "
+                  f"{format_duration(max(self.total - self.done, 0) / max(rate, 1e-9))}", flush=True)
+
+
+def fetch_batch(dataset, idx):
+    """Data points idx (LongTensor) of a dataset, as one batch (B, ...)."""
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(idx)[0]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def dataset_labels(dataset):
+    labels = getattr(dataset, "labels", None)
+    return None if labels is None else torch.as_tensor(labels).long()
+
+
+@torch.no_grad()
+def map_batches(fn, dataset, device, batch=1000, idx=None):
+    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the CPU."""
+    idx = torch.arange(len(dataset)) if idx is None else idx
+    outs = [fn(fetch_batch(dataset, idx[i:i + batch]).to(device)).float().cpu()
+            for i in range(0, len(idx), batch)]
+    return torch.cat(outs)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(x, index) instead of (x, label): the random baseline looks its ids up by index."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], i
+
+    def get_batch(self, idx):
+        return fetch_batch(self.base, idx), idx
+
+
+def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
+    """Two SimCLR views are two calls of this on the same batch. x: (B, C, H, W) in [-1, 1].
+
+    Random resized crop (area in [crop, 1], aspect ratio in [3/4, 4/3]) and horizontal flip (with
+    probability flip) as one affine resampling per image, then colour jitter (brightness, contrast,
+    saturation factors in [1 - color, 1 + color]) with probability color_p and grayscale with
+    probability gray. Batched on the device.
+    SimCLR applies the jitter components in random order and adds hue; we keep a fixed order.
+    """
+    b, c = x.shape[0], x.shape[1]
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(crop, 1.0)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)      # crop size / image size
+    # A ratio that makes the crop wider (taller) than the image keeps the area, clipping that side.
+    too_wide, too_tall = w > 1, h > 1
+    w = torch.where(too_wide, 1.0, torch.where(too_tall, area, w))
+    h = torch.where(too_tall, 1.0, torch.where(too_wide, area, h))
+    cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)     # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
+    mirror = torch.where(torch.rand(b, device=dev) < flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * mirror, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    y = (y + 1) / 2                                         # colour ops in [0, 1]
+    s = color
+    if s > 0:
+        on = (torch.rand(b, 1, 1, 1, device=dev) < color_p).float()
+
+        def factor():
+            return 1 + on * torch.empty(b, 1, 1, 1, device=dev).uniform_(-s, s)
+
+        y = (y * factor()).clamp(0, 1)                                           # brightness
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = ((y - mean) * factor() + mean).clamp(0, 1)                           # contrast
+        if c == 3:
+            lum = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:])
+            y = ((y - lum) * factor() + lum).clamp(0, 1)                       # saturation
+    if c == 3 and gray > 0:
+        mono = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]).expand_as(y)
+        y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < gray, mono, y)
+    return y * 2 - 1
+
+
+@torch.no_grad()
+def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
+    """Indices (N, k) of the k nearest neighbours of every row of feats (N, d), self excluded.
+
+    Computed block by block on `device`: a block of rows against all N rows, so the memory is
+    rows x N floats (about `chunk_mb`), never N x N. metric: "cosine" (pretext features, as SCAN)
+    or "euclidean" (raw 2-D coordinates).
+    """
+    device = device or feats.device
+    n = feats.shape[0]
+    if k >= n:
+        raise UsageError(f"--neighbors {k} needs more than {k} points (have {n})")
+    x = feats.to(device=device, dtype=torch.float32)
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    sq = (x * x).sum(1)                                          # (N,)
+    rows = max(1, int(chunk_mb * 2 ** 20 / (4 * n)))
+    out = torch.empty(n, k, dtype=torch.long)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        score = x[start:stop] @ x.T                              # (rows, N)
+        if metric == "euclidean":
+            score.mul_(2).sub_(sq[None, :])                      # -||a-b||^2 + ||a||^2 (row const)
+        score[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")   # not itself
+        out[start:stop] = score.topk(k, dim=1).indices.cpu()
+        del score
+    return out
+
+
+def entropy(p, eps=1e-8):
+    """H_C(p) of categorical distributions along the last axis (natural log)."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
+
+
+def clustering_metrics(pred, labels, k):
+    """Partition sizes, and against the true labels (when the data has them): NMI (arithmetic
+    normalisation, as sklearn's default), one-to-one accuracy (Hungarian matching of partitions to
+    labels, SCAN's metric when k = #labels) and purity (each partition votes its majority label)."""
+    from scipy.optimize import linear_sum_assignment
+
+    sizes = torch.bincount(pred, minlength=k)
+    out = {"partitions_used": int((sizes > 0).sum()), "partition_min": int(sizes.min()),
+           "partition_max": int(sizes.max())}
+    if labels is None:
+        return out, sizes
+    _, lab = torch.unique(labels, return_inverse=True)
+    cont = torch.zeros(k, int(lab.max()) + 1, dtype=torch.float64)
+    cont.index_put_((pred, lab), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
+    n = cont.sum()
+    pij = cont / n
+    pi, pj = pij.sum(1, keepdim=True), pij.sum(0, keepdim=True)
+    nz = pij > 0
+    mi = (pij[nz] * torch.log(pij[nz] / (pi @ pj)[nz])).sum()
+    hi = -(pi[pi > 0] * torch.log(pi[pi > 0])).sum()
+    hj = -(pj[pj > 0] * torch.log(pj[pj > 0])).sum()
+    nmi = float(2 * mi / (hi + hj)) if float(hi + hj) > 0 else 1.0
+    rows, cols = linear_sum_assignment(-cont.numpy())
+    out.update(nmi=nmi, accuracy=float(cont.numpy()[rows, cols].sum() / n),
+               purity=float(cont.max(1).values.sum() / n))
+    return out, sizes
+
+
+# ==================================================================================================
 # 6. Architectures
 # ==================================================================================================
 

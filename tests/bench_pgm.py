@@ -57,12 +57,12 @@ SMOKE_STACKED = ["--steps", "4", "--pretext-steps", "2", "--part-steps", "2", "-
 
 # ---------------------------------------------------------------- kNN graph
 def bench_knn(args):
-    """Time and peak memory of pgm_gan.knn_graph on random (N, dim) features. Peak memory: the
+    """Time and peak memory of common.knn_graph on random (N, dim) features. Peak memory: the
     growth of the process's peak resident set size (ru_maxrss) over the features themselves
     (CPU), or torch.cuda.max_memory_allocated (CUDA)."""
     import torch
 
-    import pgm_gan
+    import common
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def bench_knn(args):
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    nbrs = pgm_gan.knn_graph(feats, args.k, "cosine", args.chunk_mb, device)
+    nbrs = common.knn_graph(feats, args.k, "cosine", args.chunk_mb, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -256,19 +256,23 @@ def test_gan_losses_hinge_and_standard_by_hand():
     assert pgm_gan.g_loss_fn(fake, "standard").item() == pytest.approx((sp(2) + sp(-0.5)) / 2, rel=1e-6)
 
 
+def augment(x, a):
+    return common.simclr_augment(x, a.aug_crop, a.aug_flip, a.aug_color, a.aug_color_p, a.aug_gray)
+
+
 def test_augment_flags():
     x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).view(2, 3, 8, 8)
     off = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.0, aug_gray=0.0)
-    assert torch.allclose(pgm_gan.augment(x, off), x, atol=1e-5)          # identity when all off
+    assert torch.allclose(augment(x, off), x, atol=1e-5)          # identity when all off
     flip = tiny_args(aug_crop=1.0, aug_flip=1.0, aug_color=0.0, aug_gray=0.0)
-    assert torch.allclose(pgm_gan.augment(x, flip), x.flip(3), atol=1e-5)
+    assert torch.allclose(augment(x, flip), x.flip(3), atol=1e-5)
     gray = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.0, aug_gray=1.0)
-    g = pgm_gan.augment(x, gray)
+    g = augment(x, gray)
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
     color = tiny_args(aug_crop=1.0, aug_flip=0.0, aug_color=0.5, aug_color_p=1.0, aug_gray=0.0)
-    assert not torch.allclose(pgm_gan.augment(x, color), x, atol=1e-3)
+    assert not torch.allclose(augment(x, color), x, atol=1e-3)
     crop = tiny_args(aug_crop=0.2, aug_flip=0.0, aug_color=0.0, aug_gray=0.0)
-    c = pgm_gan.augment(x, crop)
+    c = augment(x, crop)
     assert c.shape == x.shape and not torch.allclose(c, x, atol=1e-3) and c.abs().max() <= 1 + 1e-6
 
 
@@ -277,7 +281,7 @@ def test_augment_flags():
 def test_knn_graph_matches_brute_force_in_small_chunks(metric):
     torch.manual_seed(0)
     feats = torch.randn(300, 7)
-    got = pgm_gan.knn_graph(feats, 6, metric, chunk_mb=0.02)      # ~17 rows per chunk
+    got = common.knn_graph(feats, 6, metric, chunk_mb=0.02)      # ~17 rows per chunk
     if metric == "cosine":
         f = F.normalize(feats, dim=1)
         dist = -(f @ f.T)
@@ -291,10 +295,10 @@ def test_knn_graph_matches_brute_force_in_small_chunks(metric):
 
 def test_partition_metrics_nmi_accuracy_purity():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    m, sizes = pgm_gan.partition_metrics(torch.tensor([2, 2, 0, 0, 1, 1]), labels, 4)
+    m, sizes = common.clustering_metrics(torch.tensor([2, 2, 0, 0, 1, 1]), labels, 4)
     assert m["nmi"] == pytest.approx(1.0) and m["accuracy"] == 1.0 and m["purity"] == 1.0
     assert sizes.tolist() == [2, 2, 2, 0] and m["partitions_used"] == 3
-    m, _ = pgm_gan.partition_metrics(torch.tensor([0, 1, 0, 1, 0, 1]), labels, 2)
+    m, _ = common.clustering_metrics(torch.tensor([0, 1, 0, 1, 0, 1]), labels, 2)
     assert m["nmi"] == pytest.approx(0.0, abs=1e-9) and m["purity"] == pytest.approx(1 / 3)
 
 
@@ -313,25 +317,28 @@ class ToyS(torch.nn.Module):
         return torch.stack([x[:, 0], -x[:, 0], torch.full_like(x[:, 0], -1e9)], 1)
 
 
-def test_rejection_sampler_returns_only_accepted_samples_and_the_right_count():
+def test_rejection_sampler_keeps_each_id_and_returns_only_accepted_samples():
+    """Rejection redraws z for the same partition id, so the generators' shares stay pi even for a
+    generator that never lands in its partition (whose samples are kept and counted as forced)."""
     torch.manual_seed(0)
     pi = torch.tensor([0.3, 0.5, 0.2])
-    draw = pgm_gan.make_sampler(ToyG(), ToyS(), pi, 2, "cpu", rejection=True, reject_tries=5)
-    x, rate = draw(1000)
-    assert x.shape == (1000, 2)
-    ok = ((x[:, 1] == 0) & (x[:, 0] > 0)) | ((x[:, 1] == 1) & (x[:, 0] < 0))
-    assert bool(ok.all())                                  # only accepted samples
-    assert not (x[:, 1] == 2).any()                        # the empty partition gave up its draws
-    assert 0.2 < rate < 0.6
-    # only partition 2 (which is empty): strict raises, otherwise the draws are kept and counted
+    draw = pgm_gan.make_sampler(ToyG(), ToyS(), pi, 2, "cpu", reject_tries=20, strict=False)
+    x, rate = draw(4000)
+    ids = x[:, 1]
+    for i in range(3):                                     # shares = pi, partition 2 included
+        assert abs((ids == i).float().mean().item() - pi[i].item()) < 0.03, i
+    ok = ((ids == 0) & (x[:, 0] > 0)) | ((ids == 1) & (x[:, 0] < 0))
+    assert bool(ok[ids != 2].all())                        # only accepted samples from 0 and 1
+    assert draw.stats["forced"] == int((ids == 2).sum())   # the empty partition: all forced
+    assert rate == 4000 / draw.stats["drawn"]
+    # draws: 1 + 20 redraws for each id-2 sample, 1 + up to 20 (p = 1/2 each) for the others
+    assert draw.stats["drawn"] == pytest.approx(4000 * (0.2 * 21 + 0.8 * 2), rel=0.05)
     only2 = torch.tensor([0.0, 0.0, 1.0])
     with pytest.raises(RuntimeError, match="still rejected"):
         pgm_gan.make_sampler(ToyG(), ToyS(), only2, 2, "cpu", reject_tries=2)(10)
-    loose = pgm_gan.make_sampler(ToyG(), ToyS(), only2, 2, "cpu", reject_tries=2, strict=False)
-    assert loose(10)[0].shape == (10, 2) and loose.stats["forced"] == 10
     raw, rate = pgm_gan.make_sampler(ToyG(), ToyS(), pi, 2, "cpu", rejection=False)(1000)
-    assert rate == 1.0 and (raw[:, 1] == 2).any() and not bool(
-        (((raw[:, 1] == 0) & (raw[:, 0] > 0)) | ((raw[:, 1] == 1) & (raw[:, 0] < 0))).all())
+    assert rate == 1.0 and not bool((((raw[:, 1] == 0) & (raw[:, 0] > 0)) |
+                                      ((raw[:, 1] == 1) & (raw[:, 0] < 0)) | (raw[:, 1] == 2)).all())
 
 
 # ---------------------------------------------------------------- the real script
