@@ -1242,19 +1242,21 @@ def make_loader(dataset, batch_size, rt=None, shuffle=False, drop_last=False, nu
 class ProgressLine:
     """A progress line for a long phase (embedding a dataset, a kNN graph, training steps, samples
     for metrics): `add(n)` after each piece; prints `label: done/total unit (p%), elapsed, eta` on
-    stdout at most every `every` seconds and once at the end. Main process only (`show`).
+    stdout. Main process only (`show`).
     (The metrics' own `Progress` below reports images per second on stderr.)"""
 
     def __init__(self, label, total, unit="", every=10.0, show=True):
         self.label, self.total, self.every, self.show = label, total, every, show
         self.unit = f" {unit}" if unit else ""
-        self.done, self.start = 0, time.perf_counter()
-        self.last = self.start
+        self.done, self.start, self.last = 0, time.perf_counter(), None
 
     def add(self, n=1):
+        """Count n more. Silent for a phase shorter than 2 s; else the first call after 2 s prints
+        (the phase's first eta), then one line every `every` seconds and one at the end."""
         self.done += n
         now = time.perf_counter()
-        if self.show and (now - self.last >= self.every or self.done == self.total):
+        due = self.last is None or now - self.last >= self.every or self.done >= self.total
+        if self.show and due and now - self.start >= 2.0:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             print(f"{self.label}: {self.done}/{self.total}{self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
@@ -1275,11 +1277,15 @@ def dataset_labels(dataset):
 
 
 @torch.no_grad()
-def map_batches(fn, dataset, device, batch=1000, idx=None):
-    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the CPU."""
+def map_batches(fn, dataset, device, batch=1000, idx=None, progress=None):
+    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the
+    CPU. progress: a label for a progress line (None: silent)."""
     idx = torch.arange(len(dataset)) if idx is None else idx
-    outs = [fn(fetch_batch(dataset, idx[i:i + batch]).to(device)).float().cpu()
-            for i in range(0, len(idx), batch)]
+    line = ProgressLine(progress, len(idx), "items", show=progress is not None)
+    outs = []
+    for i in range(0, len(idx), batch):
+        outs.append(fn(fetch_batch(dataset, idx[i:i + batch]).to(device)).float().cpu())
+        line.add(len(outs[-1]))
     return torch.cat(outs)
 
 
@@ -1346,12 +1352,12 @@ def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
 
 
 @torch.no_grad()
-def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
+def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None, progress=None):
     """Indices (N, k) of the k nearest neighbours of every row of feats (N, d), self excluded.
 
     Computed block by block on `device`: a block of rows against all N rows, so the memory is
     rows x N floats (about `chunk_mb`), never N x N. metric: "cosine" (pretext features, as SCAN)
-    or "euclidean" (raw 2-D coordinates).
+    or "euclidean" (raw 2-D coordinates). progress: a label for a progress line (None: silent).
     """
     device = device or feats.device
     n = feats.shape[0]
@@ -1363,6 +1369,7 @@ def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
     sq = (x * x).sum(1)                                          # (N,)
     rows = max(1, int(chunk_mb * 2 ** 20 / (4 * n)))
     out = torch.empty(n, k, dtype=torch.long)
+    line = ProgressLine(progress, n, "rows", show=progress is not None)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         score = x[start:stop] @ x.T                              # (rows, N)
@@ -1371,6 +1378,7 @@ def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
         score[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")   # not itself
         out[start:stop] = score.topk(k, dim=1).indices.cpu()
         del score
+        line.add(stop - start)
     return out
 
 

@@ -53,7 +53,6 @@ Map of the paper to this file:
 """
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -161,14 +160,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+SHORT_RUN = """\
+A short run: --steps sets the GAN stage only. Each stage has its own size: pretext
+--pretext-steps, --pretext-batch-size; partition --part-samples (images embedded, put in the kNN
+graph and labelled), --part-steps, --part-batch-size, --part-restarts; GAN --steps, --batch-size,
+--n-dis; metrics --eval-samples. The image presets' networks (a 20-block partitioner, the SN-GAN
+ResNet) cost seconds per step on a CPU: shrink them too (--part-blocks, --part-width, --width).
+A CPU check of stacked Fashion-MNIST in a few minutes:
+  --steps 20 --batch-size 16 --pretext-steps 5 --pretext-batch-size 32 --part-samples 2000
+  --part-steps 20 --part-batch-size 64 --part-blocks 4 --part-width 32 --width 32 --eval-samples 500"""
+
 # --dataset names of this script -> common.DATASETS names ("imagenet" is a folder of images).
 DATA_NAME = {"imagenet": "folder"}
 IMG_SIZE = {"imagenet": 128}
 
 
 def parse_args(argv=None):
-    p = common.ArgParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
-                         epilog=presets_epilog())
+    p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\n" + SHORT_RUN,
+                         formatter_class=_HelpFormatter, epilog=presets_epilog())
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
                         "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
@@ -217,7 +226,8 @@ def parse_args(argv=None):
                    help="train S this many times from fresh inits and keep the best Eq. 5 over the "
                         "whole kNN graph (ours; as k-means' n_init)")
     g.add_argument("--part-samples", type=int, default=None,
-                   help="train S on this many training points (official 2-D: 10K); default all")
+                   help="training points that are embedded, put in the kNN graph, train S and "
+                        "measure pi (official 2-D: 10K); default all")
     g.add_argument("--knn-chunk-mb", type=float, default=256.0,
                    help="memory for one block of the kNN similarity matrix (no N x N matrix)")
     g = p.add_argument_group("GAN (Eq. 2, 6, 8)")
@@ -809,6 +819,7 @@ def run_pretext(args, rt, dataset, channels):
     opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
                                                        eta_min=args.pretext_lr * 1e-3)
+
     def views(x):                                    # one SimCLR view of each image
         return common.simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
                                      args.aug_gray)
@@ -817,8 +828,9 @@ def run_pretext(args, rt, dataset, channels):
     os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
     log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps)
     meter = common.LossMeter(rt)
-    log.info(f"pretext (SimCLR, Eq. 4): {args.pretext_steps} steps, batch {args.pretext_batch_size}, "
-             f"phi_0 {common.count_params(phi)} params")
+    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
+             f"(--pretext-steps, --pretext-batch-size), phi_0 {common.count_params(phi)} params")
+    line = common.ProgressLine("pretext", args.pretext_steps, "steps", every=30, show=rt.is_main)
     for step in range(1, args.pretext_steps + 1):
         x, _ = next(stream)
         with rt.autocast():
@@ -829,6 +841,7 @@ def run_pretext(args, rt, dataset, channels):
         rt.backward_step(loss, opt)
         sched.step()
         meter.add(nt_xent=loss)
+        line.add()
         if step % args.log_every == 0 or step == args.pretext_steps:
             common.log_step(meter, log, step, stage_path(args, "pretext.pt"), lr=sched.get_last_lr()[0])
     if rt.is_main:
@@ -853,6 +866,9 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
     opt = torch.optim.Adam(S.parameters(), lr=args.part_lr, weight_decay=1e-4 if not is_points(args) else 0.0)
     meter = common.LossMeter(rt)
     per_rank = max(1, args.part_batch_size // rt.world_size)
+    line = common.ProgressLine(f"partition: training S" + (f" ({restart + 1}/{args.part_restarts})"
+                               if args.part_restarts > 1 else ""), args.part_steps, "steps", every=30,
+                               show=rt.is_main)
     for step in range(1, args.part_steps + 1):
         a = torch.randint(len(sub), (per_rank,))
         j = nbrs[a, torch.randint(args.neighbors, (per_rank,))]            # one neighbour each
@@ -863,6 +879,7 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
         opt.zero_grad(set_to_none=True)
         rt.backward_step(loss, opt)
         meter.add(loss=loss, **terms)
+        line.add()
         if step % args.log_every == 0 or step == args.part_steps:
             common.log_step(meter, log, restart * args.part_steps + step, stage_path(args, "partition.pt"),
                             **({"restart": restart + 1} if args.part_restarts > 1 else {}))
@@ -871,21 +888,64 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
     return S
 
 
+def graph_features(args, rt, dataset, channels, sub):
+    """What the kNN graph is built on, for the points `sub`: the raw coordinates on 2-D data (Sec.
+    5.1; Euclidean neighbours) or the pretext head's output h on images (SCAN mines neighbours on
+    it; cosine). Returns (features, metric, phi_0's state for S_init or None)."""
+    if is_points(args):
+        # Official code (2d_mix, toy_guide_clusterer): S is fit by cross-entropy to k-means labels
+        # of 10K points; we train the Thm. 3 network with Eq. 5 as for images.
+        return common.fetch_batch(dataset, sub), "euclidean", None
+    path = stage_path(args, "pretext.pt")
+    pre = common.load_checkpoint(path, method=METHOD)
+    phi0 = build_partitioner(args, channels)
+    head = ProjectionHead(phi0.feat_dim, args.proj_dim)
+    common.load_state(phi0, pre["phi"], "pretext network", path)
+    common.load_state(head, pre["head"], "pretext head", path)
+    phi0, head = phi0.to(rt.device).eval(), head.to(rt.device).eval()
+    feats = common.map_batches(lambda b: head(phi0.features(b)), dataset, rt.device, batch=500, idx=sub,
+                               progress="partition: embedding" if rt.is_main else None)
+    return feats, "cosine", {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
+
+
+def fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log):
+    """S trained --part-restarts times; the one with the best Eq. 5 over the whole graph is kept
+    (label-free, like k-means' n_init; README: a merged pair of grid modes lowers H(mean S))."""
+    best = None
+    for restart in range(args.part_restarts):
+        # Each restart: fresh random weights seeded by --seed and r (every rank agrees); on images
+        # phi starts from phi_0 (Sec. 4.1: S_init = softmax(W_0 phi_0(x)), W_0 random).
+        torch.manual_seed(args.seed + 7919 * restart)
+        S = build_partitioner(args, channels)
+        if phi_state is not None:
+            S.load_state_dict(phi_state, strict=False)
+        S = train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart)
+        if args.part_restarts == 1:
+            return S
+        probs = common.map_batches(lambda b: F.softmax(S(b).float(), 1), dataset, rt.device, batch=2000, idx=sub)
+        obj = partition_objective(probs, nbrs, args.alpha, args.beta)
+        log.info(f"partition: restart {restart + 1}/{args.part_restarts}: Eq. 5 loss on the graph "
+                 f"{obj:.4f}" + (" (best so far)" if best is None or obj < best[0] else ""))
+        if best is None or obj < best[0]:
+            best = (obj, S)
+    return best[1]
+
+
 def run_partition(args, rt, dataset, channels):
-    """Build the kNN graph, train S with Eq. 5 (learned), or draw random ids; save partition.pt.
+    """Partition ids of the training data and, for a learned partition, S; saves partition.pt.
+    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5;
+    pi (partition sizes) and the partition metrics are measured on those same points.
 
     Under torchrun every rank computes the same features, graph and final labels (deterministic,
     redundant work, no communication); the S training steps are data-parallel through DDP, each
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
-    device = rt.device
     n_all = len(dataset)
-    labels_all = common.dataset_labels(dataset)
     os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
     # One log over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
-    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
+    sub = torch.arange(n_all)
     if args.k == 1:
         pred = torch.zeros(n_all, dtype=torch.long)
     elif args.partition == "random":
@@ -893,67 +953,30 @@ def run_partition(args, rt, dataset, channels):
         pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
         state["random_ids"] = pred
     else:
-        S = build_partitioner(args, channels)
-        # Points S is trained on (official 2-D: 10K), a fixed random subset.
-        gen = torch.Generator().manual_seed(args.seed)
-        sub = torch.randperm(n_all, generator=gen)[:args.part_samples] if args.part_samples else torch.arange(n_all)
-        if is_points(args):
-            # Sec. 5.1: no pretext, S on the raw coordinates. Official code (2d_mix, the
-            # toy_guide_clusterer): S is fit by cross-entropy (Adagrad) to k-means labels of 10K
-            # points, and its "invertible" S is one linear layer; we train the Thm. 3 network with
-            # Eq. 5, as for images, on Euclidean neighbours.
-            feats, metric = common.fetch_batch(dataset, sub), "euclidean"
-        else:
-            pre = common.load_checkpoint(stage_path(args, "pretext.pt"), method=METHOD)
-            phi0 = build_partitioner(args, channels)
-            head = ProjectionHead(phi0.feat_dim, args.proj_dim)
-            common.load_state(phi0, pre["phi"], "pretext network", stage_path(args, "pretext.pt"))
-            common.load_state(head, pre["head"], "pretext head", stage_path(args, "pretext.pt"))
-            phi0, head = phi0.to(device).eval(), head.to(device).eval()
-            # SCAN mines neighbours on the contrastive head's (normalised) output h.
-            feats = common.map_batches(lambda b: head(phi0.features(b)), dataset, device, idx=sub)
-            metric = "cosine"
-            # Sec. 4.1: S_init(x) = softmax(W_0 phi_0(x)), W_0 random: copy phi_0, keep W fresh.
-            phi_state = {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
-            S.load_state_dict(phi_state, strict=False)
-            del phi0, head
+        if args.part_samples:                       # a fixed random subset (official 2-D: 10K)
+            sub = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed))[:args.part_samples]
+        kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
+                else f"residual blocks, L={args.lipschitz}")
+        log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
+                 + ("" if is_points(args) else "embed them with the pretext network, ")
+                 + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
+                 f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
+                 f"({args.part_blocks} {kind}), then label the points")
+        feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
         t0 = time.perf_counter()
-        nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, device)     # (n, neighbors)
-        log.info(f"partition: kNN graph of {len(sub)} points, {args.neighbors} neighbours, "
-                 f"{time.perf_counter() - t0:.1f}s; training S ({common.count_params(S)} params, "
-                 f"{args.part_blocks} " + ("ReLU layers, unconstrained" if args.partitioner == "unconstrained"
-                                           else f"residual blocks, L={args.lipschitz}") + f") for {args.part_steps} steps"
-                 + (f", {args.part_restarts} restarts" if args.part_restarts > 1 else ""))
-        init = copy.deepcopy(S.state_dict()) if args.part_restarts > 1 else None
-        best = None
-        for restart in range(args.part_restarts):
-            # Restart r: the same phi_0 (pretext weights), a fresh random W and, on 2-D data, fresh
-            # random weights everywhere (seeded by --seed and r, so every rank agrees).
-            if restart > 0:
-                torch.manual_seed(args.seed + 7919 * restart)
-                S = build_partitioner(args, channels)
-                if not is_points(args):
-                    S.load_state_dict({k: v for k, v in init.items() if not k.startswith("head.")}, strict=False)
-            S = train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart)
-            if args.part_restarts > 1:
-                # Keep the run with the best Eq. 5 over the whole graph (label-free, like k-means'
-                # n_init): on the grid some S (1 seed of 5 at part-lr 3e-3) merge two modes into one
-                # partition and leave another empty, which costs H(mean S).
-                obj = partition_objective(common.map_batches(lambda b: F.softmax(S(b).float(), 1), dataset, device,
-                                                      batch=2000, idx=sub), nbrs, args.alpha, args.beta)
-                log.info(f"partition: restart {restart + 1}/{args.part_restarts}: Eq. 5 loss on the "
-                         f"graph {obj:.4f}" + (" (best so far)" if best is None or obj < best[0] else ""))
-                if best is None or obj < best[0]:
-                    best = (obj, copy.deepcopy(S.state_dict()))
-        if best is not None:
-            S.load_state_dict(best[1])
-        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, device, batch=2000).long()
+        nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
+                                progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
+        log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
+        S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
+        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=sub,
+                                  progress="partition: labelling" if rt.is_main else None).long()
         state["S"] = S.state_dict()
         if is_points(args) and rt.is_main:
-            show = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:5000]
-            figure3(S, dataset.points[show], pred[show], args,
+            show = torch.randperm(len(sub), generator=torch.Generator().manual_seed(0))[:5000]
+            figure3(S, dataset.points[sub[show]], pred[show], args,
                     os.path.join(args.out, "partition", "figure3.png"))
-    metrics, sizes = common.clustering_metrics(pred, labels_all, args.k)
+    labels = common.dataset_labels(dataset)
+    metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[sub], args.k)
     state.update(sizes=sizes, metrics=metrics)
     log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))
@@ -1019,12 +1042,14 @@ def run_gan(args, rt, dataset, channels):
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
-    log.info(f"PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
+    log.info(f"plan: PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
              f"n_dis {args.n_dis}, global batch {args.batch_size} on {rt.world_size} process(es), "
              f"{rt.device}, loss {args.loss}, lambda {guide_weight(args, 0)} -{args.guide_anneal}/step "
              f"(floor {args.guide_min}, R reduce {args.guide_reduce}), rejection "
              f"{'off' if args.no_rejection or S is None else 'on'}, seed {args.seed}; "
-             f"G {common.count_params(G)} / D {common.count_params(D)} params")
+             f"G {common.count_params(G)} / D {common.count_params(D)} params (--steps, --batch-size, "
+             f"--n-dis; then {args.eval_samples} samples for metrics.json, --eval-samples)")
+    line = common.ProgressLine("gan", args.steps - step, "G steps", every=30, show=rt.is_main)
     D_plain = common.unwrap(D)       # D inside G's loss: no DDP gradient sync (common.Runtime.wrap)
     per_rank = args.batch_size // rt.world_size
     fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
@@ -1067,6 +1092,7 @@ def run_gan(args, rt, dataset, channels):
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         step += 1
+        line.add()
         if ema is not None:
             # Ours (--ema): the EMA starts as a copy at ema_start, then decays each step.
             ema.step(G, step, args.ema_start)
