@@ -1236,8 +1236,156 @@ def make_loader(dataset, batch_size, rt=None, shuffle=False, drop_last=False, nu
 
 # ==================================================================================================
 # 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
-#     batched mapping over a dataset, a progress line); moved here from pgm_gan.py
+#     batched mapping over a dataset, a progress line, presets in --help, --resume of stage files,
+#     an operator-norm-bounded layer);
+#     moved here from pgm_gan.py
 # ==================================================================================================
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default and the description / presets epilog printed as written."""
+
+
+def presets_epilog(presets, sources):
+    """--help's epilog: per preset one line of sources and one of values."""
+    lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
+    for name, values in presets.items():
+        lines.append(f"  {name}: {sources[name]}")
+        lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+def add_simclr_args(group):
+    """The augmentation flags of simclr_augment (SimCLR / SCAN values as defaults)."""
+    group.add_argument("--aug-crop", type=float, default=0.2,
+                       help="random resized crop: smallest area fraction (SimCLR/SCAN: 0.2); 1 = off")
+    group.add_argument("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
+    group.add_argument("--aug-color", type=float, default=0.4,
+                       help="colour jitter strength: brightness/contrast/saturation factors in "
+                            "[1-s, 1+s] (SCAN: 0.4); 0 = off")
+    group.add_argument("--aug-color-p", type=float, default=0.8, help="probability of colour jitter (SimCLR: 0.8)")
+    group.add_argument("--aug-gray", type=float, default=0.2, help="probability of grayscale (SimCLR: 0.2)")
+
+
+def check_simclr_args(args):
+    check_flags(args, nonnegative=("aug_flip", "aug_color", "aug_color_p", "aug_gray"))
+    if not 0 < args.aug_crop <= 1:
+        raise UsageError("--aug-crop must be in (0, 1]")
+
+
+def plan_stages(out, resume, wanted, files, needs, resumable=()):
+    """Which of the `wanted` stages (in order) this invocation runs. files: stage -> its output
+    file in `out`; needs: stage -> the stage whose file it reads (or None). Without --resume a
+    stage never overwrites its own output; with it a finished stage is skipped, except the
+    `resumable` ones, which continue from their file. A stage whose input is neither planned
+    nor on disk is a usage error."""
+    todo = []
+    for stage in wanted:
+        exists = os.path.isfile(os.path.join(out, files[stage]))
+        if exists and not resume:
+            raise UsageError(f"{out} already holds {files[stage]}: pass --resume to continue the run "
+                             f"or choose another --out")
+        if not (exists and resume and stage not in resumable):
+            todo.append(stage)
+    for stage in todo:
+        before = needs.get(stage)
+        path = os.path.join(out, files[before]) if before else None
+        if before and before not in todo and not os.path.isfile(path):
+            raise UsageError(f"--stage {stage} needs {path}: run --stage {before} first (same --out)")
+    return todo
+
+
+def restore_args(args, out_files, method, run_control):
+    """--resume: every flag but the run-control ones comes from the first of `out_files` (names
+    in args.out, newest stage first) that exists."""
+    if not args.resume:
+        return args
+    for name in out_files:
+        path = os.path.join(args.out, name)
+        if os.path.isfile(path):
+            for key, value in load_checkpoint(path, method=method)["args"].items():
+                if key not in run_control:
+                    setattr(args, key, value)
+            return args
+    raise UsageError(f"--resume: nothing to resume in {args.out} (no {', '.join(out_files)})")
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP head h = W2 relu(W1 features) on flattened features: (B, ...) -> (B, out_dim)."""
+
+    def __init__(self, in_dim, out_dim, hidden=512):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
+
+    def forward(self, feats):
+        return self.fc2(F.relu(self.fc1(feats.flatten(1))))
+
+
+class PretextNet(nn.Module):
+    """A trunk with a `features(x)` method followed by a projection head: x -> h. One module, so
+    that DDP sees a single forward."""
+
+    def __init__(self, phi, head):
+        super().__init__()
+        self.phi, self.head = phi, head
+
+    def forward(self, x):
+        return self.head(self.phi.features(x))
+
+
+class LipschitzLayer(nn.Module):
+    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz` (the
+    branches of PGMGAN's Lipschitz-bounded partitioner, Sec. 4.2).
+
+    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
+    runs on the layer's *actual* linear map: for a conv that is the convolution over a
+    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
+    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
+    layers already below L are left alone (i-ResNet's soft normalisation).
+    """
+
+    def __init__(self, layer, lipschitz, in_shape):
+        super().__init__()
+        self.layer, self.lipschitz = layer, lipschitz
+        u = torch.randn(1, *in_shape)
+        self.register_buffer("u", u / u.norm())
+        self.register_buffer("sigma", torch.ones(()))
+
+    def _apply_op(self, x):                                 # A x (no bias)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, self.layer.weight)
+        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
+
+    def _apply_adjoint(self, v):                            # A^T v
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(v, self.layer.weight.t())
+        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
+
+    @torch.no_grad()
+    def power_iteration(self, n=1):
+        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
+        u = self.u
+        for _ in range(n):
+            u = self._apply_adjoint(self._apply_op(u))
+            u = u / u.norm().clamp_min(1e-12)
+        self.u.copy_(u)
+        self.sigma.copy_(self._apply_op(u).norm())
+
+    def forward(self, x):
+        if self.training:
+            self.power_iteration(1)
+            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
+            sigma = self._apply_op(self.u.clone()).norm()
+        else:
+            sigma = self.sigma
+        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
+        out = self._apply_op(x) * scale
+        if self.layer.bias is not None:
+            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
+        return out
+
 
 class ProgressLine:
     """A progress line for a long phase (embedding a dataset, a kNN graph, training steps, samples

@@ -13,11 +13,10 @@ The idea in three lines:
     (Eq. 6, 8). phi is a residual network with Lipschitz-bounded branches (Theorem 3), so R_i has
     no local minima outside A_i and the partitions are connected; keep only samples with R_i = 0.
 
-Stages (`--stage`, default all), each writing what the next one reads, all in --out
-(--resume: finished stages are skipped, the GAN continues bit-for-bit from ckpt.pt; a pretext or
-partition stage that was cut off starts again):
-    pretext    SimCLR on the training images (Eq. 4)                      -> pretext.pt
-               (skipped for 2-D data, for --partition random and for --k 1)
+Stages (`--stage`, default all), each writing what the next one reads into --out (--resume skips
+finished stages and continues the GAN bit-for-bit from ckpt.pt; a cut-off pretext or partition
+stage starts again):
+    pretext    SimCLR on the training images (Eq. 4; not for 2-D data, --partition random, --k 1) -> pretext.pt
     partition  kNN graph on the pretext features + S trained with Eq. 5  -> partition.pt
     gan        the mixture of GANs with the guide                        -> ckpt.pt, metrics.json
 
@@ -26,6 +25,7 @@ Launch:
     python pgm_gan.py --dataset grid --partition random                # baseline "Random Partition ID"
     python pgm_gan.py --dataset grid --guide-weight 0                  # baseline "Partition GAN"
     python pgm_gan.py --dataset grid --k 1                             # baseline: one plain GAN
+    python pgm_gan.py --dataset grid --partitioner unconstrained       # Sec. 5.1 ablation (Fig. 3-4 right)
     python pgm_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
     python pgm_gan.py --dataset cifar10 --stage pretext                # the stages one by one ...
     python pgm_gan.py --dataset cifar10 --stage partition              # ... (same --out)
@@ -40,16 +40,16 @@ Map of the paper to this file:
     Eq. 2   per-partition GAN objective V(D_i, G_i, A_i)  -> d_loss_fn / g_loss_fn (`--loss standard`)
             (default: hinge loss, as the official code)
     Eq. 4   NT-Xent contrastive loss (SimCLR)             -> nt_xent, run_pretext
-    Eq. 5   partitioner objective on the kNN graph        -> partition_loss, knn_graph, run_partition
+    Eq. 5   partitioner objective on the kNN graph        -> partition_loss, run_partition (common.knn_graph)
     Sec. 4.1 S_init = softmax(W_0 phi_0(x)) from pretext  -> Partitioner, run_partition
     Eq. 6   guide R_i(x) = sum_c (f_c(x) - f_i(x))_+      -> guide
     Eq. 7   R_i(x) = 0 <=> x in A_i                       -> guide, make_sampler (rejection)
     Eq. 8   G_i's loss + lambda * mean R_i, lambda annealed -> guide_weight, run_gan
     Thm. 3 / Sec. 4.2 residual blocks x + psi(x), psi with spectral norm L < 1 and ELU
-                                                          -> LipschitzLayer, ResidualBlock, Partitioner
+                                                          -> ResidualBlock, Partitioner (common.LipschitzLayer)
     Fig. 3  -R_i over the plane                           -> figure3
     Fig. 4  real vs generated 2-D points                  -> figure4
-    Table 1 modes / reverse KL, partition NMI             -> final_metrics, partition_metrics
+    Table 1 modes / reverse KL, partition NMI             -> final_metrics (common.clustering_metrics)
 """
 
 import argparse
@@ -148,18 +148,6 @@ PRESET_SOURCES = {
     "imagenet": "Sec. 5.3 (128x128, k 1000; BigGAN replaced by the SNGAN ResNet 128, ours)",
 }
 
-def presets_epilog():
-    lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
-    for name, values in PRESETS.items():
-        lines.append(f"  {name}: {PRESET_SOURCES[name]}")
-        lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 SHORT_RUN = """\
 A short run: --steps sets the GAN stage only. Each stage has its own size: pretext
 --pretext-steps, --pretext-batch-size; partition --part-samples (images embedded, put in the kNN
@@ -177,7 +165,8 @@ IMG_SIZE = {"imagenet": 128}
 
 def parse_args(argv=None):
     p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\n" + SHORT_RUN,
-                         formatter_class=_HelpFormatter, epilog=presets_epilog())
+                         formatter_class=common.PresetHelpFormatter,
+                         epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
                         "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
@@ -196,14 +185,7 @@ def parse_args(argv=None):
     g.add_argument("--pretext-lr", type=float, default=None, help="SGD lr, cosine decay (SCAN: 0.4)")
     g.add_argument("--temperature", type=float, default=None, help="tau of Eq. 4 (SCAN: 0.1)")
     g.add_argument("--proj-dim", type=int, default=128, help="dimension of h (SimCLR: 128)")
-    g.add_argument("--aug-crop", type=float, default=0.2,
-                   help="random resized crop: smallest area fraction (SimCLR/SCAN: 0.2); 1 = off")
-    g.add_argument("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
-    g.add_argument("--aug-color", type=float, default=0.4,
-                   help="colour jitter strength: brightness/contrast/saturation factors in "
-                        "[1-s, 1+s] (SCAN: 0.4); 0 = off")
-    g.add_argument("--aug-color-p", type=float, default=0.8, help="probability of colour jitter (SimCLR: 0.8)")
-    g.add_argument("--aug-gray", type=float, default=0.2, help="probability of grayscale (SimCLR: 0.2)")
+    common.add_simclr_args(g)
     g = p.add_argument_group("partitioner S = softmax(W phi(x)) (Eq. 5, Thm. 3)")
     g.add_argument("--neighbors", type=int, default=None,
                    help="neighbours per point in the kNN graph (SCAN: 20; official stacked MNIST: 10)")
@@ -293,11 +275,10 @@ def parse_args(argv=None):
                                        "temperature", "proj_dim", "knn_chunk_mb", "reject_tries"),
                        nonnegative=("beta1", "beta2", "alpha", "beta", "guide_weight", "guide_anneal",
                                     "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
-                                    "part_levels", "aug_flip", "aug_color", "aug_color_p", "aug_gray"))
+                                    "part_levels"))
+    common.check_simclr_args(args)
     if not 0 < args.lipschitz < 1:
         raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
-    if not 0 < args.aug_crop <= 1:
-        raise common.UsageError("--aug-crop must be in (0, 1]")
     if args.partitioner == "unconstrained" and not points:
         raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
     if not args.ema < 1:
@@ -344,98 +325,20 @@ def nt_xent(h1, h2, tau):
     return F.cross_entropy(sim, target)
 
 
-class PretextNet(nn.Module):
-    """phi_0 followed by the projection head: x -> h (B, proj_dim). One module, so that DDP sees
-    a single forward."""
-
-    def __init__(self, phi, head):
-        super().__init__()
-        self.phi, self.head = phi, head
-
-    def forward(self, x):
-        return self.head(self.phi.features(x))
-
-
-class ProjectionHead(nn.Module):
-    """h = W2 relu(W1 phi_0(x)) (Sec. 4.1, SimCLR's MLP head); phi_0(x) is flattened."""
-
-    def __init__(self, in_dim, out_dim, hidden=512):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
-
-    def forward(self, feats):
-        return self.fc2(F.relu(self.fc1(feats.flatten(1))))     # (B, out_dim)
-
-
 # ==================================================================================================
 # 3. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
 # ==================================================================================================
-# Theorem 3: if phi satisfies c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of
-# R_i is global, ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2 gets c0
-# from residual blocks B(x) = x + psi(x) whose branch psi is m layers, each with operator norm
-# L < 1, with 1-Lipschitz activations (ELU) in between: Lip(psi) <= L^m < 1, hence
-#   ||B(x) - B(y)|| >= ||x - y|| - ||psi(x) - psi(y)|| >= (1 - L^m) ||x - y||.
-# phi keeps the dimension of x (Thm. 3: phi maps R^d to R^d): 2-D data stays in R^2 (psi is an MLP
-# 2 -> width -> width -> 2); images go through "squeeze" levels (2x2 space-to-depth, a
-# permutation of the pixels, i.e. an isometry), as the i-ResNet of Behrmann et al. 2019.
+# Theorem 3: if c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of R_i is global,
+# ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2: blocks B(x) = x + psi(x),
+# psi = m layers of operator norm L < 1 with 1-Lipschitz activations (ELU), so Lip(psi) <= L^m and
+# ||B(x) - B(y)|| >= (1 - L^m) ||x - y||. phi keeps the dimension of x: 2-D data stays in R^2;
+# images pass "squeeze" levels (2x2 space-to-depth, an isometry), as the i-ResNet (Behrmann 2019).
 # Official code (models/invertible_resnet/models/conv_iResNet.py, `iresnet()`): input zero-padded
-# from 3 to 16 channels (injective padding), 21 blocks in 3 stages of 7 (strides 1, 2, 2: two
-# squeezes; hidden widths 32/64/128), block = ActNorm, conv 3x3, conv 1x1, conv 3x3 with ELUs,
-# soft spectral norm 0.9 with 5 power iterations; then BatchNorm, LeakyReLU, average pooling and
-# Linear(256, 512) (512 = its "classifier" output, the SCAN features) and the SCAN head
-# Linear(512, k). That head is not Lipschitz-bounded and pooling breaks the lower bound of Thm. 3;
-# we put W on the flattened phi(x) itself. Depth 20, one 3x3 conv layout and no ActNorm: ours.
-
-class LipschitzLayer(nn.Module):
-    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz`.
-
-    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
-    runs on the layer's *actual* linear map: for a conv that is the convolution over a
-    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
-    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
-    layers already below L are left alone (i-ResNet's soft normalisation).
-    """
-
-    def __init__(self, layer, lipschitz, in_shape):
-        super().__init__()
-        self.layer, self.lipschitz = layer, lipschitz
-        u = torch.randn(1, *in_shape)
-        self.register_buffer("u", u / u.norm())
-        self.register_buffer("sigma", torch.ones(()))
-
-    def _apply_op(self, x):                                 # A x (no bias)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, self.layer.weight)
-        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
-
-    def _apply_adjoint(self, v):                            # A^T v
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(v, self.layer.weight.t())
-        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
-
-    @torch.no_grad()
-    def power_iteration(self, n=1):
-        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
-        u = self.u
-        for _ in range(n):
-            u = self._apply_adjoint(self._apply_op(u))
-            u = u / u.norm().clamp_min(1e-12)
-        self.u.copy_(u)
-        self.sigma.copy_(self._apply_op(u).norm())
-
-    def forward(self, x):
-        if self.training:
-            self.power_iteration(1)
-            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
-            sigma = self._apply_op(self.u.clone()).norm()
-        else:
-            sigma = self.sigma
-        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
-        out = self._apply_op(x) * scale
-        if self.layer.bias is not None:
-            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
-        return out
-
+# 3 -> 16 channels (injective padding), 21 blocks in 3 stages of 7 (strides 1, 2, 2: two squeezes;
+# hidden widths 32/64/128), block = ActNorm, conv 3x3, conv 1x1, conv 3x3 with ELUs, soft spectral
+# norm 0.9 (5 power iterations); then BatchNorm, LeakyReLU, average pooling, Linear(256, 512) (512:
+# its "classifier" output, SCAN's features) and SCAN's head Linear(512, k). Pooling and that head
+# break Thm. 3's lower bound; we put W on the flattened phi(x). Depth 20, 3x3 convs, no ActNorm: ours.
 
 class ResidualBlock(nn.Module):
     """B(x) = x + psi(x), psi = 3 Lipschitz layers with ELU between (Sec. 4.2, m = 3 as in Sec. 5:
@@ -452,7 +355,7 @@ class ResidualBlock(nn.Module):
             layers = [nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, hidden, 3, padding=1),
                       nn.Conv2d(hidden, c, 3, padding=1)]
             shapes = [(c, h, w), (hidden, h, w), (hidden, h, w)]
-        self.psi = nn.ModuleList([LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
+        self.psi = nn.ModuleList([common.LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
 
     def forward(self, x):
         h = x
@@ -505,7 +408,7 @@ class Partitioner(nn.Module):
     def converge(self, n=100):
         """Run the power iterations to convergence (before S is frozen and used in eval mode)."""
         for m in self.modules():
-            if isinstance(m, LipschitzLayer):
+            if isinstance(m, common.LipschitzLayer):
                 m.power_iteration(n)
 
 
@@ -811,7 +714,7 @@ def run_pretext(args, rt, dataset, channels):
     """
     torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
-    net = PretextNet(phi, ProjectionHead(phi.feat_dim, args.proj_dim))
+    net = common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
     common.seed_rank(rt, args.seed)
     net = rt.wrap(net)
     # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
@@ -899,7 +802,7 @@ def graph_features(args, rt, dataset, channels, sub):
     path = stage_path(args, "pretext.pt")
     pre = common.load_checkpoint(path, method=METHOD)
     phi0 = build_partitioner(args, channels)
-    head = ProjectionHead(phi0.feat_dim, args.proj_dim)
+    head = common.ProjectionHead(phi0.feat_dim, args.proj_dim)
     common.load_state(phi0, pre["phi"], "pretext network", path)
     common.load_state(head, pre["head"], "pretext head", path)
     phi0, head = phi0.to(rt.device).eval(), head.to(rt.device).eval()
@@ -1141,49 +1044,17 @@ def save_samples(G, ema, S, pi, fixed_real, args, device, step):
 STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckpt.pt"}
 
 
-def restore_args(args):
-    """--resume: every flag but the run-control ones comes from the newest stage file in --out."""
-    if not args.resume:
-        return args
-    for name in ("ckpt.pt", "partition.pt", "pretext.pt"):
-        path = stage_path(args, name)
-        if os.path.isfile(path):
-            saved = common.load_checkpoint(path, method=METHOD)["args"]
-            for key, value in saved.items():
-                if key not in RUN_CONTROL:
-                    setattr(args, key, value)
-            return args
-    raise common.UsageError(f"--resume: nothing to resume in {args.out} (no ckpt.pt, partition.pt "
-                            f"or pretext.pt)")
-
-
 def plan_stages(args):
-    """Which stages this invocation runs. Without --resume a stage never overwrites its own
-    output; with --resume a finished stage (its file exists) is skipped and the GAN continues
-    from ckpt.pt. Pretext and partition are not resumed mid-way: they restart (they are short)."""
+    """The stages this invocation runs (common.plan_stages: a finished stage is skipped with
+    --resume and never overwritten without it; only the GAN continues mid-way)."""
     wanted = ["pretext", "partition", "gan"] if args.stage == "all" else [args.stage]
-    if "pretext" in wanted and not uses_pretext(args):
-        wanted.remove("pretext")
-    todo = []
-    for stage in wanted:
-        exists = os.path.isfile(stage_path(args, STAGE_FILES[stage]))
-        if exists and not args.resume:
-            raise common.UsageError(f"{args.out} already holds {STAGE_FILES[stage]}: pass --resume "
-                                    f"to continue the run or choose another --out")
-        if exists and args.resume and stage != "gan":
-            continue
-        todo.append(stage)
-    needs = {"partition": "pretext.pt" if uses_pretext(args) else None, "gan": "partition.pt"}
-    for stage in todo:
-        before = needs.get(stage)
-        if before and before[:-3] not in todo and not os.path.isfile(stage_path(args, before)):
-            raise common.UsageError(f"--stage {stage} needs {stage_path(args, before)}: run "
-                                    f"--stage {before[:-3]} first (same --out)")
-    return todo
+    wanted = [s for s in wanted if s != "pretext" or uses_pretext(args)]
+    needs = {"partition": "pretext" if uses_pretext(args) else None, "gan": "partition"}
+    return common.plan_stages(args.out, args.resume, wanted, STAGE_FILES, needs, resumable=("gan",))
 
 
 def main(argv=None):
-    args = restore_args(parse_args(argv))
+    args = common.restore_args(parse_args(argv), ("ckpt.pt", "partition.pt", "pretext.pt"), METHOD, RUN_CONTROL)
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
     todo = plan_stages(args)
     if not todo:

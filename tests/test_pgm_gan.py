@@ -75,7 +75,7 @@ def test_guide_gradient_leads_into_the_partition_from_anywhere():
         S.head.weight.copy_(torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
         S.head.bias.zero_()
         for m in S.modules():                # a strongly non-linear phi: psi at its bound
-            if isinstance(m, pgm_gan.LipschitzLayer):
+            if isinstance(m, common.LipschitzLayer):
                 m.layer.weight.mul_(20)
     S.converge(50)
     S.eval().requires_grad_(False)
@@ -133,7 +133,7 @@ def check_lipschitz_of_trained_partitioner(out, L, flags):
     S = pgm_gan.build_partitioner(args, 3)
     S.load_state_dict(part["S"])
     S.eval()
-    layers = [m for m in S.modules() if isinstance(m, pgm_gan.LipschitzLayer)]
+    layers = [m for m in S.modules() if isinstance(m, common.LipschitzLayer)]
     assert len(layers) == 3 * 2 and all(isinstance(m.layer, torch.nn.Conv2d) for m in layers)
     for m in layers:
         scale = min(1.0, L / m.sigma.item())
@@ -153,7 +153,7 @@ def test_linear_lipschitz_layer_scales_only_when_above_the_bound():
     lin = torch.nn.Linear(6, 6)
     with torch.no_grad():
         lin.weight.mul_(10)                       # far above the bound
-    m = pgm_gan.LipschitzLayer(lin, 0.9, (6,))
+    m = common.LipschitzLayer(lin, 0.9, (6,))
     m.power_iteration(200)
     m.eval()
     eff = torch.linalg.matrix_norm(lin.weight * min(1.0, 0.9 / m.sigma.item()), ord=2).item()
@@ -161,7 +161,7 @@ def test_linear_lipschitz_layer_scales_only_when_above_the_bound():
     small = torch.nn.Linear(6, 6)
     with torch.no_grad():
         small.weight.mul_(0.01)
-    s = pgm_gan.LipschitzLayer(small, 0.9, (6,))
+    s = common.LipschitzLayer(small, 0.9, (6,))
     s.power_iteration(200)
     s.eval()
     x = torch.randn(3, 6)
