@@ -606,7 +606,7 @@ def figure3(S, points, labels, args, path, res=160):
     panels = [common.plot_heatmap((-torch.log1p(r)).numpy(), extent, size=320,
                                   title=f"-log(1 + R_{i}(x)) (Fig. 3): 0 on partition {i}"),
               common.plot_points([(points.numpy(), labels.numpy())], extent, size=320,
-                                 title=f"partitions of the data (k={args.k})")]
+                                 title=f"partitions of the data (k={args.k}, {args.partitioner} S)")]
     common.hconcat(panels, path)
 
 

@@ -5,6 +5,7 @@
     python tests/bench_pgm.py stacked --out runs/bench-pgm-sfm      # stacked Fashion-MNIST, small scale
     python tests/bench_pgm.py toy --out runs/bench-pgm --summary    # only print the finished table
     python tests/bench_pgm.py toy --out /tmp/smoke --smoke          # a few steps of every run (CI)
+    python tests/bench_pgm.py toy --out runs/x --variants pgmgan unconstrained --probe   # Fig. 3: descents on R_i
 
 Variants (PGMGAN's Table 1 rows, from flags of the same script):
     pgmgan     default flags
@@ -98,6 +99,40 @@ def bench_knn(args):
               "torch_threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2))
     return result
+
+
+# ---------------------------------------------------------------- the guide's descent on trained S
+def guide_probe(out, starts=400, iters=300, seed=0):
+    """Fig. 3's claim on a trained partitioner (run dir `out`): normalised gradient descent on R_i
+    from `starts` uniform points of the plot's square, for every non-empty partition i; returns
+    the share of (start, i) pairs that end outside A_i (stuck in a flat region or local minimum)."""
+    import torch
+
+    import common
+    import pgm_gan
+
+    part = common.load_checkpoint(os.path.join(out, "partition.pt"))
+    args = argparse.Namespace(**part["args"])
+    S = pgm_gan.build_partitioner(args, 2)
+    S.load_state_dict(part["S"])
+    S.eval().requires_grad_(False)
+    lo, hi = common.extent_for(args.dataset)[:2]
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.rand(starts, 2, generator=gen) * (hi - lo) + lo
+    stuck = total = 0
+    for i in (part["sizes"] > 0).nonzero().squeeze(1).tolist():
+        x = start.clone().requires_grad_(True)
+        y = torch.full((starts,), i)
+        for _ in range(iters):
+            r = pgm_gan.guide(S(x), y)
+            if torch.all(r == 0):
+                break
+            g, = torch.autograd.grad(r.sum(), x)
+            with torch.no_grad():
+                x -= 0.05 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
+        stuck += int((pgm_gan.guide(S(x.detach()), y) > 0).sum())
+        total += starts
+    return stuck / total
 
 
 # ---------------------------------------------------------------- runs of pgm_gan.py
@@ -205,6 +240,15 @@ STACKED_KEYS = ["modes", "reverse_kl", "acceptance", "forced", "partition_nmi", 
 
 
 def bench_toy(args, extra):
+    if args.probe:
+        for dataset in args.datasets:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    out = run_dir(args.out, variant, dataset, seed)
+                    if os.path.isfile(os.path.join(out, "partition.pt")):
+                        print(f"{dataset} {variant} seed {seed}: {100 * guide_probe(out):.1f} % of descents "
+                              f"on R_i end outside A_i", flush=True)
+        return None
     if not args.summary:
         jobs = []
         for seed in args.seeds:
@@ -282,6 +326,8 @@ def main():
         s.add_argument("--jobs", type=int, default=1)
         s.add_argument("--smoke", action="store_true", help="a few steps of every run (checks the command)")
         s.add_argument("--summary", action="store_true", help="only print the table of finished runs")
+        s.add_argument("--probe", action="store_true",
+                       help="toy: gradient descent on R_i of each finished run's partitioner (Fig. 3)")
     argv = sys.argv[1:]
     extra = []
     if "--" in argv:
