@@ -1387,6 +1387,28 @@ class LipschitzLayer(nn.Module):
         return out
 
 
+class ReLUClassifier(nn.Module):
+    """A plain ReLU MLP with a linear head: `n_layers` hidden layers of `width` units, logits (B, k).
+    `features(x)` is the last hidden layer; `converge()` does nothing (the interface of a
+    spectrally normalised network whose power iterations must converge before use)."""
+
+    def __init__(self, in_dim, k, n_layers, width):
+        super().__init__()
+        dims = [in_dim] + [width] * n_layers
+        self.body = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.feat_dim = dims[-1]
+        self.head = nn.Linear(self.feat_dim, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def converge(self, n=100):
+        pass
+
+
 class ProgressLine:
     """A progress line for a long phase (embedding a dataset, a kNN graph, training steps, samples
     for metrics): `add(n)` after each piece; prints `label: done/total unit (p%), elapsed, eta` on

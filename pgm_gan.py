@@ -412,31 +412,12 @@ class Partitioner(nn.Module):
                 m.power_iteration(n)
 
 
-class UnconstrainedPartitioner(nn.Module):
-    """Sec. 5.1's ablation (Fig. 3 and 4, right): "a multi-layer fully connected network with ReLU
-    activations", no Lipschitz bound, so R_i may have local minima outside A_i. 2-D only.
-    Depth --part-blocks hidden layers of --part-width units (ours: the paper gives no sizes)."""
-
-    def __init__(self, in_dim, k, n_layers, width):
-        super().__init__()
-        dims = [in_dim] + [width] * n_layers
-        self.body = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
-        self.feat_dim = dims[-1]
-        self.head = nn.Linear(self.feat_dim, k)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-    def converge(self, n=100):
-        """Nothing to converge (no spectral norm); the same interface as Partitioner."""
-
-
 def build_partitioner(args, channels):
     if getattr(args, "partitioner", "lipschitz") == "unconstrained":
-        return UnconstrainedPartitioner(channels, args.k, args.part_blocks, args.part_width)
+        # Sec. 5.1's ablation (Fig. 3-4, right): "a multi-layer fully connected network with ReLU
+        # activations", no Lipschitz bound (2-D only). Sizes ours: the paper gives none; the
+        # official 2d_mix `Net` is 2 -> 10 -> 20 -> k.
+        return common.ReLUClassifier(channels, args.k, args.part_blocks, args.part_width)
     shape = (channels,) if is_points(args) else (channels, args.img_size, args.img_size)
     levels = 0 if is_points(args) else args.part_levels
     return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
@@ -518,20 +499,15 @@ def guide_weight(args, g_step):
     return max(args.guide_weight - args.guide_anneal * g_step, min(args.guide_min, args.guide_weight))
 
 
-class PartitionLabels:
-    """Partition ids of real data: argmax S(x) (a learned partition, computed per batch), the
-    stored random ids of each training point (random baseline), or 0 (k = 1)."""
-
-    def __init__(self, args, S, random_ids):
-        self.args, self.S, self.random_ids = args, S, random_ids
-
-    @torch.no_grad()
-    def __call__(self, x, idx=None):
-        if self.S is not None:
-            return self.S(x.float()).argmax(1)
-        if self.random_ids is not None:
-            return self.random_ids[idx.cpu()].to(x.device)
-        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+@torch.no_grad()
+def partition_ids(x, idx, S, random_ids):
+    """Partition ids of real data x: argmax S(x) (learned partition), the stored random id of each
+    training point idx (random baseline), or 0 (k = 1)."""
+    if S is not None:
+        return S(x.float()).argmax(1)
+    if random_ids is not None:
+        return random_ids[idx.cpu()].to(x.device)
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
 def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, strict=True):
@@ -911,7 +887,6 @@ def run_gan(args, rt, dataset, channels):
         common.load_state(S, part["S"], "partitioner", stage_path(args, "partition.pt"))
         S = S.to(device).eval().requires_grad_(False)            # frozen; eval: stored sigmas
     random_ids = part["random_ids"]
-    labeler = PartitionLabels(args, S, random_ids)
     data = common.IndexedDataset(dataset) if random_ids is not None else dataset
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
 
@@ -968,7 +943,7 @@ def run_gan(args, rt, dataset, channels):
         # only sampling rejects G_y(z) outside A_y.
         for _ in range(args.n_dis):
             x, extra = next(stream)
-            y = labeler(x, extra)
+            y = partition_ids(x, extra, S, random_ids)
             z = torch.randn(per_rank, args.z_dim, device=device)
             with rt.autocast():
                 with torch.no_grad():

@@ -99,7 +99,7 @@ def test_guide_descent_gets_stuck_with_the_unconstrained_partitioner():
     starts, on a plain ReLU partitioner (--partitioner unconstrained) leaves some starts outside a
     non-empty partition: its R_i has flat regions / local minima outside A_i."""
     torch.manual_seed(1)
-    S = pgm_gan.UnconstrainedPartitioner(2, 4, n_layers=3, width=16).eval().requires_grad_(False)
+    S = common.ReLUClassifier(2, 4, n_layers=3, width=16).eval().requires_grad_(False)
     start = torch.randn(40, 2) * 4
     used = S(torch.randn(20000, 2) * 6).argmax(1).unique().tolist()
     stuck = {i: int((descend_on_guide(S, start, i) > 0).sum()) for i in used}
