@@ -151,12 +151,14 @@ PRESET_SOURCES = {
 SHORT_RUN = """\
 A short run: --steps sets the GAN stage only. Each stage has its own size: pretext
 --pretext-steps, --pretext-batch-size; partition --part-samples (images embedded, put in the kNN
-graph and labelled), --part-steps, --part-batch-size, --part-restarts; GAN --steps, --batch-size,
+graph), --part-steps, --part-batch-size, --part-restarts, --pi-samples (images labelled to measure
+pi); GAN --steps, --batch-size,
 --n-dis; metrics --eval-samples. The image presets' networks (a 20-block partitioner, the SN-GAN
 ResNet) cost seconds per step on a CPU: shrink them too (--part-blocks, --part-width, --width).
 A CPU check of stacked Fashion-MNIST in a few minutes:
   --steps 20 --batch-size 16 --pretext-steps 5 --pretext-batch-size 32 --part-samples 2000
-  --part-steps 20 --part-batch-size 64 --part-blocks 4 --part-width 32 --width 32 --eval-samples 500"""
+  --part-steps 20 --part-batch-size 64 --pi-samples 2000 --part-blocks 4 --part-width 32 --width 32
+  --eval-samples 500"""
 
 # --dataset names of this script -> common.DATASETS names ("imagenet" is a folder of images).
 DATA_NAME = {"imagenet": "folder"}
@@ -208,8 +210,11 @@ def parse_args(argv=None):
                    help="train S this many times from fresh inits and keep the best Eq. 5 over the "
                         "whole kNN graph (ours; as k-means' n_init)")
     g.add_argument("--part-samples", type=int, default=None,
-                   help="training points that are embedded, put in the kNN graph, train S and "
-                        "measure pi (official 2-D: 10K); default all")
+                   help="training points that are embedded, put in the kNN graph and train S (official "
+                        "2-D: 10K); default all")
+    g.add_argument("--pi-samples", type=int, default=None,
+                   help="training points labelled by the trained S to measure pi and the partition "
+                        "metrics; default all (fewer: a shorter partition stage, a noisier pi)")
     g.add_argument("--knn-chunk-mb", type=float, default=256.0,
                    help="memory for one block of the kNN similarity matrix (no N x N matrix)")
     g = p.add_argument_group("GAN (Eq. 2, 6, 8)")
@@ -271,7 +276,7 @@ def parse_args(argv=None):
         raise common.UsageError("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
     common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
-                                       "part_lr", "part_restarts", "part_samples", "pretext_batch_size", "pretext_lr",
+                                       "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
                                        "temperature", "proj_dim", "knn_chunk_mb", "reject_tries"),
                        nonnegative=("beta1", "beta2", "alpha", "beta", "guide_weight", "guide_anneal",
                                     "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
@@ -812,8 +817,8 @@ def fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log):
 
 def run_partition(args, rt, dataset, channels):
     """Partition ids of the training data and, for a learned partition, S; saves partition.pt.
-    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5;
-    pi (partition sizes) and the partition metrics are measured on those same points.
+    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5,
+    then pi (partition sizes) and the partition metrics from S's labels of --pi-samples points.
 
     Under torchrun every rank computes the same features, graph and final labels (deterministic,
     redundant work, no communication); the S training steps are data-parallel through DDP, each
@@ -824,7 +829,7 @@ def run_partition(args, rt, dataset, channels):
     # One log over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
     state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
-    sub = torch.arange(n_all)
+    lab = torch.arange(n_all)                        # the points whose ids give pi and the metrics
     if args.k == 1:
         pred = torch.zeros(n_all, dtype=torch.long)
     elif args.partition == "random":
@@ -832,7 +837,8 @@ def run_partition(args, rt, dataset, channels):
         pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
         state["random_ids"] = pred
     else:
-        if args.part_samples:                       # a fixed random subset (official 2-D: 10K)
+        sub = torch.arange(n_all)                   # the points of the graph (official 2-D: 10K)
+        if args.part_samples:
             sub = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed))[:args.part_samples]
         kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
                 else f"residual blocks, L={args.lipschitz}")
@@ -840,22 +846,24 @@ def run_partition(args, rt, dataset, channels):
                  + ("" if is_points(args) else "embed them with the pretext network, ")
                  + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
                  f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
-                 f"({args.part_blocks} {kind}), then label the points")
+                 f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
         feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
         t0 = time.perf_counter()
         nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
                                 progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
         log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
         S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
-        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=sub,
+        if args.pi_samples:
+            lab = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed + 1))[:args.pi_samples]
+        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
                                   progress="partition: labelling" if rt.is_main else None).long()
         state["S"] = S.state_dict()
         if is_points(args) and rt.is_main:
-            show = torch.randperm(len(sub), generator=torch.Generator().manual_seed(0))[:5000]
-            figure3(S, dataset.points[sub[show]], pred[show], args,
+            show = torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))[:5000]
+            figure3(S, dataset.points[lab[show]], pred[show], args,
                     os.path.join(args.out, "partition", "figure3.png"))
     labels = common.dataset_labels(dataset)
-    metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[sub], args.k)
+    metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[lab], args.k)
     state.update(sizes=sizes, metrics=metrics)
     log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))

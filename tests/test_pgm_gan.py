@@ -380,7 +380,7 @@ def read_log(path):
 
 def test_all_stages_on_ring_then_load_sampler(tmp_path):
     out = str(tmp_path / "pgm")
-    pgm_gan.main([*TINY_2D, "--out", out, "--alpha", "0.5", "--guide-reduce", "mean"])
+    pgm_gan.main([*TINY_2D, "--out", out, "--alpha", "0.5", "--guide-reduce", "mean", "--pi-samples", "300"])
     for name in ("partition.pt", "ckpt.pt", "metrics.json", "args.json", "log.jsonl",
                  "partition/figure3.png", "samples/step_0000006.png"):
         assert os.path.isfile(os.path.join(out, name)), name
@@ -398,6 +398,7 @@ def test_all_stages_on_ring_then_load_sampler(tmp_path):
     S = pgm_gan.build_partitioner(args, 2)
     S.load_state_dict(ckpt["S"])
     assert x.shape == (300, 2) and ckpt["pi"].shape == (8,)
+    assert common.load_checkpoint(os.path.join(out, "partition.pt"))["sizes"].sum() == 300   # pi from 300 labels
 
 
 @pytest.mark.parametrize("flags,lam_zero", [(["--partition", "random"], True),
