@@ -557,6 +557,8 @@ def build_gan(args, channels):
     # The paper's G_i "share all weights except the input layer"; here, as in the official BigGAN G
     # (G_shared false), each partition has its own conditional-BN gains and biases in every block.
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
+    # Official code: D's per-partition output (biggan.py `linear_c`) has a bias; ours
+    # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
     # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with
     # the hinge loss (see common.DCGANDiscriminator). The ResNet and MLP Ds have biases anyway.
     D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
