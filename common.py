@@ -1262,6 +1262,356 @@ class BatchStream:
 
 
 # ==================================================================================================
+# 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
+#     batched mapping over a dataset, a progress line, presets in --help, --resume of stage files,
+#     an operator-norm-bounded layer);
+#     moved here from pgm_gan.py
+# ==================================================================================================
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default and the description / presets epilog printed as written."""
+
+
+def presets_epilog(presets, sources):
+    """--help's epilog: per preset one line of sources and one of values."""
+    lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
+    for name, values in presets.items():
+        lines.append(f"  {name}: {sources[name]}")
+        lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+def add_simclr_args(group):
+    """The augmentation flags of simclr_augment (SimCLR / SCAN values as defaults)."""
+    group.add_argument("--aug-crop", type=float, default=0.2,
+                       help="random resized crop: smallest area fraction (SimCLR/SCAN: 0.2); 1 = off")
+    group.add_argument("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
+    group.add_argument("--aug-color", type=float, default=0.4,
+                       help="colour jitter strength: brightness/contrast/saturation factors in "
+                            "[1-s, 1+s] (SCAN: 0.4); 0 = off")
+    group.add_argument("--aug-color-p", type=float, default=0.8, help="probability of colour jitter (SimCLR: 0.8)")
+    group.add_argument("--aug-gray", type=float, default=0.2, help="probability of grayscale (SimCLR: 0.2)")
+
+
+def check_simclr_args(args):
+    check_flags(args, nonnegative=("aug_flip", "aug_color", "aug_color_p", "aug_gray"))
+    if not 0 < args.aug_crop <= 1:
+        raise UsageError("--aug-crop must be in (0, 1]")
+
+
+def plan_stages(out, resume, wanted, files, needs, resumable=()):
+    """Which of the `wanted` stages (in order) this invocation runs. files: stage -> its output
+    file in `out`; needs: stage -> the stage whose file it reads (or None). Without --resume a
+    stage never overwrites its own output; with it a finished stage is skipped, except the
+    `resumable` ones, which continue from their file. A stage whose input is neither planned
+    nor on disk is a usage error."""
+    todo = []
+    for stage in wanted:
+        exists = os.path.isfile(os.path.join(out, files[stage]))
+        if exists and not resume:
+            raise UsageError(f"{out} already holds {files[stage]}: pass --resume to continue the run "
+                             f"or choose another --out")
+        if not (exists and resume and stage not in resumable):
+            todo.append(stage)
+    for stage in todo:
+        before = needs.get(stage)
+        path = os.path.join(out, files[before]) if before else None
+        if before and before not in todo and not os.path.isfile(path):
+            raise UsageError(f"--stage {stage} needs {path}: run --stage {before} first (same --out)")
+    return todo
+
+
+def restore_args(args, out_files, method, run_control):
+    """--resume: every flag but the run-control ones comes from the first of `out_files` (names
+    in args.out, newest stage first) that exists."""
+    if not args.resume:
+        return args
+    for name in out_files:
+        path = os.path.join(args.out, name)
+        if os.path.isfile(path):
+            for key, value in load_checkpoint(path, method=method)["args"].items():
+                if key not in run_control:
+                    setattr(args, key, value)
+            return args
+    raise UsageError(f"--resume: nothing to resume in {args.out} (no {', '.join(out_files)})")
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP head h = W2 relu(W1 features) on flattened features: (B, ...) -> (B, out_dim)."""
+
+    def __init__(self, in_dim, out_dim, hidden=512):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
+
+    def forward(self, feats):
+        return self.fc2(F.relu(self.fc1(feats.flatten(1))))
+
+
+class PretextNet(nn.Module):
+    """A trunk with a `features(x)` method followed by a projection head: x -> h. One module, so
+    that DDP sees a single forward."""
+
+    def __init__(self, phi, head):
+        super().__init__()
+        self.phi, self.head = phi, head
+
+    def forward(self, x):
+        return self.head(self.phi.features(x))
+
+
+class LipschitzLayer(nn.Module):
+    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz` (the
+    branches of PGMGAN's Lipschitz-bounded partitioner, Sec. 4.2).
+
+    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
+    runs on the layer's *actual* linear map: for a conv that is the convolution over a
+    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
+    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
+    layers already below L are left alone (i-ResNet's soft normalisation).
+    """
+
+    def __init__(self, layer, lipschitz, in_shape):
+        super().__init__()
+        self.layer, self.lipschitz = layer, lipschitz
+        u = torch.randn(1, *in_shape)
+        self.register_buffer("u", u / u.norm())
+        self.register_buffer("sigma", torch.ones(()))
+
+    def _apply_op(self, x):                                 # A x (no bias)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, self.layer.weight)
+        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
+
+    def _apply_adjoint(self, v):                            # A^T v
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(v, self.layer.weight.t())
+        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
+
+    @torch.no_grad()
+    def power_iteration(self, n=1):
+        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
+        u = self.u
+        for _ in range(n):
+            u = self._apply_adjoint(self._apply_op(u))
+            u = u / u.norm().clamp_min(1e-12)
+        self.u.copy_(u)
+        self.sigma.copy_(self._apply_op(u).norm())
+
+    def forward(self, x):
+        if self.training:
+            self.power_iteration(1)
+            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
+            sigma = self._apply_op(self.u.clone()).norm()
+        else:
+            sigma = self.sigma
+        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
+        out = self._apply_op(x) * scale
+        if self.layer.bias is not None:
+            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
+        return out
+
+
+class ReLUClassifier(nn.Module):
+    """A plain ReLU MLP with a linear head: `n_layers` hidden layers of `width` units, logits (B, k).
+    `features(x)` is the last hidden layer; `converge()` does nothing (the interface of a
+    spectrally normalised network whose power iterations must converge before use)."""
+
+    def __init__(self, in_dim, k, n_layers, width):
+        super().__init__()
+        dims = [in_dim] + [width] * n_layers
+        self.body = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.feat_dim = dims[-1]
+        self.head = nn.Linear(self.feat_dim, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+    def converge(self, n=100):
+        pass
+
+
+class ProgressLine:
+    """A progress line for a long phase (embedding a dataset, a kNN graph, training steps, samples
+    for metrics): `add(n)` after each piece; prints `label: done/total unit (p%), elapsed, eta` on
+    stdout. Main process only (`show`)."""
+
+    def __init__(self, label, total, unit="", every=10.0, show=True):
+        self.label, self.total, self.every, self.show = label, total, every, show
+        self.unit = f" {unit}" if unit else ""
+        self.done, self.start, self.last = 0, time.perf_counter(), None
+
+    def add(self, n=1):
+        """Count n more. Silent for a phase shorter than 2 s; else the first call after 2 s prints
+        (the phase's first eta), then one line every `every` seconds and one at the end."""
+        self.done += n
+        now = time.perf_counter()
+        due = self.last is None or now - self.last >= self.every or self.done >= self.total
+        if self.show and due and now - self.start >= 2.0:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.label}: {self.done}/{self.total}{self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
+                  f"{format_duration(now - self.start)} elapsed, eta "
+                  f"{format_duration(max(self.total - self.done, 0) / max(rate, 1e-9))}", flush=True)
+
+
+def fetch_batch(dataset, idx):
+    """Data points idx (LongTensor) of a dataset, as one batch (B, ...)."""
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(idx)[0]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def dataset_labels(dataset):
+    labels = getattr(dataset, "labels", None)
+    return None if labels is None else torch.as_tensor(labels).long()
+
+
+@torch.no_grad()
+def map_batches(fn, dataset, device, batch=1000, idx=None, progress=None):
+    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the
+    CPU. progress: a label for a progress line (None: silent)."""
+    idx = torch.arange(len(dataset)) if idx is None else idx
+    line = ProgressLine(progress, len(idx), "items", show=progress is not None)
+    outs = []
+    for i in range(0, len(idx), batch):
+        outs.append(fn(fetch_batch(dataset, idx[i:i + batch]).to(device)).float().cpu())
+        line.add(len(outs[-1]))
+    return torch.cat(outs)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(x, index) instead of (x, label): the random baseline looks its ids up by index."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], i
+
+    def get_batch(self, idx):
+        return fetch_batch(self.base, idx), idx
+
+
+def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
+    """Two SimCLR views are two calls of this on the same batch. x: (B, C, H, W) in [-1, 1].
+
+    Random resized crop (area in [crop, 1], aspect ratio in [3/4, 4/3]) and horizontal flip (with
+    probability flip) as one affine resampling per image, then colour jitter (brightness, contrast,
+    saturation factors in [1 - color, 1 + color]) with probability color_p and grayscale with
+    probability gray. Batched on the device.
+    SimCLR applies the jitter components in random order and adds hue; we keep a fixed order.
+    """
+    b, c = x.shape[0], x.shape[1]
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(crop, 1.0)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3)))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)      # crop size / image size
+    # A ratio that makes the crop wider (taller) than the image keeps the area, clipping that side.
+    too_wide, too_tall = w > 1, h > 1
+    w = torch.where(too_wide, 1.0, torch.where(too_tall, area, w))
+    h = torch.where(too_tall, 1.0, torch.where(too_wide, area, h))
+    cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)     # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
+    mirror = torch.where(torch.rand(b, device=dev) < flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * mirror, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    y = (y + 1) / 2                                         # colour ops in [0, 1]
+    s = color
+    if s > 0:
+        on = (torch.rand(b, 1, 1, 1, device=dev) < color_p).float()
+
+        def factor():
+            return 1 + on * torch.empty(b, 1, 1, 1, device=dev).uniform_(-s, s)
+
+        y = (y * factor()).clamp(0, 1)                                           # brightness
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = ((y - mean) * factor() + mean).clamp(0, 1)                           # contrast
+        if c == 3:
+            lum = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:])
+            y = ((y - lum) * factor() + lum).clamp(0, 1)                       # saturation
+    if c == 3 and gray > 0:
+        mono = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]).expand_as(y)
+        y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < gray, mono, y)
+    return y * 2 - 1
+
+
+@torch.no_grad()
+def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None, progress=None):
+    """Indices (N, k) of the k nearest neighbours of every row of feats (N, d), self excluded.
+
+    Computed block by block on `device`: a block of rows against all N rows, so the memory is
+    rows x N floats (about `chunk_mb`), never N x N. metric: "cosine" (pretext features, as SCAN)
+    or "euclidean" (raw 2-D coordinates). progress: a label for a progress line (None: silent).
+    """
+    device = device or feats.device
+    n = feats.shape[0]
+    if k >= n:
+        raise UsageError(f"--neighbors {k} needs more than {k} points (have {n})")
+    x = feats.to(device=device, dtype=torch.float32)
+    if metric == "cosine":
+        x = F.normalize(x, dim=1)
+    sq = (x * x).sum(1)                                          # (N,)
+    rows = max(1, int(chunk_mb * 2 ** 20 / (4 * n)))
+    out = torch.empty(n, k, dtype=torch.long)
+    line = ProgressLine(progress, n, "rows", show=progress is not None)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        score = x[start:stop] @ x.T                              # (rows, N)
+        if metric == "euclidean":
+            score.mul_(2).sub_(sq[None, :])                      # -||a-b||^2 + ||a||^2 (row const)
+        score[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")   # not itself
+        out[start:stop] = score.topk(k, dim=1).indices.cpu()
+        del score
+        line.add(stop - start)
+    return out
+
+
+def entropy(p, eps=1e-8):
+    """H_C(p) of categorical distributions along the last axis (natural log)."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
+
+
+def clustering_metrics(pred, labels, k):
+    """Partition sizes, and against the true labels (when the data has them): NMI (arithmetic
+    normalisation, as sklearn's default), one-to-one accuracy (Hungarian matching of partitions to
+    labels, SCAN's metric when k = #labels) and purity (each partition votes its majority label)."""
+    from scipy.optimize import linear_sum_assignment
+
+    sizes = torch.bincount(pred, minlength=k)
+    out = {"partitions_used": int((sizes > 0).sum()), "partition_min": int(sizes.min()),
+           "partition_max": int(sizes.max())}
+    if labels is None:
+        return out, sizes
+    _, lab = torch.unique(labels, return_inverse=True)
+    cont = torch.zeros(k, int(lab.max()) + 1, dtype=torch.float64)
+    cont.index_put_((pred, lab), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
+    n = cont.sum()
+    pij = cont / n
+    pi, pj = pij.sum(1, keepdim=True), pij.sum(0, keepdim=True)
+    nz = pij > 0
+    mi = (pij[nz] * torch.log(pij[nz] / (pi @ pj)[nz])).sum()
+    hi = -(pi[pi > 0] * torch.log(pi[pi > 0])).sum()
+    hj = -(pj[pj > 0] * torch.log(pj[pj > 0])).sum()
+    nmi = float(2 * mi / (hi + hj)) if float(hi + hj) > 0 else 1.0
+    rows, cols = linear_sum_assignment(-cont.numpy())
+    out.update(nmi=nmi, accuracy=float(cont.numpy()[rows, cols].sum() / n),
+               purity=float(cont.max(1).values.sum() / n))
+    return out, sizes
+
+
+# ==================================================================================================
 # 6. Architectures
 # ==================================================================================================
 
@@ -2305,26 +2655,6 @@ def inception_input(images):
     return 2.0 * x - 1.0
 
 
-class Progress:
-    """`label: 1200/10000 (12%), 23.4 img/s, ETA 0:06:15` on stderr every `every` seconds."""
-
-    def __init__(self, total, label, enabled=True, every=10.0):
-        self.total, self.label, self.every, self.enabled = total, label, every, enabled
-        self.done, self.start, self.last = 0, time.time(), time.time()
-
-    def update(self, k):
-        self.done += k
-        now = time.time()
-        finished = self.total is not None and self.done >= self.total
-        if self.enabled and (now - self.last >= self.every or (finished and now - self.start > self.every)):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            of = f"/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            eta = (f", ETA {format_duration((self.total - self.done) / rate)}"
-                   if self.total and not finished else "")
-            print(f"{self.label}: {self.done}{of}, {rate:.1f} img/s{eta}", file=sys.stderr, flush=True)
-
-
 class FeatureStats:
     """Streaming statistics of one network's features, so no pass holds all images (or, for FID
     alone, all features) in memory.
@@ -2420,7 +2750,7 @@ def extract(batches, nets, stats, device, total=None, progress=True, label="feat
     (`evaluate.py ckpt --save-samples` writes them). One batch at a time: images never pile up.
     """
     device = torch.device(device)
-    meter = Progress(total, label, enabled=progress)
+    meter = ProgressLine(label, total or 0, "images", show=progress)
     for batch in batches:
         if len(batch) == 0:
             continue
@@ -2429,7 +2759,7 @@ def extract(batches, nets, stats, device, total=None, progress=True, label="feat
             on_batch(x.cpu())
         for name, net in nets.items():
             stats[name].add(*net.embed(x))
-        meter.update(len(x))
+        meter.add(len(x))
     return stats
 
 

@@ -13,11 +13,10 @@ The idea in three lines:
     (Eq. 6, 8). phi is a residual network with Lipschitz-bounded branches (Theorem 3), so R_i has
     no local minima outside A_i and the partitions are connected; keep only samples with R_i = 0.
 
-Stages (`--stage`, default all), each writing what the next one reads, all in --out
-(--resume: finished stages are skipped, the GAN continues bit-for-bit from ckpt.pt; a pretext or
-partition stage that was cut off starts again):
-    pretext    SimCLR on the training images (Eq. 4)                      -> pretext.pt
-               (skipped for 2-D data, for --partition random and for --k 1)
+Stages (`--stage`, default all), each writing what the next one reads into --out (--resume skips
+finished stages and continues the GAN bit-for-bit from ckpt.pt; a cut-off pretext or partition
+stage starts again):
+    pretext    SimCLR on the training images (Eq. 4; not for 2-D data, --partition random, --k 1) -> pretext.pt
     partition  kNN graph on the pretext features + S trained with Eq. 5  -> partition.pt
     gan        the mixture of GANs with the guide                        -> ckpt.pt, metrics.json
 
@@ -26,6 +25,7 @@ Launch:
     python pgm_gan.py --dataset grid --partition random                # baseline "Random Partition ID"
     python pgm_gan.py --dataset grid --guide-weight 0                  # baseline "Partition GAN"
     python pgm_gan.py --dataset grid --k 1                             # baseline: one plain GAN
+    python pgm_gan.py --dataset grid --partitioner unconstrained       # Sec. 5.1 ablation (Fig. 3-4 right)
     python pgm_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
     python pgm_gan.py --dataset cifar10 --stage pretext                # the stages one by one ...
     python pgm_gan.py --dataset cifar10 --stage partition              # ... (same --out)
@@ -40,20 +40,19 @@ Map of the paper to this file:
     Eq. 2   per-partition GAN objective V(D_i, G_i, A_i)  -> d_loss_fn / g_loss_fn (`--loss standard`)
             (default: hinge loss, as the official code)
     Eq. 4   NT-Xent contrastive loss (SimCLR)             -> nt_xent, run_pretext
-    Eq. 5   partitioner objective on the kNN graph        -> partition_loss, knn_graph, run_partition
+    Eq. 5   partitioner objective on the kNN graph        -> partition_loss, run_partition (common.knn_graph)
     Sec. 4.1 S_init = softmax(W_0 phi_0(x)) from pretext  -> Partitioner, run_partition
     Eq. 6   guide R_i(x) = sum_c (f_c(x) - f_i(x))_+      -> guide
     Eq. 7   R_i(x) = 0 <=> x in A_i                       -> guide, make_sampler (rejection)
     Eq. 8   G_i's loss + lambda * mean R_i, lambda annealed -> guide_weight, run_gan
     Thm. 3 / Sec. 4.2 residual blocks x + psi(x), psi with spectral norm L < 1 and ELU
-                                                          -> LipschitzLayer, ResidualBlock, Partitioner
+                                                          -> ResidualBlock, Partitioner (common.LipschitzLayer)
     Fig. 3  -R_i over the plane                           -> figure3
     Fig. 4  real vs generated 2-D points                  -> figure4
-    Table 1 modes / reverse KL, partition NMI             -> final_metrics, partition_metrics
+    Table 1 modes / reverse KL, partition NMI             -> final_metrics (common.clustering_metrics)
 """
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -77,99 +76,89 @@ RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
 # ==================================================================================================
 
 # Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Sources: "paper" = the PGMGAN paper; "official" = the authors' code (2d_mix/train.py for 2-D,
-# configs/<dataset>/scan_guide*_biggan*.yaml for images); "SCAN" = the SimCLR / SCAN configs of
-# Van Gansbeke et al. 2020, whose code the paper's partitioner training follows (Sec. 4.1; the
-# official repository loads SCAN-trained partitioners and does not contain that training);
-# "ours" = a value none of them gives.
+# Sources: "paper" = the PGMGAN paper; "Official code:" = alisadeghian/PGMGAN (2d_mix/train.py for
+# 2-D, train.py + configs/<dataset>/*.yaml for images); "SCAN" = wvangansbeke/Unsupervised-
+# Classification (configs/pretext/simclr_cifar10.yml, configs/scan/scan_cifar10.yml), whose code
+# trained the authors' partitioners (their repository only loads them); "ours" = none of them.
+# How the 2-D values were measured: README, "How the 2-D defaults were chosen".
 _TOY = dict(
-    # GAN. official 2d_mix/train.py: batch 100, z_dim 2, hidden width 200 (d_act_dim), one D step
-    # per G step (d_iter 1), the standard (cross-entropy) loss, 100 epochs of 100K points, metrics
-    # on 50K samples; its D (from Self-Conditioned GAN's 2d_mix/models) is three maxout layers of
-    # 200 units, 5 pieces each. Steps, lr, its decay and the guide weight: ours (8K steps: all
-    # stages in 12-14 minutes on one core of a 2-core CPU running two such runs, tests/bench_pgm.py
-    # toy; the official script runs 100K steps at lr 1e-4, and its reg_guide default is 0).
-    # lr decay: with a constant lr each generator ends as a point 1-5 stds off its mode (the D
-    # cannot resolve the 0.01 / 0.05 stds); decaying it over the second half brings them in.
-    # D activation: maxout as in the official D. With ReLU our D went dead in one grid run (d_loss
-    # 2 log 2 from step 1500, over half the units of its last layers never active; 1 mode kept).
-    # k: one partition per Gaussian (set per dataset below). Sec. 5.1: both partitioners "put each
-    # Gaussian component in a different cluster, i.e. both get perfect clustering accuracy". The
-    # official script instead fits 50 k-means clusters (num_clusters) with a small ReLU net and
-    # cross-entropy, not Eq. 5; with Eq. 5 and k = 50, beta = 5 spreads each ring mode over about
-    # six barely-decided partitions (top-two logit margin < 0.01) and the runs kept 5-7 of 8 modes.
+    # Official code 2d_mix/train.py: batch 100, z 2, width 200, d_iter 1, standard loss, maxout D
+    # (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU), lr 1e-3
+    # decaying over the second half, maxout kept (our ReLU D went dead once), k = one partition
+    # per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
-    n_dis=1, loss="standard", d_act="maxout", guide_weight=1.0, guide_anneal=5e-5, guide_min=0.0,
-    ema=0.0, ema_start=0, lr_decay_from=0.5, eval_samples=50_000,
-    # Partitioner. Sec. 5.1: no pretext stage, S on the raw coordinates; official: the partitioner
-    # is fit on 10K points. Depth/width/steps/lr/restarts: ours (Thm. 3 holds for any depth).
-    # Measured on the grid: lr 1e-3 left S undecided (per-point entropy 1.3 nats); at 3e-3 one S in
-    # five merged two modes into one partition, which cost the GAN a mode; the best of 3 by Eq. 5
-    # avoids that (the merge lowers H(mean S)).
+    n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
+    # Guide: ours. Their reg_guide defaults to 0 and 2d_mix/run.sh passes none; their R is the
+    # mean over c. Our sum with lambda 1.0 equals their mean with lambda k (25 grid, 8 ring).
+    guide_weight=1.0, guide_anneal=5e-5, guide_min=0.0, guide_reduce="sum", ema=0.0, ema_start=0,
+    # Partitioner: Sec. 5.1 (no pretext, S on the coordinates); official: fit on 10K points.
+    # Size, steps, lr and 3 restarts (best Eq. 5 on the whole graph): ours.
     part_blocks=4, part_width=64, part_levels=0, part_steps=1500, part_batch_size=512,
     part_lr=3e-3, part_restarts=3, part_samples=10_000, neighbors=20, alpha=0.0, beta=5.0,
     pretext_steps=0, pretext_batch_size=256, pretext_lr=0.4, temperature=0.1,
     log_every=500, sample_every=2000, ckpt_every=2000)
 _IMAGES = dict(
-    # GAN. Sec. 5: SN-GAN architecture, k = 200; official configs: z 128, batch 100, Adam 2e-4
-    # betas (0, 0.999), hinge loss, G every 4th D step ("D4" configs), guide weight 6.0 minus
-    # 1.2e-4 per G step, EMA of G 0.9999 from step 10K, BigGAN N(0, 0.02) init (we keep SNGAN's,
-    # see common.py). Steps: ours (about the official 500 epochs / 4).
+    # GAN. Sec. 5: SN-GAN networks, k = 200. Official code (configs/*/scan_guide*_biggan*.yaml,
+    # train.py): z 128, batch 100, Adam 2e-4 betas (0, 0.999), hinge loss, G every 4th D step
+    # (train.py: `it % 4`), lambda 6.0 minus 1.2e-4 per G step with R averaged over c (mean).
+    # Sec. 5.4 / Table 4 keep lambda 6.0 for every k, which only the mean makes k-independent.
+    # No weight averaging: take_model_average is false (configs/cifar|stl10/default.yaml) and
+    # the `biggan: ema` keys only reach the BigGAN constructor's unused **kwargs. Steps: ours.
     arch="resnet", width=64, z_dim=128, batch_size=100, steps=60_000, lr=2e-4, beta1=0.0,
     beta2=0.999, n_dis=4, loss="hinge", k=200, guide_weight=6.0, guide_anneal=1.2e-4,
-    guide_min=0.0, ema=0.9999, ema_start=10_000, lr_decay_from=1.0, eval_samples=10_000,
-    # Partitioner. Sec. 5: 20 residual blocks (60 convs), Lipschitz 0.9; i-ResNet layout of the
-    # official partitioner: three squeeze levels; hidden width 128 ours (i-ResNet: 512).
-    # SCAN (cifar config): Adam 1e-4, batch 128, 50 epochs (~20K steps), 20 neighbours, entropy
-    # weight 5. alpha (the per-sample entropy of Eq. 5) is 0 in SCAN: ours 0.
+    guide_min=0.0, guide_reduce="mean", ema=0.0, ema_start=10_000, lr_decay_from=1.0,
+    eval_samples=50_000,         # Sec. 5 / official num_inception_images: 50K samples
+    # Partitioner. Sec. 5: 20 residual blocks of 3 convs, Lipschitz 0.9. Levels 3 and width 128:
+    # ours (official i-ResNet: 2 squeezes, widths 32/64/128; see Partitioner). SCAN: Adam 1e-4,
+    # batch 128, 50 epochs (~20K steps), 20 neighbours, entropy weight 5 (alpha 0).
     part_blocks=20, part_width=128, part_levels=3, part_steps=20_000, part_batch_size=128,
     part_lr=1e-4, part_restarts=1, part_samples=None, neighbors=20, alpha=0.0, beta=5.0,
-    # Pretext. SCAN's SimCLR config: 500 epochs of batch 512 (~49K steps on 50K images), SGD
-    # (paper Sec. 5: "SGD for training the pretext model") lr 0.4 momentum 0.9 nesterov, weight
-    # decay 1e-4, cosine schedule, temperature 0.1.
+    # Pretext. SCAN simclr_cifar10.yml: 500 epochs of 512 (~49K steps on 50K images), SGD lr 0.4,
+    # momentum 0.9 (no Nesterov), weight decay 1e-4, cosine to 1e-3 x lr, temperature 0.1.
     pretext_steps=49_000, pretext_batch_size=512, pretext_lr=0.4, temperature=0.1,
     log_every=200, sample_every=5000, ckpt_every=5000)
 PRESETS = {
     "grid": dict(_TOY, k=25),
     "ring": dict(_TOY, k=8),
-    # official configs/stacked_mnist/scan_guide97_biggan_D4.yaml: 10 neighbours (numnei10),
-    # guide floor 1e-4, "nepochs = 350".
+    # Official code configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guided; its twin
+    # scan_guide98, weight_guide 0, is the Partition GAN row = --guide-weight 0): 10 neighbours,
+    # floor 1e-4, "nepochs = 350" (~52K G steps).
     "stacked-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
     "stacked-fashion-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
-    # official configs/cifar/scan_guide_biggan.yaml (guide floor 0).
+    # Official code configs/cifar/scan_guide_biggan.yaml (floor 0).
     "cifar10": dict(_IMAGES),
-    # official configs/stl10/scan_guide101_biggan_D4.yaml: 48x48, guide floor 1e-4. (Sec. 5
-    # reports IS/FID on 50K samples; eval_samples 10K is ours, for time: pass 50000.)
+    # Official code configs/stl10/scan_guide101_biggan_D4.yaml (guided; twin 102 = weight 0):
+    # 48x48, floor 1e-4. Steps ours.
     "stl10": dict(_IMAGES, guide_min=1e-4, steps=100_000),
-    # Sec. 5.3: ImageNet at 128x128, k = 1000, BigGAN architecture (here: the SNGAN ResNet 128
-    # layout of common.py, ours); batch 256 ours. Data: an ImageFolder tree (--data-root).
+    # Sec. 5.3: 128x128, k = 1000, BigGAN (here the SNGAN ResNet 128 of common.py, ours); no
+    # official config: the CIFAR guide (mean, 6.0); batch 256 ours.
     "imagenet": dict(_IMAGES, k=1000, batch_size=256, steps=100_000),
 }
 # One line per preset for --help: where its values come from.
 PRESET_SOURCES = {
-    "grid": "Sec. 5.1 (k = 25, one partition per Gaussian) + official 2d_mix/train.py (batch 100, "
-            "z 2, width 200, maxout D, standard loss); steps, lr, guide weight and partitioner size ours",
+    "grid": "Sec. 5.1 (k = 25) + official 2d_mix/train.py (batch 100, z 2, width 200, maxout D, "
+            "standard loss); steps, lr, guide (sum, 1.0) and partitioner size ours",
     "ring": "as grid, k = 8 (appendix: 2D-ring; official 2d_mix/train.py)",
-    "stacked-mnist": "Table 1 + official configs/stacked_mnist/scan_guide97_biggan_D4.yaml; "
-                     "pretext/partition training from SCAN's configs",
+    "stacked-mnist": "Table 1 + official configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guide "
+                     "mean 6.0); pretext/partition training from SCAN's configs",
     "stacked-fashion-mnist": "ours: the stacked-mnist preset on Fashion-MNIST",
-    "cifar10": "Table 1 + official configs/cifar/scan_guide_biggan.yaml; SCAN's configs",
-    "stl10": "Table 2 (48x48) + official configs/stl10/scan_guide101_biggan_D4.yaml; SCAN's configs",
+    "cifar10": "Table 1 + official configs/cifar/scan_guide_biggan.yaml (guide mean 6.0); SCAN's configs",
+    "stl10": "Table 2 (48x48) + official configs/stl10/scan_guide101_biggan_D4.yaml (guide mean 6.0); "
+             "SCAN's configs",
     "imagenet": "Sec. 5.3 (128x128, k 1000; BigGAN replaced by the SNGAN ResNet 128, ours)",
 }
 
-
-def presets_epilog():
-    lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
-    for name, values in PRESETS.items():
-        lines.append(f"  {name}: {PRESET_SOURCES[name]}")
-        lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
+SHORT_RUN = """\
+A short run: --steps sets the GAN stage only. Each stage has its own size: pretext
+--pretext-steps, --pretext-batch-size; partition --part-samples (images embedded, put in the kNN
+graph), --part-steps, --part-batch-size, --part-restarts, --pi-samples (images labelled to measure
+pi); GAN --steps, --batch-size,
+--n-dis; metrics --eval-samples. The image presets' networks (a 20-block partitioner, the SN-GAN
+ResNet) cost seconds per step on a CPU: shrink them too (--part-blocks, --part-width, --width).
+A CPU check of stacked Fashion-MNIST in a few minutes:
+  --steps 20 --batch-size 16 --pretext-steps 5 --pretext-batch-size 32 --part-samples 2000
+  --part-steps 20 --part-batch-size 64 --pi-samples 2000 --part-blocks 4 --part-width 32 --width 32
+  --eval-samples 500"""
 
 # --dataset names of this script -> common.DATASETS names ("imagenet" is a folder of images).
 DATA_NAME = {"imagenet": "folder"}
@@ -177,8 +166,9 @@ IMG_SIZE = {"imagenet": 128}
 
 
 def parse_args(argv=None):
-    p = common.ArgParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
-                         epilog=presets_epilog())
+    p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\n" + SHORT_RUN,
+                         formatter_class=common.PresetHelpFormatter,
+                         epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
                         "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
@@ -197,26 +187,22 @@ def parse_args(argv=None):
     g.add_argument("--pretext-lr", type=float, default=None, help="SGD lr, cosine decay (SCAN: 0.4)")
     g.add_argument("--temperature", type=float, default=None, help="tau of Eq. 4 (SCAN: 0.1)")
     g.add_argument("--proj-dim", type=int, default=128, help="dimension of h (SimCLR: 128)")
-    g.add_argument("--aug-crop", type=float, default=0.2,
-                   help="random resized crop: smallest area fraction (SimCLR/SCAN: 0.2); 1 = off")
-    g.add_argument("--aug-flip", type=float, default=0.5, help="probability of a horizontal flip")
-    g.add_argument("--aug-color", type=float, default=0.4,
-                   help="colour jitter strength: brightness/contrast/saturation factors in "
-                        "[1-s, 1+s] (SCAN: 0.4); 0 = off")
-    g.add_argument("--aug-color-p", type=float, default=0.8, help="probability of colour jitter (SimCLR: 0.8)")
-    g.add_argument("--aug-gray", type=float, default=0.2, help="probability of grayscale (SimCLR: 0.2)")
+    common.add_simclr_args(g)
     g = p.add_argument_group("partitioner S = softmax(W phi(x)) (Eq. 5, Thm. 3)")
     g.add_argument("--neighbors", type=int, default=None,
                    help="neighbours per point in the kNN graph (SCAN: 20; official stacked MNIST: 10)")
     g.add_argument("--alpha", type=float, default=None, help="weight of sum_i H(S(x_i)) in Eq. 5 (SCAN: 0)")
     g.add_argument("--beta", type=float, default=None, help="weight of H(mean S) in Eq. 5 (SCAN: 5)")
+    g.add_argument("--partitioner", default="lipschitz", choices=["lipschitz", "unconstrained"],
+                   help="lipschitz: residual blocks with bounded branches (Sec. 4.2, Thm. 3); "
+                        "unconstrained: a plain ReLU MLP, the ablation of Sec. 5.1 / Fig. 3-4 (2-D only)")
     g.add_argument("--lipschitz", type=float, default=0.9,
                    help="spectral norm L < 1 of every layer of psi (Sec. 5: 0.9)")
     g.add_argument("--part-blocks", type=int, default=None,
                    help="residual blocks x + psi(x) in phi (Sec. 5: 20, i.e. 60 convs)")
     g.add_argument("--part-width", type=int, default=None, help="hidden channels/units inside psi")
     g.add_argument("--part-levels", type=int, default=None,
-                   help="images: squeeze (2x2 space-to-depth) levels, blocks split over them (i-ResNet: 3)")
+                   help="images: squeeze (2x2 space-to-depth) levels, blocks split over them (ours: 3; official i-ResNet: 2)")
     g.add_argument("--part-steps", type=int, default=None, help="Adam steps on Eq. 5 (SCAN: 50 epochs)")
     g.add_argument("--part-batch-size", type=int, default=None, help="anchors per step (SCAN: 128)")
     g.add_argument("--part-lr", type=float, default=None, help="Adam lr (SCAN: 1e-4)")
@@ -224,7 +210,11 @@ def parse_args(argv=None):
                    help="train S this many times from fresh inits and keep the best Eq. 5 over the "
                         "whole kNN graph (ours; as k-means' n_init)")
     g.add_argument("--part-samples", type=int, default=None,
-                   help="train S on this many training points (official 2-D: 10K); default all")
+                   help="training points that are embedded, put in the kNN graph and train S (official "
+                        "2-D: 10K); default all")
+    g.add_argument("--pi-samples", type=int, default=None,
+                   help="training points labelled by the trained S to measure pi and the partition "
+                        "metrics; default all (fewer: a shorter partition stage, a noisier pi)")
     g.add_argument("--knn-chunk-mb", type=float, default=256.0,
                    help="memory for one block of the kNN similarity matrix (no N x N matrix)")
     g = p.add_argument_group("GAN (Eq. 2, 6, 8)")
@@ -252,18 +242,22 @@ def parse_args(argv=None):
     g.add_argument("--guide-anneal", type=float, default=None,
                    help="lambda decreases by this much per G step (official: 1.2e-4)")
     g.add_argument("--guide-min", type=float, default=None, help="floor of lambda (official: 0 / 1e-4)")
-    g.add_argument("--guide-reduce", default="sum", choices=["sum", "mean"],
-                   help="R_i sums over c (Eq. 6) or averages (official code, i.e. lambda/k); the "
-                        "official lambda 6.0 was used with mean: pass mean to reproduce its numbers")
+    g.add_argument("--guide-reduce", default=None, choices=["sum", "mean"],
+                   help="R_i sums over c (Eq. 6) or averages (official code: lambda/k). Image "
+                        "presets: mean, as the official lambda 6.0 was tuned with it; 2-D: sum (ours)")
     g.add_argument("--no-rejection", action="store_true",
                    help="sample without the rejection step (keep x = G_i(z) even if R_i(x) > 0)")
     g.add_argument("--reject-tries", type=int, default=50,
-                   help="rejection: redraws of z for one partition id before drawing a new id")
-    g.add_argument("--ema", type=float, default=None, help="EMA decay of G's weights (official images: 0.9999); 0 = off")
-    g.add_argument("--ema-start", type=int, default=None, help="G step at which the EMA starts (official: 10K)")
+                   help="rejection: redraws of z per sample, same partition id (ours; official: 21); "
+                        "a sample still rejected is kept and counted as 'forced'")
+    g.add_argument("--ema", type=float, default=None,
+                   help="EMA decay of G's weights, 0 = off (ours: the official image configs average "
+                        "no weights; e.g. 0.9999)")
+    g.add_argument("--ema-start", type=int, default=None, help="G step at which the EMA starts (ours: 10K)")
     g.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (common.SYNTHETIC_STD)")
     g.add_argument("--eval-samples", type=int, default=None,
-                   help="samples for metrics.json (official 2-D: 50K); 0 = no final metrics")
+                   help="samples for metrics.json (paper and official code: 50K; fewer is ours, for "
+                        "time); 0 = no final metrics")
     g.add_argument("--classifier", default=None,
                    help="stacked datasets: mode classifier file (evaluate.py classifier) for modes / reverse KL")
     g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID")
@@ -282,15 +276,16 @@ def parse_args(argv=None):
         raise common.UsageError("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
     common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
-                                       "part_lr", "part_restarts", "part_samples", "pretext_batch_size", "pretext_lr",
+                                       "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
                                        "temperature", "proj_dim", "knn_chunk_mb", "reject_tries"),
                        nonnegative=("beta1", "beta2", "alpha", "beta", "guide_weight", "guide_anneal",
                                     "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
-                                    "part_levels", "aug_flip", "aug_color", "aug_color_p", "aug_gray"))
+                                    "part_levels"))
+    common.check_simclr_args(args)
     if not 0 < args.lipschitz < 1:
         raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
-    if not 0 < args.aug_crop <= 1:
-        raise common.UsageError("--aug-crop must be in (0, 1]")
+    if args.partitioner == "unconstrained" and not points:
+        raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
     if not args.ema < 1:
         raise common.UsageError("--ema must be < 1")
     args.data_name = data_name(args)     # saved with the args: evaluate.py ckpt reads it
@@ -319,51 +314,6 @@ def uses_partitioner(args):
 # 2. Pretext: SimCLR (Eq. 4)
 # ==================================================================================================
 
-def augment(x, args):
-    """Two SimCLR views are two calls of this on the same batch. x: (B, C, H, W) in [-1, 1].
-
-    Random resized crop (area in [aug_crop, 1], aspect ratio in [3/4, 4/3]) and horizontal flip
-    as one affine resampling per image, then colour jitter (brightness, contrast, saturation) with
-    probability aug_color_p and grayscale with probability aug_gray. Batched on the device.
-    SimCLR applies the jitter components in random order and adds hue; we keep a fixed order.
-    """
-    b, c = x.shape[0], x.shape[1]
-    dev = x.device
-    area = torch.empty(b, device=dev).uniform_(args.aug_crop, 1.0)
-    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3)))
-    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)      # crop size / image size
-    # A ratio that makes the crop wider (taller) than the image keeps the area, clipping that side.
-    too_wide, too_tall = w > 1, h > 1
-    w = torch.where(too_wide, 1.0, torch.where(too_tall, area, w))
-    h = torch.where(too_tall, 1.0, torch.where(too_wide, area, h))
-    cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)     # crop centre in [-1, 1] coordinates
-    cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(b, device=dev) < args.aug_flip, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    y = (y + 1) / 2                                         # colour ops in [0, 1]
-    s = args.aug_color
-    if s > 0:
-        on = (torch.rand(b, 1, 1, 1, device=dev) < args.aug_color_p).float()
-
-        def factor():
-            return 1 + on * torch.empty(b, 1, 1, 1, device=dev).uniform_(-s, s)
-
-        y = (y * factor()).clamp(0, 1)                                           # brightness
-        mean = y.mean(dim=(1, 2, 3), keepdim=True)
-        y = ((y - mean) * factor() + mean).clamp(0, 1)                           # contrast
-        if c == 3:
-            gray = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:])
-            y = ((y - gray) * factor() + gray).clamp(0, 1)                       # saturation
-    if c == 3 and args.aug_gray > 0:
-        gray = (0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]).expand_as(y)
-        y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < args.aug_gray, gray, y)
-    return y * 2 - 1
-
-
 def nt_xent(h1, h2, tau):
     """Eq. 4 (NT-Xent), as a loss to minimise, averaged over the 2N anchors:
 
@@ -380,93 +330,20 @@ def nt_xent(h1, h2, tau):
     return F.cross_entropy(sim, target)
 
 
-class PretextNet(nn.Module):
-    """phi_0 followed by the projection head: x -> h (B, proj_dim). One module, so that DDP sees
-    a single forward."""
-
-    def __init__(self, phi, head):
-        super().__init__()
-        self.phi, self.head = phi, head
-
-    def forward(self, x):
-        return self.head(self.phi.features(x))
-
-
-class ProjectionHead(nn.Module):
-    """h = W2 relu(W1 phi_0(x)) (Sec. 4.1, SimCLR's MLP head); phi_0(x) is flattened."""
-
-    def __init__(self, in_dim, out_dim, hidden=512):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim)
-
-    def forward(self, feats):
-        return self.fc2(F.relu(self.fc1(feats.flatten(1))))     # (B, out_dim)
-
-
 # ==================================================================================================
 # 3. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
 # ==================================================================================================
-# Theorem 3: if phi satisfies c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of
-# R_i is global, ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2 gets c0
-# from residual blocks B(x) = x + psi(x) whose branch psi is m layers, each with operator norm
-# L < 1, with 1-Lipschitz activations (ELU) in between: Lip(psi) <= L^m < 1, hence
-#   ||B(x) - B(y)|| >= ||x - y|| - ||psi(x) - psi(y)|| >= (1 - L^m) ||x - y||.
-# phi keeps the dimension of x (Thm. 3: phi maps R^d to R^d): 2-D data stays in R^2 (psi is an MLP
-# 2 -> width -> width -> 2); images go through "squeeze" levels (2x2 space-to-depth, a
-# permutation of the pixels, i.e. an isometry), as the i-ResNet of Behrmann et al. 2019 that the
-# official partitioner uses. Official code: its i-ResNet ends in BatchNorm + ReLU + pooling + a
-# linear head, which breaks the lower bound; we put W on the flattened phi(x) itself.
-
-class LipschitzLayer(nn.Module):
-    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz`.
-
-    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
-    runs on the layer's *actual* linear map: for a conv that is the convolution over a
-    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
-    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
-    layers already below L are left alone (i-ResNet's soft normalisation).
-    """
-
-    def __init__(self, layer, lipschitz, in_shape):
-        super().__init__()
-        self.layer, self.lipschitz = layer, lipschitz
-        u = torch.randn(1, *in_shape)
-        self.register_buffer("u", u / u.norm())
-        self.register_buffer("sigma", torch.ones(()))
-
-    def _apply_op(self, x):                                 # A x (no bias)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, self.layer.weight)
-        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
-
-    def _apply_adjoint(self, v):                            # A^T v
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(v, self.layer.weight.t())
-        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
-
-    @torch.no_grad()
-    def power_iteration(self, n=1):
-        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
-        u = self.u
-        for _ in range(n):
-            u = self._apply_adjoint(self._apply_op(u))
-            u = u / u.norm().clamp_min(1e-12)
-        self.u.copy_(u)
-        self.sigma.copy_(self._apply_op(u).norm())
-
-    def forward(self, x):
-        if self.training:
-            self.power_iteration(1)
-            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
-            sigma = self._apply_op(self.u.clone()).norm()
-        else:
-            sigma = self.sigma
-        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
-        out = self._apply_op(x) * scale
-        if self.layer.bias is not None:
-            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
-        return out
-
+# Theorem 3: if c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of R_i is global,
+# ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2: blocks B(x) = x + psi(x),
+# psi = m layers of operator norm L < 1 with 1-Lipschitz activations (ELU), so Lip(psi) <= L^m and
+# ||B(x) - B(y)|| >= (1 - L^m) ||x - y||. phi keeps the dimension of x: 2-D data stays in R^2;
+# images pass "squeeze" levels (2x2 space-to-depth, an isometry), as the i-ResNet (Behrmann 2019).
+# Official code (models/invertible_resnet/models/conv_iResNet.py, `iresnet()`): input zero-padded
+# 3 -> 16 channels (injective padding), 21 blocks in 3 stages of 7 (strides 1, 2, 2: two squeezes;
+# hidden widths 32/64/128), block = ActNorm, conv 3x3, conv 1x1, conv 3x3 with ELUs, soft spectral
+# norm 0.9 (5 power iterations); then BatchNorm, LeakyReLU, average pooling, Linear(256, 512) (512:
+# its "classifier" output, SCAN's features) and SCAN's head Linear(512, k). Pooling and that head
+# break Thm. 3's lower bound; we put W on the flattened phi(x). Depth 20, 3x3 convs, no ActNorm: ours.
 
 class ResidualBlock(nn.Module):
     """B(x) = x + psi(x), psi = 3 Lipschitz layers with ELU between (Sec. 4.2, m = 3 as in Sec. 5:
@@ -483,7 +360,7 @@ class ResidualBlock(nn.Module):
             layers = [nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, hidden, 3, padding=1),
                       nn.Conv2d(hidden, c, 3, padding=1)]
             shapes = [(c, h, w), (hidden, h, w), (hidden, h, w)]
-        self.psi = nn.ModuleList([LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
+        self.psi = nn.ModuleList([common.LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
 
     def forward(self, x):
         h = x
@@ -536,11 +413,16 @@ class Partitioner(nn.Module):
     def converge(self, n=100):
         """Run the power iterations to convergence (before S is frozen and used in eval mode)."""
         for m in self.modules():
-            if isinstance(m, LipschitzLayer):
+            if isinstance(m, common.LipschitzLayer):
                 m.power_iteration(n)
 
 
 def build_partitioner(args, channels):
+    if getattr(args, "partitioner", "lipschitz") == "unconstrained":
+        # Sec. 5.1's ablation (Fig. 3-4, right): "a multi-layer fully connected network with ReLU
+        # activations", no Lipschitz bound (2-D only). Sizes ours: the paper gives none; the
+        # official 2d_mix `Net` is 2 -> 10 -> 20 -> k.
+        return common.ReLUClassifier(channels, args.k, args.part_blocks, args.part_width)
     shape = (channels,) if is_points(args) else (channels, args.img_size, args.img_size)
     levels = 0 if is_points(args) else args.part_levels
     return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
@@ -549,40 +431,6 @@ def build_partitioner(args, channels):
 # ==================================================================================================
 # 4. The kNN graph and the partition loss (Eq. 5)
 # ==================================================================================================
-
-@torch.no_grad()
-def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None):
-    """Indices (N, k) of the k nearest neighbours of every row of feats (N, d), self excluded.
-
-    Computed block by block on `device`: a block of rows against all N rows, so the memory is
-    rows x N floats (about `chunk_mb`), never N x N. metric: "cosine" (pretext features, as SCAN)
-    or "euclidean" (raw 2-D coordinates).
-    """
-    device = device or feats.device
-    n = feats.shape[0]
-    if k >= n:
-        raise common.UsageError(f"--neighbors {k} needs more than {k} points (have {n})")
-    x = feats.to(device=device, dtype=torch.float32)
-    if metric == "cosine":
-        x = F.normalize(x, dim=1)
-    sq = (x * x).sum(1)                                          # (N,)
-    rows = max(1, int(chunk_mb * 2 ** 20 / (4 * n)))
-    out = torch.empty(n, k, dtype=torch.long)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        score = x[start:stop] @ x.T                              # (rows, N)
-        if metric == "euclidean":
-            score.mul_(2).sub_(sq[None, :])                      # -||a-b||^2 + ||a||^2 (row const)
-        score[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")   # not itself
-        out[start:stop] = score.topk(k, dim=1).indices.cpu()
-        del score
-    return out
-
-
-def entropy(p, eps=1e-8):
-    """H_C(p) of categorical distributions along the last axis (natural log)."""
-    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
-
 
 def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
     """Eq. 5 as a loss to minimise, with means instead of sums (a per-edge / per-point scale):
@@ -593,8 +441,8 @@ def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
     sampling of the edges). H(mean S) uses the batch mean (SCAN). Returns (loss, terms dict).
     """
     consistency = -torch.log((p_anchor * p_neighbor).sum(1).clamp_min(eps)).mean()
-    sharp = entropy(p_anchor, eps).mean()
-    balance = entropy(p_anchor.mean(0), eps)
+    sharp = common.entropy(p_anchor, eps).mean()
+    balance = common.entropy(p_anchor.mean(0), eps)
     return consistency + alpha * sharp - beta * balance, dict(consistency=consistency, entropy=sharp,
                                                              balance=balance)
 
@@ -608,56 +456,7 @@ def partition_objective(probs, nbrs, alpha, beta, chunk=4096):
     n = len(probs)
     consistency = sum(-torch.log((probs[i:i + chunk, None, :] * probs[nbrs[i:i + chunk]]).sum(2)
                                  .clamp_min(1e-8)).sum() for i in range(0, n, chunk)) / nbrs.numel()
-    return float(consistency + alpha * entropy(probs, 1e-8).mean() - beta * entropy(probs.mean(0), 1e-8))
-
-
-def fetch(dataset, idx):
-    """Data points idx (LongTensor) of a dataset, as one batch (B, ...)."""
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(idx)[0]
-    return torch.stack([dataset[int(i)][0] for i in idx])
-
-
-def dataset_labels(dataset):
-    labels = getattr(dataset, "labels", None)
-    return None if labels is None else torch.as_tensor(labels).long()
-
-
-@torch.no_grad()
-def map_batches(fn, dataset, device, batch=1000, idx=None):
-    """fn applied to the whole dataset (or the rows idx) in batches; results concatenated on the CPU."""
-    idx = torch.arange(len(dataset)) if idx is None else idx
-    outs = [fn(fetch(dataset, idx[i:i + batch]).to(device)).float().cpu()
-            for i in range(0, len(idx), batch)]
-    return torch.cat(outs)
-
-
-def partition_metrics(pred, labels, k):
-    """Partition sizes, and against the true labels (when the data has them): NMI (arithmetic
-    normalisation, as sklearn's default), one-to-one accuracy (Hungarian matching of partitions to
-    labels, SCAN's metric when k = #labels) and purity (each partition votes its majority label)."""
-    from scipy.optimize import linear_sum_assignment
-
-    sizes = torch.bincount(pred, minlength=k)
-    out = {"partitions_used": int((sizes > 0).sum()), "partition_min": int(sizes.min()),
-           "partition_max": int(sizes.max())}
-    if labels is None:
-        return out, sizes
-    _, lab = torch.unique(labels, return_inverse=True)
-    cont = torch.zeros(k, int(lab.max()) + 1, dtype=torch.float64)
-    cont.index_put_((pred, lab), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
-    n = cont.sum()
-    pij = cont / n
-    pi, pj = pij.sum(1, keepdim=True), pij.sum(0, keepdim=True)
-    nz = pij > 0
-    mi = (pij[nz] * torch.log(pij[nz] / (pi @ pj)[nz])).sum()
-    hi = -(pi[pi > 0] * torch.log(pi[pi > 0])).sum()
-    hj = -(pj[pj > 0] * torch.log(pj[pj > 0])).sum()
-    nmi = float(2 * mi / (hi + hj)) if float(hi + hj) > 0 else 1.0
-    rows, cols = linear_sum_assignment(-cont.numpy())
-    out.update(nmi=nmi, accuracy=float(cont.numpy()[rows, cols].sum() / n),
-               purity=float(cont.max(1).values.sum() / n))
-    return out, sizes
+    return float(consistency + alpha * common.entropy(probs, 1e-8).mean() - beta * common.entropy(probs.mean(0), 1e-8))
 
 
 # ==================================================================================================
@@ -677,7 +476,9 @@ def d_loss_fn(real, fake, kind):
 
 def g_loss_fn(fake, kind):
     """G's adversarial loss. hinge: -E D(G(z)). standard: the non-saturating -E log D(G(z)) in
-    place of Eq. 8's E log(1 - D(G(z))), whose gradient vanishes while D wins (Goodfellow 2014)."""
+    place of Eq. 8's E log(1 - D(G(z))), whose gradient vanishes while D wins (Goodfellow 2014).
+    Official code (gan_training/train.py, generator_trainstep_guided): a bug with the standard
+    loss (their 2-D runs): BCE with target 2, i.e. softplus(-D) - D, not softplus(-D)."""
     if kind == "hinge":
         return -fake.mean()
     return F.softplus(-fake).mean()
@@ -703,88 +504,49 @@ def guide_weight(args, g_step):
     return max(args.guide_weight - args.guide_anneal * g_step, min(args.guide_min, args.guide_weight))
 
 
-class PartitionLabels:
-    """Partition ids of real data: argmax S(x) (a learned partition, computed per batch), the
-    stored random ids of each training point (random baseline), or 0 (k = 1)."""
-
-    def __init__(self, args, S, random_ids):
-        self.args, self.S, self.random_ids = args, S, random_ids
-
-    @torch.no_grad()
-    def __call__(self, x, idx=None):
-        if self.S is not None:
-            return self.S(x.float()).argmax(1)
-        if self.random_ids is not None:
-            return self.random_ids[idx.cpu()].to(x.device)
-        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """(x, index) instead of (x, label): the random baseline looks its ids up by index."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i][0], i
-
-    def get_batch(self, idx):
-        return fetch(self.base, idx), idx
+@torch.no_grad()
+def partition_ids(x, idx, S, random_ids):
+    """Partition ids of real data x: argmax S(x) (learned partition), the stored random id of each
+    training point idx (random baseline), or 0 (k = 1)."""
+    if S is not None:
+        return S(x.float()).argmax(1)
+    if random_ids is not None:
+        return random_ids[idx.cpu()].to(x.device)
+    return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
 def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, strict=True):
-    """n -> (samples (n, ...), acceptance rate of this call). y ~ pi (partition sizes of the
-    training data), x = G(z, y). With rejection (Sec. 4.2: "only accepting samples with R_i(x)
-    being equal to zero"), a sample is kept only if argmax S(x) = y, i.e. R_y(x) = 0 (Eq. 7); a
-    rejected one redraws z, and after `reject_tries` failed draws for one id it draws a new id
-    from pi (a generator that never lands in its partition cannot stall sampling).
-
-    After 20 * reject_tries rounds, samples still rejected either raise (strict) or are kept as
-    drawn and counted in `sample.stats["forced"]` (pictures, metrics and evaluate.py use that, so
-    a barely trained model still gets evaluated, and the count says how far from the method's
-    sampler it was). `sample.stats` also counts draws and returned samples over all calls.
-    """
-    max_rounds = 20 * reject_tries
-    pi = pi.float().cpu()
+    """n -> (n samples, acceptance rate n / draws). y ~ pi (partition sizes of the training data),
+    x = G_y(z). With rejection (Sec. 4.2: "only accepting samples with R_i(x) being equal to zero",
+    i.e. argmax S(x) = y, Eq. 7), a rejected sample redraws z for the same y, at most reject_tries
+    times; y is never redrawn, so the generators' shares stay pi. Samples still rejected then raise
+    (strict) or are kept as last drawn and counted in sample.stats["forced"].
+    Official code (seeded_sampler.py, SeededRejectionSampler): the same with 21 redraws. Their
+    training-time evaluator (gan_training/eval.py) instead takes y = argmax S of real batches and
+    never rejects."""
+    check = rejection and S is not None
     stats = {"drawn": 0, "returned": 0, "forced": 0}
 
     @torch.no_grad()
     def sample(n):
-        y = torch.multinomial(pi, n, replacement=True).to(device)        # (n,) partition ids
-        out, drawn = None, 0
-        pending = torch.ones(n, dtype=torch.bool, device=device)
-        tries = torch.zeros(n, dtype=torch.long, device=device)
-        for round_ in range(max_rounds):
-            todo = pending.nonzero().squeeze(1)                            # (m,) still to fill
-            x = G(torch.randn(len(todo), z_dim, device=device), y[todo]).float()
-            drawn += len(todo)
-            if out is None:
-                out = torch.empty(n, *x.shape[1:], device=device)
-            if rejection and S is not None and round_ < max_rounds - 1:
-                ok = S(x).argmax(1) == y[todo]
-            elif rejection and S is not None and strict:
-                raise RuntimeError(f"rejection sampling: {len(todo)} of {n} samples still rejected "
-                                   f"after {max_rounds} rounds; use --no-rejection")
-            else:                                # no rejection, or the last round when not strict
-                ok = torch.ones(len(todo), dtype=torch.bool, device=device)
-                if rejection and S is not None:
-                    stats["forced"] += int((S(x).argmax(1) != y[todo]).sum())
-            out[todo[ok]] = x[ok]
-            pending[todo[ok]] = False
-            if not pending.any():
+        y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # (n,)
+        x = G(torch.randn(n, z_dim, device=device), y).float()
+        bad = S(x).argmax(1) != y if check else torch.zeros(n, dtype=torch.bool, device=device)
+        drawn = n
+        for _ in range(reject_tries if check else 0):
+            redo = bad.nonzero().squeeze(1)
+            if len(redo) == 0:
                 break
-            failed = todo[~ok]
-            tries[failed] += 1
-            stuck = failed[tries[failed] >= reject_tries]
-            if len(stuck):                                     # give up on these ids, draw others
-                y[stuck] = torch.multinomial(pi, len(stuck), replacement=True).to(device)
-                tries[stuck] = 0
+            x[redo] = G(torch.randn(len(redo), z_dim, device=device), y[redo]).float()
+            bad[redo] = S(x[redo]).argmax(1) != y[redo]
+            drawn += len(redo)
+        if bad.any() and strict:
+            raise RuntimeError(f"rejection sampling: {int(bad.sum())} of {n} samples still rejected "
+                               f"after {reject_tries} redraws; use --no-rejection")
+        stats["forced"] += int(bad.sum())
         stats["drawn"] += drawn
         stats["returned"] += n
-        return out.cpu(), n / drawn
+        return x.cpu(), n / drawn
 
     sample.stats = stats
     return sample
@@ -792,7 +554,11 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
 
 def build_gan(args, channels):
     size = args.img_size
+    # The paper's G_i "share all weights except the input layer"; here, as in the official BigGAN G
+    # (G_shared false), each partition has its own conditional-BN gains and biases in every block.
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
+    # Official code: D's per-partition output (biggan.py `linear_c`) has a bias; ours
+    # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
     # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with
     # the hinge loss (see common.DCGANDiscriminator). The ResNet and MLP Ds have biases anyway.
     D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
@@ -823,7 +589,7 @@ def figure3(S, points, labels, args, path, res=160):
     panels = [common.plot_heatmap((-torch.log1p(r)).numpy(), extent, size=320,
                                   title=f"-log(1 + R_{i}(x)) (Fig. 3): 0 on partition {i}"),
               common.plot_points([(points.numpy(), labels.numpy())], extent, size=320,
-                                 title=f"partitions of the data (k={args.k})")]
+                                 title=f"partitions of the data (k={args.k}, {args.partitioner} S)")]
     common.hconcat(panels, path)
 
 
@@ -847,35 +613,43 @@ def image_rows(G, pi, args, device, path, rows=10, per_row=8):
 
 
 def final_metrics(sample_fn, args, device):
-    """metrics.json: Table 1 mode metrics for 2-D and stacked data, IS/FID for other images."""
+    """metrics.json: Table 1 mode metrics for 2-D and stacked data, IS/FID for other images; every
+    kind also carries the sampler's acceptance rate and its count of forced (rejected but kept)
+    samples."""
     if args.eval_samples == 0:
         return {}
+    inner, progress = sample_fn, common.ProgressLine("evaluation", args.eval_samples, "samples")
+
+    def sample_fn(n):                           # the sampler, with a progress line
+        out = inner(n)
+        progress.add(n)
+        return out
+    stats = sample_fn.stats = inner.stats
     if is_points(args):
         x, acc = sample_fn(args.eval_samples)
-        return dict(common.mode_metrics_2d(x.numpy(), args.dataset, args.data_std), acceptance=acc,
-                    forced=sample_fn.stats["forced"])
-    if args.dataset.startswith("stacked"):
+        out = common.mode_metrics_2d(x.numpy(), args.dataset, args.data_std)
+    elif args.dataset.startswith("stacked"):
         if not args.classifier:
             return {"skipped": "no --classifier for the stacked-dataset mode count"}
         classifier = common.load_mode_classifier(args.classifier, device)
-        rates = []
 
         def batches(bs=500):
             for i in range(0, args.eval_samples, bs):
                 x, acc = sample_fn(min(bs, args.eval_samples - i))
-                rates.append(acc)
                 yield x
         out = dict(common.stacked_mode_metrics(batches(), classifier, device))
-        return dict(out, acceptance=float(np.mean(rates)), forced=sample_fn.stats["forced"])
-    try:
-        real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
-                                      img_size=args.img_size)
-        batches = (sample_fn(min(100, args.eval_samples - i))[0] for i in range(0, args.eval_samples, 100))
-        return common.image_metrics(batches, args.eval_samples, ["fid", "is"], real, device,
-                                    inception_weights=args.inception_weights)
-    except common.UsageError as err:            # no Inception weights offline: training still counts
-        print(f"note: image metrics skipped: {err}", flush=True)
-        return {"skipped": str(err)}
+    else:
+        try:
+            real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
+                                          img_size=args.img_size)
+            batches = (sample_fn(min(100, args.eval_samples - i))[0]
+                       for i in range(0, args.eval_samples, 100))
+            out = common.image_metrics(batches, args.eval_samples, ["fid", "is"], real, device,
+                                       inception_weights=args.inception_weights)
+        except common.UsageError as err:            # no Inception weights offline: training still counts
+            print(f"note: image metrics skipped: {err}", flush=True)
+            return {"skipped": str(err)}
+    return dict(out, acceptance=stats["returned"] / max(stats["drawn"], 1), forced=stats["forced"])
 
 
 def load_sampler(ckpt_path, device="cpu"):
@@ -924,29 +698,37 @@ def run_pretext(args, rt, dataset, channels):
     """
     torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
-    net = PretextNet(phi, ProjectionHead(phi.feat_dim, args.proj_dim))
+    net = common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
     common.seed_rank(rt, args.seed)
     net = rt.wrap(net)
-    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, nesterov=True,
-                          weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1))
+    # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
+    # lr * 0.1^3 (SCAN steps it per epoch, we per step).
+    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
+                                                       eta_min=args.pretext_lr * 1e-3)
+
+    def views(x):                                    # one SimCLR view of each image
+        return common.simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
+                                     args.aug_gray)
     stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
                                 num_workers=args.num_workers)
     os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
     log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps)
     meter = common.LossMeter(rt)
-    log.info(f"pretext (SimCLR, Eq. 4): {args.pretext_steps} steps, batch {args.pretext_batch_size}, "
-             f"phi_0 {common.count_params(phi)} params")
+    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
+             f"(--pretext-steps, --pretext-batch-size), phi_0 {common.count_params(phi)} params")
+    line = common.ProgressLine("pretext", args.pretext_steps, "steps", every=30, show=rt.is_main)
     for step in range(1, args.pretext_steps + 1):
         x, _ = next(stream)
         with rt.autocast():
             # Both views in one forward (one DDP reduction, one power-iteration step).
-            h = net(torch.cat([augment(x, args), augment(x, args)]))          # (2B, proj_dim)
+            h = net(torch.cat([views(x), views(x)]))          # (2B, proj_dim)
         loss = nt_xent(*h.float().chunk(2), args.temperature)
         opt.zero_grad(set_to_none=True)
         rt.backward_step(loss, opt)
         sched.step()
         meter.add(nt_xent=loss)
+        line.add()
         if step % args.log_every == 0 or step == args.pretext_steps:
             common.log_step(meter, log, step, stage_path(args, "pretext.pt"), lr=sched.get_last_lr()[0])
     if rt.is_main:
@@ -963,46 +745,94 @@ def run_pretext(args, rt, dataset, channels):
 def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
     """--part-steps Adam steps of Eq. 5 on S over the points `sub` and their kNN graph `nbrs`
     (SCAN's sampling: B anchors, one random neighbour each). Returns the unwrapped S in eval mode
-    with converged spectral-norm sigmas."""
+    with converged spectral-norm sigmas. SCAN feeds strongly augmented anchors and neighbours and
+    counts a point as its own neighbour; here both are clean images and the graph excludes self."""
     device = rt.device
     common.seed_rank(rt, args.seed + 7919 * restart)
     S = rt.wrap(S.to(device))
     opt = torch.optim.Adam(S.parameters(), lr=args.part_lr, weight_decay=1e-4 if not is_points(args) else 0.0)
     meter = common.LossMeter(rt)
     per_rank = max(1, args.part_batch_size // rt.world_size)
+    line = common.ProgressLine(f"partition: training S" + (f" ({restart + 1}/{args.part_restarts})"
+                               if args.part_restarts > 1 else ""), args.part_steps, "steps", every=30,
+                               show=rt.is_main)
     for step in range(1, args.part_steps + 1):
         a = torch.randint(len(sub), (per_rank,))
         j = nbrs[a, torch.randint(args.neighbors, (per_rank,))]            # one neighbour each
-        x = fetch(dataset, sub[torch.cat([a, j])]).to(device)
+        x = common.fetch_batch(dataset, sub[torch.cat([a, j])]).to(device)
         with rt.autocast():
             p = F.softmax(S(x).float(), dim=1)                            # (2B, k)
         loss, terms = partition_loss(p[:per_rank], p[per_rank:], args.alpha, args.beta)
         opt.zero_grad(set_to_none=True)
         rt.backward_step(loss, opt)
         meter.add(loss=loss, **terms)
+        line.add()
         if step % args.log_every == 0 or step == args.part_steps:
             common.log_step(meter, log, restart * args.part_steps + step, stage_path(args, "partition.pt"),
                             **({"restart": restart + 1} if args.part_restarts > 1 else {}))
     S = common.unwrap(S).eval()
-    S.converge(100)                      # exact sigmas for the frozen, eval-mode S
+    S.converge(500)                      # exact sigmas for the frozen, eval-mode S
     return S
 
 
+def graph_features(args, rt, dataset, channels, sub):
+    """What the kNN graph is built on, for the points `sub`: the raw coordinates on 2-D data (Sec.
+    5.1; Euclidean neighbours) or the pretext head's output h on images (SCAN mines neighbours on
+    it; cosine). Returns (features, metric, phi_0's state for S_init or None)."""
+    if is_points(args):
+        # Official code (2d_mix, toy_guide_clusterer): S is fit by cross-entropy to k-means labels
+        # of 10K points; we train the Thm. 3 network with Eq. 5 as for images.
+        return common.fetch_batch(dataset, sub), "euclidean", None
+    path = stage_path(args, "pretext.pt")
+    pre = common.load_checkpoint(path, method=METHOD)
+    phi0 = build_partitioner(args, channels)
+    head = common.ProjectionHead(phi0.feat_dim, args.proj_dim)
+    common.load_state(phi0, pre["phi"], "pretext network", path)
+    common.load_state(head, pre["head"], "pretext head", path)
+    phi0, head = phi0.to(rt.device).eval(), head.to(rt.device).eval()
+    feats = common.map_batches(lambda b: head(phi0.features(b)), dataset, rt.device, batch=500, idx=sub,
+                               progress="partition: embedding" if rt.is_main else None)
+    return feats, "cosine", {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
+
+
+def fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log):
+    """S trained --part-restarts times; the one with the best Eq. 5 over the whole graph is kept
+    (label-free, like k-means' n_init; README: a merged pair of grid modes lowers H(mean S))."""
+    best = None
+    for restart in range(args.part_restarts):
+        # Each restart: fresh random weights seeded by --seed and r (every rank agrees); on images
+        # phi starts from phi_0 (Sec. 4.1: S_init = softmax(W_0 phi_0(x)), W_0 random).
+        torch.manual_seed(args.seed + 7919 * restart)
+        S = build_partitioner(args, channels)
+        if phi_state is not None:
+            S.load_state_dict(phi_state, strict=False)
+        S = train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart)
+        if args.part_restarts == 1:
+            return S
+        probs = common.map_batches(lambda b: F.softmax(S(b).float(), 1), dataset, rt.device, batch=2000, idx=sub)
+        obj = partition_objective(probs, nbrs, args.alpha, args.beta)
+        log.info(f"partition: restart {restart + 1}/{args.part_restarts}: Eq. 5 loss on the graph "
+                 f"{obj:.4f}" + (" (best so far)" if best is None or obj < best[0] else ""))
+        if best is None or obj < best[0]:
+            best = (obj, S)
+    return best[1]
+
+
 def run_partition(args, rt, dataset, channels):
-    """Build the kNN graph, train S with Eq. 5 (learned), or draw random ids; save partition.pt.
+    """Partition ids of the training data and, for a learned partition, S; saves partition.pt.
+    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5,
+    then pi (partition sizes) and the partition metrics from S's labels of --pi-samples points.
 
     Under torchrun every rank computes the same features, graph and final labels (deterministic,
     redundant work, no communication); the S training steps are data-parallel through DDP, each
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
-    device = rt.device
     n_all = len(dataset)
-    labels_all = dataset_labels(dataset)
     os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
     # One log over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
-    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
+    lab = torch.arange(n_all)                        # the points whose ids give pi and the metrics
     if args.k == 1:
         pred = torch.zeros(n_all, dtype=torch.long)
     elif args.partition == "random":
@@ -1010,66 +840,33 @@ def run_partition(args, rt, dataset, channels):
         pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
         state["random_ids"] = pred
     else:
-        S = build_partitioner(args, channels)
-        # Points S is trained on (official 2-D: 10K), a fixed random subset.
-        gen = torch.Generator().manual_seed(args.seed)
-        sub = torch.randperm(n_all, generator=gen)[:args.part_samples] if args.part_samples else torch.arange(n_all)
-        if is_points(args):
-            # Sec. 5.1: no pretext, S on the raw coordinates. Official code (2d_mix, the
-            # toy_guide_clusterer): S is fit by cross-entropy (Adagrad) to k-means labels of 10K
-            # points, and its "invertible" S is one linear layer; we train the Thm. 3 network with
-            # Eq. 5, as for images, on Euclidean neighbours.
-            feats, metric = fetch(dataset, sub), "euclidean"
-        else:
-            pre = common.load_checkpoint(stage_path(args, "pretext.pt"), method=METHOD)
-            phi0 = build_partitioner(args, channels)
-            head = ProjectionHead(phi0.feat_dim, args.proj_dim)
-            common.load_state(phi0, pre["phi"], "pretext network", stage_path(args, "pretext.pt"))
-            common.load_state(head, pre["head"], "pretext head", stage_path(args, "pretext.pt"))
-            phi0, head = phi0.to(device).eval(), head.to(device).eval()
-            # SCAN mines neighbours on the contrastive head's (normalised) output h.
-            feats = map_batches(lambda b: head(phi0.features(b)), dataset, device, idx=sub)
-            metric = "cosine"
-            # Sec. 4.1: S_init(x) = softmax(W_0 phi_0(x)), W_0 random: copy phi_0, keep W fresh.
-            phi_state = {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
-            S.load_state_dict(phi_state, strict=False)
-            del phi0, head
+        sub = torch.arange(n_all)                   # the points of the graph (official 2-D: 10K)
+        if args.part_samples:
+            sub = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed))[:args.part_samples]
+        kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
+                else f"residual blocks, L={args.lipschitz}")
+        log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
+                 + ("" if is_points(args) else "embed them with the pretext network, ")
+                 + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
+                 f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
+                 f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
+        feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
         t0 = time.perf_counter()
-        nbrs = knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, device)     # (n, neighbors)
-        log.info(f"partition: kNN graph of {len(sub)} points, {args.neighbors} neighbours, "
-                 f"{time.perf_counter() - t0:.1f}s; training S ({common.count_params(S)} params, "
-                 f"{args.part_blocks} residual blocks, L={args.lipschitz}) for {args.part_steps} steps"
-                 + (f", {args.part_restarts} restarts" if args.part_restarts > 1 else ""))
-        init = copy.deepcopy(S.state_dict()) if args.part_restarts > 1 else None
-        best = None
-        for restart in range(args.part_restarts):
-            # Restart r: the same phi_0 (pretext weights), a fresh random W and, on 2-D data, fresh
-            # random weights everywhere (seeded by --seed and r, so every rank agrees).
-            if restart > 0:
-                torch.manual_seed(args.seed + 7919 * restart)
-                S = build_partitioner(args, channels)
-                if not is_points(args):
-                    S.load_state_dict({k: v for k, v in init.items() if not k.startswith("head.")}, strict=False)
-            S = train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart)
-            if args.part_restarts > 1:
-                # Keep the run with the best Eq. 5 over the whole graph (label-free, like k-means'
-                # n_init): on the grid some S (1 seed of 5 at part-lr 3e-3) merge two modes into one
-                # partition and leave another empty, which costs H(mean S).
-                obj = partition_objective(map_batches(lambda b: F.softmax(S(b).float(), 1), dataset, device,
-                                                      batch=2000, idx=sub), nbrs, args.alpha, args.beta)
-                log.info(f"partition: restart {restart + 1}/{args.part_restarts}: Eq. 5 loss on the "
-                         f"graph {obj:.4f}" + (" (best so far)" if best is None or obj < best[0] else ""))
-                if best is None or obj < best[0]:
-                    best = (obj, copy.deepcopy(S.state_dict()))
-        if best is not None:
-            S.load_state_dict(best[1])
-        pred = map_batches(lambda b: S(b).argmax(1), dataset, device, batch=2000).long()
+        nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
+                                progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
+        log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
+        S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
+        if args.pi_samples:
+            lab = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed + 1))[:args.pi_samples]
+        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
+                                  progress="partition: labelling" if rt.is_main else None).long()
         state["S"] = S.state_dict()
         if is_points(args) and rt.is_main:
-            show = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:5000]
-            figure3(S, dataset.points[show], pred[show], args,
+            show = torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))[:5000]
+            figure3(S, dataset.points[lab[show]], pred[show], args,
                     os.path.join(args.out, "partition", "figure3.png"))
-    metrics, sizes = partition_metrics(pred, labels_all, args.k)
+    labels = common.dataset_labels(dataset)
+    metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[lab], args.k)
     state.update(sizes=sizes, metrics=metrics)
     log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))
@@ -1101,8 +898,7 @@ def run_gan(args, rt, dataset, channels):
         common.load_state(S, part["S"], "partitioner", stage_path(args, "partition.pt"))
         S = S.to(device).eval().requires_grad_(False)            # frozen; eval: stored sigmas
     random_ids = part["random_ids"]
-    labeler = PartitionLabels(args, S, random_ids)
-    data = IndexedDataset(dataset) if random_ids is not None else dataset
+    data = common.IndexedDataset(dataset) if random_ids is not None else dataset
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
 
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
@@ -1135,12 +931,14 @@ def run_gan(args, rt, dataset, channels):
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
-    log.info(f"PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
+    log.info(f"plan: PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
              f"n_dis {args.n_dis}, global batch {args.batch_size} on {rt.world_size} process(es), "
              f"{rt.device}, loss {args.loss}, lambda {guide_weight(args, 0)} -{args.guide_anneal}/step "
              f"(floor {args.guide_min}, R reduce {args.guide_reduce}), rejection "
              f"{'off' if args.no_rejection or S is None else 'on'}, seed {args.seed}; "
-             f"G {common.count_params(G)} / D {common.count_params(D)} params")
+             f"G {common.count_params(G)} / D {common.count_params(D)} params (--steps, --batch-size, "
+             f"--n-dis; then {args.eval_samples} samples for metrics.json, --eval-samples)")
+    line = common.ProgressLine("gan", args.steps - step, "G steps", every=30, show=rt.is_main)
     D_plain = common.unwrap(D)       # D inside G's loss: no DDP gradient sync (common.Runtime.wrap)
     per_rank = args.batch_size // rt.world_size
     fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
@@ -1151,10 +949,12 @@ def run_gan(args, rt, dataset, channels):
         common.set_lr((opt_g, opt_d), lr)
         # ---- D steps: max_D sum_i pi_i V(D_i, G_i, A_i) (Eq. 1-2). Real x of the batch carry
         # their partition ids y = argmax S(x); the fakes are G_y(z) for the same ids, so each
-        # head D_y sees real and fake data of partition y in the proportions pi.
+        # head D_y sees real and fake data of partition y in the proportions pi. Eq. 2 takes the
+        # fake term over z with G(z) in A_i; training (ours and official) uses every G_y(z), and
+        # only sampling rejects G_y(z) outside A_y.
         for _ in range(args.n_dis):
             x, extra = next(stream)
-            y = labeler(x, extra)
+            y = partition_ids(x, extra, S, random_ids)
             z = torch.randn(per_rank, args.z_dim, device=device)
             with rt.autocast():
                 with torch.no_grad():
@@ -1165,24 +965,28 @@ def run_gan(args, rt, dataset, channels):
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
 
-        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)).
+        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Eq. 8
+        # sums the adversarial term over j and averages R; we (and the official code) average both.
+        # Official code: the G step reuses the last D step's z; ours draws a fresh z.
         lam = guide_weight(args, step)
         z = torch.randn(per_rank, args.z_dim, device=device)
         with rt.autocast():
             fake = G(z, y)
             adv = g_loss_fn(D_plain(fake, y).float().squeeze(1), args.loss)
-            if lam > 0:
-                r = guide(S(fake).float(), y, args.guide_reduce).mean()     # Eq. 6, 8
-            else:
-                r = torch.zeros((), device=device)
-        g_loss = adv + lam * r
+            # Eq. 6, 8. With lambda = 0 (Partition GAN) R is still measured, without a gradient,
+            # so the log shows how far the generators stray from their partitions.
+            with torch.set_grad_enabled(lam > 0):
+                r_each = guide(S(fake).float(), y, args.guide_reduce) if S is not None else None
+        g_loss = adv + lam * r_each.mean() if lam > 0 else adv
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         step += 1
+        line.add()
         if ema is not None:
-            # Official code: the EMA starts as a copy at ema_start, then decays each step.
+            # Ours (--ema): the EMA starts as a copy at ema_start, then decays each step.
             ema.step(G, step, args.ema_start)
-        meter.add(d_loss=d_loss, g_loss=adv, guide=r, lam=lam)
+        meter.add(d_loss=d_loss, g_loss=adv, lam=lam,
+                  **({} if r_each is None else dict(guide=r_each.mean(), outside=(r_each > 0).float().mean())))
 
         # ---- logging / checks / pictures / checkpoint
         if step % args.log_every == 0 or step == args.steps:
@@ -1226,49 +1030,17 @@ def save_samples(G, ema, S, pi, fixed_real, args, device, step):
 STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckpt.pt"}
 
 
-def restore_args(args):
-    """--resume: every flag but the run-control ones comes from the newest stage file in --out."""
-    if not args.resume:
-        return args
-    for name in ("ckpt.pt", "partition.pt", "pretext.pt"):
-        path = stage_path(args, name)
-        if os.path.isfile(path):
-            saved = common.load_checkpoint(path, method=METHOD)["args"]
-            for key, value in saved.items():
-                if key not in RUN_CONTROL:
-                    setattr(args, key, value)
-            return args
-    raise common.UsageError(f"--resume: nothing to resume in {args.out} (no ckpt.pt, partition.pt "
-                            f"or pretext.pt)")
-
-
 def plan_stages(args):
-    """Which stages this invocation runs. Without --resume a stage never overwrites its own
-    output; with --resume a finished stage (its file exists) is skipped and the GAN continues
-    from ckpt.pt. Pretext and partition are not resumed mid-way: they restart (they are short)."""
+    """The stages this invocation runs (common.plan_stages: a finished stage is skipped with
+    --resume and never overwritten without it; only the GAN continues mid-way)."""
     wanted = ["pretext", "partition", "gan"] if args.stage == "all" else [args.stage]
-    if "pretext" in wanted and not uses_pretext(args):
-        wanted.remove("pretext")
-    todo = []
-    for stage in wanted:
-        exists = os.path.isfile(stage_path(args, STAGE_FILES[stage]))
-        if exists and not args.resume:
-            raise common.UsageError(f"{args.out} already holds {STAGE_FILES[stage]}: pass --resume "
-                                    f"to continue the run or choose another --out")
-        if exists and args.resume and stage != "gan":
-            continue
-        todo.append(stage)
-    needs = {"partition": "pretext.pt" if uses_pretext(args) else None, "gan": "partition.pt"}
-    for stage in todo:
-        before = needs.get(stage)
-        if before and before[:-3] not in todo and not os.path.isfile(stage_path(args, before)):
-            raise common.UsageError(f"--stage {stage} needs {stage_path(args, before)}: run "
-                                    f"--stage {before[:-3]} first (same --out)")
-    return todo
+    wanted = [s for s in wanted if s != "pretext" or uses_pretext(args)]
+    needs = {"partition": "pretext" if uses_pretext(args) else None, "gan": "partition"}
+    return common.plan_stages(args.out, args.resume, wanted, STAGE_FILES, needs, resumable=("gan",))
 
 
 def main(argv=None):
-    args = restore_args(parse_args(argv))
+    args = common.restore_args(parse_args(argv), ("ckpt.pt", "partition.pt", "pretext.pt"), METHOD, RUN_CONTROL)
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
     todo = plan_stages(args)
     if not todo:

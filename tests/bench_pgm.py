@@ -5,12 +5,14 @@
     python tests/bench_pgm.py stacked --out runs/bench-pgm-sfm      # stacked Fashion-MNIST, small scale
     python tests/bench_pgm.py toy --out runs/bench-pgm --summary    # only print the finished table
     python tests/bench_pgm.py toy --out /tmp/smoke --smoke          # a few steps of every run (CI)
+    python tests/bench_pgm.py toy --out runs/x --variants pgmgan unconstrained --probe   # Fig. 3: descents on R_i
 
 Variants (PGMGAN's Table 1 rows, from flags of the same script):
     pgmgan     default flags
     partition  --guide-weight 0          ("Partition GAN": no guide)
     random     --partition random        ("Random Partition ID")
     gan        --k 1                     (one plain GAN, same networks)
+    unconstrained --partitioner unconstrained (Sec. 5.1's ablation, Fig. 3-4 right: S a ReLU MLP)
 Every run is one `pgm_gan.py` process with OMP_NUM_THREADS=1 (`--jobs` at a time); runs whose
 metrics.json exists are skipped, and a run cut off earlier is continued with --resume, so an
 interrupted benchmark picks up where it stopped. Extra flags for pgm_gan.py go after `--`.
@@ -33,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 VARIANTS = {"pgmgan": [], "partition": ["--guide-weight", "0"], "random": ["--partition", "random"],
-            "gan": ["--k", "1"]}
+            "gan": ["--k", "1"], "unconstrained": ["--partitioner", "unconstrained"]}
 # Stacked Fashion-MNIST at a small scale (ours; measured on a 2-core CPU shared by 2-4 jobs: the
 # PGMGAN run, all stages, 56 min; each GAN-only variant 23-35 min): DCGAN width 16 instead of the
 # SN-GAN ResNet (6.5 s vs 0.9 s CPU per iteration of 4 D + 1 G steps at batch 64, measured here),
@@ -56,12 +58,12 @@ SMOKE_STACKED = ["--steps", "4", "--pretext-steps", "2", "--part-steps", "2", "-
 
 # ---------------------------------------------------------------- kNN graph
 def bench_knn(args):
-    """Time and peak memory of pgm_gan.knn_graph on random (N, dim) features. Peak memory: the
+    """Time and peak memory of common.knn_graph on random (N, dim) features. Peak memory: the
     growth of the process's peak resident set size (ru_maxrss) over the features themselves
     (CPU), or torch.cuda.max_memory_allocated (CUDA)."""
     import torch
 
-    import pgm_gan
+    import common
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def bench_knn(args):
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    nbrs = pgm_gan.knn_graph(feats, args.k, "cosine", args.chunk_mb, device)
+    nbrs = common.knn_graph(feats, args.k, "cosine", args.chunk_mb, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -97,6 +99,40 @@ def bench_knn(args):
               "torch_threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2))
     return result
+
+
+# ---------------------------------------------------------------- the guide's descent on trained S
+def guide_probe(out, starts=400, iters=300, seed=0):
+    """Fig. 3's claim on a trained partitioner (run dir `out`): normalised gradient descent on R_i
+    from `starts` uniform points of the plot's square, for every non-empty partition i; returns
+    the share of (start, i) pairs that end outside A_i (stuck in a flat region or local minimum)."""
+    import torch
+
+    import common
+    import pgm_gan
+
+    part = common.load_checkpoint(os.path.join(out, "partition.pt"))
+    args = argparse.Namespace(**part["args"])
+    S = pgm_gan.build_partitioner(args, 2)
+    S.load_state_dict(part["S"])
+    S.eval().requires_grad_(False)
+    lo, hi = common.extent_for(args.dataset)[:2]
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.rand(starts, 2, generator=gen) * (hi - lo) + lo
+    stuck = total = 0
+    for i in (part["sizes"] > 0).nonzero().squeeze(1).tolist():
+        x = start.clone().requires_grad_(True)
+        y = torch.full((starts,), i)
+        for _ in range(iters):
+            r = pgm_gan.guide(S(x), y)
+            if torch.all(r == 0):
+                break
+            g, = torch.autograd.grad(r.sum(), x)
+            with torch.no_grad():
+                x -= 0.05 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
+        stuck += int((pgm_gan.guide(S(x.detach()), y) > 0).sum())
+        total += starts
+    return stuck / total
 
 
 # ---------------------------------------------------------------- runs of pgm_gan.py
@@ -204,6 +240,15 @@ STACKED_KEYS = ["modes", "reverse_kl", "acceptance", "forced", "partition_nmi", 
 
 
 def bench_toy(args, extra):
+    if args.probe:
+        for dataset in args.datasets:
+            for variant in args.variants:
+                for seed in args.seeds:
+                    out = run_dir(args.out, variant, dataset, seed)
+                    if os.path.isfile(os.path.join(out, "partition.pt")):
+                        print(f"{dataset} {variant} seed {seed}: {100 * guide_probe(out):.1f} % of descents "
+                              f"on R_i end outside A_i", flush=True)
+        return None
     if not args.summary:
         jobs = []
         for seed in args.seeds:
@@ -267,8 +312,8 @@ def main():
     k.add_argument("--k", type=int, default=20, help="neighbours")
     k.add_argument("--chunk-mb", type=float, default=256.0)
     k.add_argument("--device", default="cpu")
-    for name, variants, datasets in (("toy", list(VARIANTS), ["grid", "ring"]),
-                                     ("stacked", list(VARIANTS), None)):
+    table = [v for v in VARIANTS if v != "unconstrained"]          # Table 1's rows (the default)
+    for name, variants, datasets in (("toy", table, ["grid", "ring"]), ("stacked", table, None)):
         s = sub.add_parser(name, help=f"{name} benchmark runs")
         s.add_argument("--out", default=os.path.join("runs", f"bench-pgm-{name}"))
         s.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -281,6 +326,8 @@ def main():
         s.add_argument("--jobs", type=int, default=1)
         s.add_argument("--smoke", action="store_true", help="a few steps of every run (checks the command)")
         s.add_argument("--summary", action="store_true", help="only print the table of finished runs")
+        s.add_argument("--probe", action="store_true",
+                       help="toy: gradient descent on R_i of each finished run's partitioner (Fig. 3)")
     argv = sys.argv[1:]
     extra = []
     if "--" in argv:

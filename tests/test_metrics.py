@@ -243,7 +243,7 @@ def test_real_stats_use_the_training_pixels_and_a_full_cache_key(tmp_path, model
     common.real_stats(model, **dict(kw, img_size=8))
     other = tmp_path / "other"
     other.mkdir()
-    for i in range(3):
+    for i in range(6):
         Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(other / f"{i}.png")
     common.real_stats(model, **dict(kw, root=str(other)))
     assert len(os.listdir(tmp_path / "cache")) == 4
