@@ -2814,6 +2814,17 @@ def mode_metrics_2d(samples, dataset, data_std=None):
     return mode_stats(samples, centers, std)
 
 
+def reverse_kl_hq(samples, dataset, data_std=None):
+    """InvertGAN's reverse KL (its Sec. 5.1): sum_i p_i log(p_i K) where p_i is the fraction of
+    *all* samples that are high quality (within 3 std) at mode i. Low-quality samples count
+    nowhere, so sum p_i < 1 and the value may be negative; `reverse_kl` is the standard one."""
+    centers, std = synthetic_modes(dataset, data_std)
+    x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
+    dist, nearest = torch.cdist(x, centers.double()).min(1)
+    p = torch.bincount(nearest[dist <= 3 * std], minlength=len(centers)).double() / len(x)
+    return _reverse_kl(p.numpy())
+
+
 class ModeClassifier(nn.Module):
     """The small CNN that labels each channel of stacked (Fashion-)MNIST samples.
     (B, 1, 32, 32) in [-1, 1] -> (B, 10) logits; 32 -> 16 -> 8 -> 4 with stride-2 convs,
