@@ -20,6 +20,8 @@ Launch:
         --rdzv_endpoint=HOST:29500 invert_gan.py --dataset cifar100              # two nodes
     python invert_gan.py --dataset ring --out runs/x --resume                    # continue a run
     python evaluate.py ckpt runs/invert_gan-ring-0/ckpt.pt --n 50000             # evaluate
+Under torchrun --batch-size is the global batch, and mu and Sigma of F(x) are those of the global
+batch (batch_gaussian): N processes train the objective of one process with the same batch.
 
 Map of the paper to this file:
     Eq. 4   GAN objective V(G, D)                -> gan_losses_d / gan_loss_g
@@ -27,10 +29,10 @@ Map of the paper to this file:
     Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
     Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
     Eq. 8-9 p-norm distance                      -> gaussian_loss("pnorm")
-    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> train() (the two optimizer steps)
+    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> d_step (D), gf_losses (G and F), train()
     Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
-    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> train(), --gauss-loss zdisc
-    Table 1 modes / quality / reverse KL         -> evaluate_points
+    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> d_step / gf_losses, --gauss-loss zdisc
+    Table 1 modes / quality / reverse KL         -> evaluate_points (reverse_kl_hq: Sec. 5.1's form)
     Fig. 3  inverse, latent, samples, mode share -> figure3
     App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
 """
@@ -310,7 +312,8 @@ def evaluate_points(G, args, device):
 def figure3(G, F, real, args, device, path, n=2000):
     """Figure 3, one row: (a) z~ = F(x) of real data coloured by mode, (b) z ~ P_z coloured by the
     mode its G(z) lands nearest to, (c) samples G(z) (red) over the data (grey), (d) share of
-    samples per mode, with the uniform share 1/K dashed."""
+    high-quality samples per mode, with the uniform share 1/K dashed, and its reverse KL (the
+    paper's Sec. 5.1 form, common.reverse_kl_hq)."""
     centers, std = common.synthetic_modes(args.dataset, args.data_std)
     x, y = real
     z_inv = F(x[:n].to(device)).float().cpu()
@@ -330,7 +333,8 @@ def figure3(G, F, real, args, device, path, n=2000):
                            common.extent_for(args.dataset), size=300, centers=centers,
                            title="samples G(z) (red), data (grey)"),
         common.plot_bars(share.numpy(), size=(300, 150), reference=1.0 / len(centers),
-                         title="share of samples per mode (high quality)"),
+                         title=f"high-quality share per mode; reverse KL (hq) "
+                               f"{common.reverse_kl_hq(fake.numpy(), args.dataset, args.data_std):.3f}"),
     ]
     common.hconcat(panels, path)
 

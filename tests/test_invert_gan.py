@@ -442,7 +442,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
 
 def test_evaluate_ckpt_reads_an_invert_gan_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    invert_gan.main(["--dataset", "grid", "--out", out, *TINY])
+    invert_gan.main(["--dataset", "grid", "--data-std", "0.2", "--out", out, *TINY])
     proc = run_script(["evaluate.py", "ckpt", os.path.join(out, "ckpt.pt"), "--n", "3000",
                        "--json", str(tmp_path / "m.json")])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -450,4 +450,4 @@ def test_evaluate_ckpt_reads_an_invert_gan_checkpoint(tmp_path):
     sample = invert_gan.load_sampler(os.path.join(out, "ckpt.pt"))
     torch.manual_seed(0)
     points = sample(3000)
-    assert json.load(open(tmp_path / "m.json")) == common.mode_metrics_2d(points.numpy(), "grid")
+    assert json.load(open(tmp_path / "m.json")) == common.mode_metrics_2d(points.numpy(), "grid", 0.2)
