@@ -24,7 +24,7 @@ Under torchrun --batch-size is the global batch, and mu and Sigma of F(x) are th
 batch (batch_gaussian): N processes train the objective of one process with the same batch.
 
 Map of the paper to this file:
-    Eq. 4   GAN objective V(G, D)                -> gan_losses_d / gan_loss_g
+    Eq. 4   GAN objective V(G, D)                -> gan_loss_d / gan_loss_g
     Eq. 5   consistency loss L_cons              -> consistency_loss
     Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
     Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
