@@ -259,6 +259,31 @@ def seed_rank(rt, seed):
     seed_everything(seed + 1_000_003 * rt.rank)
 
 
+class _AllGatherGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands each rank the sum over ranks of the gradients
+    of its own rows (every rank's loss may depend on every rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_grad(x):
+    """(n, ...) on each of W ranks -> (W n, ...), rank order, gradients flowing back to each rank's
+    own x (torch.distributed.all_gather alone cuts them). Every rank must pass the same shape
+    (BatchStream gives every rank batch_size / world_size rows) and call backward."""
+    return _AllGatherGrad.apply(x)
+
+
 def shutdown(rt):
     """Leave the process group cleanly (torchrun otherwise prints warnings at exit)."""
     if rt.distributed and torch.distributed.is_initialized():
@@ -3244,6 +3269,17 @@ def mode_metrics_2d(samples, dataset, data_std=None):
     """{'modes', 'hq_fraction', 'reverse_kl', 'non_finite'} of (N, 2) samples of `ring` or `grid`."""
     centers, std = synthetic_modes(dataset, data_std)
     return mode_stats(samples, centers, std)
+
+
+def reverse_kl_hq(samples, dataset, data_std=None):
+    """InvertGAN's reverse KL (its Sec. 5.1): sum_i p_i log(p_i K) where p_i is the fraction of
+    *all* samples that are high quality (within 3 std) at mode i. Low-quality samples count
+    nowhere, so sum p_i < 1 and the value may be negative; `reverse_kl` is the standard one."""
+    centers, std = synthetic_modes(dataset, data_std)
+    x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
+    dist, nearest = torch.cdist(x, centers.double()).min(1)
+    p = torch.bincount(nearest[dist <= 3 * std], minlength=len(centers)).double() / len(x)
+    return _reverse_kl(p.numpy())
 
 
 # Stacked (Fashion-)MNIST: a classifier labels each channel, a sample's mode is its triplet.

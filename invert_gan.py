@@ -20,22 +20,25 @@ Launch:
         --rdzv_endpoint=HOST:29500 invert_gan.py --dataset cifar100              # two nodes
     python invert_gan.py --dataset ring --out runs/x --resume                    # continue a run
     python evaluate.py ckpt runs/invert_gan-ring-0/ckpt.pt --n 50000             # evaluate
+Under torchrun --batch-size is the global batch, and mu and Sigma of F(x) are those of the global
+batch (batch_gaussian): N processes train the objective of one process with the same batch.
 
 Map of the paper to this file:
-    Eq. 4   GAN objective V(G, D)                -> gan_losses_d / gan_loss_g
+    Eq. 4   GAN objective V(G, D)                -> gan_loss_d / gan_loss_g
     Eq. 5   consistency loss L_cons              -> consistency_loss
     Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
     Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
     Eq. 8-9 p-norm distance                      -> gaussian_loss("pnorm")
-    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> train() (the two optimizer steps)
+    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> d_step (D), gf_losses (G and F), train()
     Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
-    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> train(), --gauss-loss zdisc
-    Table 1 modes / quality / reverse KL         -> evaluate_points
+    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> d_step / gf_losses, --gauss-loss zdisc
+    Table 1 modes / quality / reverse KL         -> evaluate_points (reverse_kl_hq: Sec. 5.1's form)
     Fig. 3  inverse, latent, samples, mode share -> figure3
     App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
 """
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -67,8 +70,11 @@ PRESETS = {
                  lr_decay_from=0.5, n_dis=1, width=128, eval_samples=100_000, log_every=500,
                  sample_every=4000, ckpt_every=4000),
     # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
-    # layer is Linear 20: the latent dimension l = 20), SNGAN-style D. IS/FID/MS on 10K samples
-    # (5K for STL-10). Optimiser settings are ours (the paper gives none).
+    # layer is Linear 20: the latent dimension l = 20). IS/FID/MS on 10K samples (5K for STL-10).
+    # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
+    # optimiser settings (the paper gives none). STL-10 (ours): 48x48, the usual GAN resolution
+    # for it (the paper gives none; its tables are 32x32), on train+unlabeled (105K images, the
+    # usual GAN training split; the paper does not say which split).
     "cifar10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
                     beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
                     log_every=200, sample_every=5000, ckpt_every=5000),
@@ -85,6 +91,9 @@ for _preset in PRESETS.values():
     _preset.setdefault("ema", 0.0)              # sample the trained G itself
     _preset.setdefault("ema_start", 0)
 GAUSS_LOSSES = ("pnorm", "w2", "kl", "w2-1d", "zdisc", "none")
+POINT_DATASETS = ("ring", "grid")
+
+
 def parse_args(argv=None):
     p = common.ArgParser(description=__doc__.split("\n\n")[0],
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -94,12 +103,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="global batch (128 on 2-D, Sec. 5.1; 64 on images, Sec. 5.2)")
     p.add_argument("--z-dim", type=int, default=None, help="latent dimension l (2 on 2-D; 20 on images, Table 3)")
     p.add_argument("--arch", default=None, choices=["mlp", "invert-resnet"], help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2)")
-    p.add_argument("--width", type=int, default=None, help="MLP hidden units (ours: 128) / ResNet base channels (64, Tables 3-4)")
+    p.add_argument("--width", type=int, default=None,
+                   help="hidden units of the MLPs G, F, D, D_z (ours: 128) / base channels of the image "
+                        "G, F (64, Tables 3-4) and D (ours: 64)")
     p.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's, 48 for STL-10)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for G, F, D and D_z (ours)")
     p.add_argument("--beta1", type=float, default=None, help="Adam beta1 (ours)")
     p.add_argument("--beta2", type=float, default=None, help="Adam beta2 (ours)")
-    p.add_argument("--n-dis", type=int, default=None, help="D updates per G update (ours: 1)")
+    p.add_argument("--n-dis", type=int, default=None,
+                   help="D updates (and D_z updates with zdisc) per G/F update (ours: 1)")
     p.add_argument("--lr-decay-from", type=float, default=None,
                    help="fraction of --steps after which every lr decays linearly to 0 (ours; 1 = constant "
                         "lr). The schedule follows --steps: keep --steps when resuming a decaying run")
@@ -113,7 +125,12 @@ def parse_args(argv=None):
     p.add_argument("--p", type=float, default=2.0, help="p of the p-norm distance (Eq. 8-9; not stated in the paper, ours: 2)")
     p.add_argument("--lambda-cons", type=float, default=1.0, help="weight of L_cons (Eq. 10: 1); 0 with --gauss-loss none = plain GAN")
     p.add_argument("--lambda-gauss", type=float, default=1.0, help="weight of L_Gau (Eq. 10: 1)")
-    p.add_argument("--eig-eps", type=float, default=1e-6, help="eigenvalue floor of the batch covariance in w2/kl")
+    p.add_argument("--eig-eps", type=float, default=1e-6,
+                   help="w2, kl and w2-1d use Sigma + eps I (eigenvalues lambda + eps), so that a singular "
+                        "batch covariance has finite values and gradients (ours)")
+    p.add_argument("--prior-samples", type=int, default=1024,
+                   help="samples of P_z per D_z update with zdisc, global like --batch-size (Sec. 4.2(4): "
+                        "'as many as possible'; ours: 1024)")
     p.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid; see common.SYNTHETIC_STD)")
     p.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (50K ring, 100K grid, Sec. 5.1; 10K/5K images, Sec. 5.2)")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID/MS (else hub cache / download)")
@@ -123,7 +140,14 @@ def parse_args(argv=None):
     common.apply_presets(args, PRESETS[args.dataset], METHOD)
     if args.img_size is None:
         args.img_size = 1 if args.arch == "mlp" else common.DATASETS[args.dataset]["img_size"]
-    common.check_flags(args, positive=("z_dim", "n_dis", "width", "img_size", "eval_samples", "lr"),
+    points = args.dataset in POINT_DATASETS
+    if points != (args.arch == "mlp"):
+        # The MLPs are the 2-D networks of Sec. 5.1, the ResNets those of App. A.2 for images: an MLP on
+        # cifar10 would silently train on 1x1 images, a ResNet cannot read 2-D points.
+        raise common.UsageError(f"--arch {args.arch} does not fit --dataset {args.dataset}: use --arch "
+                                f"{'mlp' if points else 'invert-resnet'}")
+    common.check_flags(args, positive=("z_dim", "n_dis", "width", "img_size", "eval_samples", "lr",
+                                       "prior_samples"),
                        nonnegative=("beta1", "beta2", "lambda_cons", "lambda_gauss", "eig_eps",
                                     "ema", "ema_start"))
     if not 0 <= args.lr_decay_from <= 1:
@@ -177,9 +201,20 @@ def consistency_loss(z, z_rec, x, x_rec):
 # Sec. 4.2: the batch of codes z~_i = F(x_i) is summarised by its mean mu and covariance Sigma
 # (batch estimates), and a distance between N(mu, Sigma) and P_z = N(0, I_l) is minimised.
 
-def batch_gaussian(z):
-    """Mean (l,) and unbiased covariance (l, l) of a batch of codes (B, l), in float32."""
-    z = z.float()
+def batch_gaussian(codes):
+    """Mean (l,) and unbiased covariance (l, l) of the codes (B, l) of the *whole* batch, float64.
+
+    Under torchrun every rank gathers all ranks' codes (common.all_gather_grad), so mu and Sigma
+    are those of the global batch and N processes minimise the same L_Gau as one process with the
+    same global batch (a per-rank estimate would be another objective: 8 codes cannot estimate a
+    20-d covariance). Gradient scale: each rank holds the same L_Gau and the gather's backward sums
+    the ranks' gradients, so a rank's codes receive world_size x the one-process gradient; DDP's
+    average over ranks then divides by world_size, and G/F's weight gradients equal one process's.
+    float64 keeps the rounding error of a near-singular Sigma far below the floor eps of the losses.
+    """
+    z = codes.double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        z = common.all_gather_grad(z)                        # (B_global, l)
     mu = z.mean(0)
     centred = z - mu
     sigma = centred.T @ centred / (z.shape[0] - 1)
@@ -189,44 +224,40 @@ def batch_gaussian(z):
 def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
     """Distance between N(mu, Sigma) and N(0, I) for `kind` in pnorm | w2 | kl | w2-1d.
 
-    Matrix square roots, inverses and log-determinants go through the eigenvalues of the
-    symmetric Sigma, clamped below at `eps`: defined and differentiable for a singular batch
-    covariance (e.g. a collapsed F), never NaN. Where only a trace or determinant is needed we use
-    `eigvalsh`, whose backward (V diag(dL/dlambda) V^T) stays finite even for repeated
-    eigenvalues, unlike the eigenvector backward of `eigh`.
+    w2, kl and w2-1d see Sigma + eps I (ours): eigenvalues lambda + eps, the same regulariser
+    in every term of a loss. Unlike a clamp at eps, it keeps the gradient of a collapsed direction
+    (lambda ~ 0), the very direction these losses exist to re-inflate. Traces and determinants go
+    through `eigvalsh`, whose backward (V diag(dL/dlambda) V^T) stays finite for repeated
+    eigenvalues, unlike the eigenvector backward of `eigh`. Norms use torch.linalg.vector_norm,
+    whose gradient at exactly 0 is 0 (a subgradient at the minimum), not NaN.
     """
     l = mu.shape[0]
     eye = torch.eye(l, device=mu.device, dtype=mu.dtype)
     if kind == "pnorm":
         # Eq. 9: D^p = ||mu||_p + ||Sigma - I||_p, with the entry-wise matrix norm of Eq. 8,
         # (sum_ij |S_ij|^p)^(1/p). The paper writes S_ij^p; we take absolute values so that odd
-        # and fractional p give a norm (for even p the two agree).
-        return _pnorm(mu, p) + _pnorm(sigma - eye, p)
+        # and fractional p give a norm (for even p the two agree). No regulariser is needed.
+        return _norm(mu, p) + _norm(sigma - eye, p)
     if kind == "w2-1d":
         # Eq. 11: W2 between the 1-D marginals: sqrt(||mu||^2 + ||sigma - 1||^2), sigma = per-dim std.
-        std = torch.sqrt(torch.diagonal(sigma).clamp_min(eps))
-        return _safe_sqrt((mu ** 2).sum() + ((std - 1) ** 2).sum(), eps)
-    evals = torch.linalg.eigvalsh(0.5 * (sigma + sigma.T)).clamp_min(eps)   # (l,)
+        std = torch.sqrt(torch.diagonal(sigma) + eps)
+        return _norm(torch.cat([mu, std - 1]), 2)
+    evals = torch.linalg.eigvalsh(0.5 * (sigma + sigma.T)) + eps        # (l,) of Sigma + eps I
     if kind == "w2":
-        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))); tr Sigma^(1/2) = sum sqrt(lambda).
-        return _safe_sqrt((mu ** 2).sum() + (evals + 1 - 2 * evals.sqrt()).sum(), eps)
+        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))), and the trace is
+        # sum (sqrt(lambda) - 1)^2, so W2 is the 2-norm of (mu, sqrt(lambda) - 1).
+        return _norm(torch.cat([mu, evals.sqrt() - 1]), 2)
     if kind == "kl":
         # Eq. 7: KL(P_z || P_z~) = 1/2 {log det Sigma - l + tr(Sigma^-1) + mu^T Sigma^-1 mu}.
-        # The quadratic form uses a linear solve with the same eigenvalue floor added to the
-        # diagonal (a stable substitute for V diag(1/lambda) V^T, whose eigenvector backward
-        # blows up for near-equal eigenvalues).
+        # The quadratic form is a linear solve with the same Sigma + eps I (a stable substitute
+        # for V diag(1/lambda) V^T, whose eigenvector backward blows up for near-equal eigenvalues).
         quad = mu @ torch.linalg.solve(sigma + eps * eye, mu)
         return 0.5 * (evals.log().sum() - l + (1.0 / evals).sum() + quad)
     raise ValueError(f"unknown Gaussian loss {kind!r}")
 
 
-def _pnorm(t, p):
-    return t.abs().pow(p).sum().pow(1.0 / p)
-
-
-def _safe_sqrt(x, eps):
-    # sqrt has an infinite slope at 0, which is exactly where a perfect F sits: floor the argument.
-    return torch.sqrt(x.clamp_min(eps))
+def _norm(t, p):
+    return torch.linalg.vector_norm(t.flatten(), ord=p)
 
 
 # ==================================================================================================
@@ -236,13 +267,18 @@ def _safe_sqrt(x, eps):
 def build_networks(args, channels):
     """G: z -> x, D: x -> logit, F: x -> z (the inverse), and D_z: z -> logit for zdisc.
 
-    2-D data: four linear layers with ReLU for each (Sec. 5.1). Images: App. A.2 (Table 4 G,
-    Table 3 F, SNGAN-style ResNet D; D_z is then a 4-layer MLP on the 20-d codes, ours).
+    2-D data: four linear layers with ReLU for each (Sec. 5.1); hidden width ours (128).
+    Images: Table 4 G and Table 3 F (App. A.2). Their ResnetBlock internals are ours, as the
+    tables give only kernels and widths: LeakyReLU 0.2 before each conv, no normalisation, residual
+    scaled by 0.1 (Mescheder et al.'s GAN_stability, whose blocks the tables match; see
+    common.InvertResBlock). The image D is ours: the appendix gives none, so SNGAN's ResNet D
+    (spectral norm), with --width base channels. D_z (App. A.1 gives no architecture, ours): a
+    4-layer ReLU MLP on the codes, as wide as the 2-D networks, 128 units for images.
     """
     size = args.img_size
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width)
     D = common.build_discriminator(args.arch if args.arch == "mlp" else "resnet", size, channels,
-                                   width=args.width if args.arch == "mlp" else None)
+                                   width=args.width)
     F = common.build_encoder(args.arch, size, channels, args.z_dim, width=args.width)
     Dz = (common.MLP(args.z_dim, 1, hidden=args.width if args.arch == "mlp" else 128)
           if args.gauss_loss == "zdisc" else None)
@@ -264,16 +300,20 @@ def generate(G, n, z_dim, device, batch=10_000):
 
 
 def evaluate_points(G, args, device):
-    """Table 1 metrics: modes covered, high-quality fraction (within 3 std), reverse KL."""
-    samples = generate(G, args.eval_samples, args.z_dim, device)
-    return common.mode_metrics_2d(samples.numpy(), args.dataset, args.data_std)
+    """Table 1 metrics: modes covered, high-quality fraction (within 3 std), reverse KL in the
+    standard form (all samples) and in the paper's (reverse_kl_hq: high-quality samples only)."""
+    samples = generate(G, args.eval_samples, args.z_dim, device).numpy()
+    metrics = common.mode_metrics_2d(samples, args.dataset, args.data_std)
+    metrics["reverse_kl_hq"] = common.reverse_kl_hq(samples, args.dataset, args.data_std)
+    return metrics
 
 
 @torch.no_grad()
 def figure3(G, F, real, args, device, path, n=2000):
     """Figure 3, one row: (a) z~ = F(x) of real data coloured by mode, (b) z ~ P_z coloured by the
     mode its G(z) lands nearest to, (c) samples G(z) (red) over the data (grey), (d) share of
-    samples per mode, with the uniform share 1/K dashed."""
+    high-quality samples per mode, with the uniform share 1/K dashed, and its reverse KL (the
+    paper's Sec. 5.1 form, common.reverse_kl_hq)."""
     centers, std = common.synthetic_modes(args.dataset, args.data_std)
     x, y = real
     z_inv = F(x[:n].to(device)).float().cpu()
@@ -293,7 +333,8 @@ def figure3(G, F, real, args, device, path, n=2000):
                            common.extent_for(args.dataset), size=300, centers=centers,
                            title="samples G(z) (red), data (grey)"),
         common.plot_bars(share.numpy(), size=(300, 150), reference=1.0 / len(centers),
-                         title="share of samples per mode (high quality)"),
+                         title=f"high-quality share per mode; reverse KL (hq) "
+                               f"{common.reverse_kl_hq(fake.numpy(), args.dataset, args.data_std):.3f}"),
     ]
     common.hconcat(panels, path)
 
@@ -339,12 +380,90 @@ def load_data(args):
                                 download=args.download, data_std=args.data_std, seed=0)
 
 
+def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
+    """One update of D: max_D V(G, D) (Eq. 4), and with zdisc one of D_z (App. A.1, Eq. 13).
+
+    G and F only produce inputs here (under no_grad): this step never changes them. Under
+    torchrun D and D_z see this rank's share of x, z and z_prior; both losses are per-sample
+    means, so DDP's gradient average equals the gradient on the global batch.
+    Returns (d_loss, dz_loss or None).
+    """
+    n = x.shape[0]
+    with rt.autocast():
+        with torch.no_grad():
+            fake = G(z)
+        # Real and fake in one forward: one DDP reduction per backward, and the same
+        # spectral-norm power iteration for both halves.
+        logits = D(torch.cat([x, fake.to(x.dtype)])).float()
+        d_loss = gan_loss_d(logits[:n], logits[n:])
+    opt_d.zero_grad(set_to_none=True)
+    rt.backward_step(d_loss, opt_d)
+    if Dz is None:
+        return d_loss, None
+    # Eq. 13: max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))), z ~ P_z. Ours: D_z is updated with D,
+    # n_dis times per G/F step (App. A.1 only says "alternating training"), on the codes of the
+    # same real batch x, against len(z_prior) = --prior-samples / world prior samples: Sec. 4.2(4)
+    # asks for as many samples of P_z as possible, and as each half of the loss is a mean, more
+    # prior samples only make its real half less noisy.
+    with rt.autocast():
+        with torch.no_grad():
+            z_inv = F(x)
+        zlog = Dz(torch.cat([z_prior, z_inv.to(z_prior.dtype)])).float()
+        dz_loss = gan_loss_d(zlog[:len(z_prior)], zlog[len(z_prior):])
+    opt_dz.zero_grad(set_to_none=True)
+    rt.backward_step(dz_loss, opt_dz)
+    return d_loss, dz_loss
+
+
+def gf_losses(G, F, D, Dz, x, z, args, rt):
+    """The (G, F) side of Eq. 10 on real x and noise z: (GAN term, L_cons, L_Gau).
+
+    D and Dz are the plain (unwrapped) critics, read but not trained: call this inside
+    `frozen(D, Dz)` so that their weight gradients are not computed at all.
+    """
+    with rt.autocast():
+        fake = G(z)                                 # G(z)
+        z_rec = F(fake)                             # F(G(z))
+        z_inv = F(x)                                # z~ = F(x), (B, l)
+        x_rec = G(z_inv)                            # G(F(x))
+        g_adv = gan_loss_g(D(fake).float())         # reaches G only
+    cons = consistency_loss(z.float(), z_rec.float(), x.float(), x_rec.float())
+    if args.gauss_loss == "none":
+        gauss = torch.zeros((), device=z.device)
+    elif args.gauss_loss == "zdisc":
+        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see d_step.
+        with rt.autocast():
+            gauss = gan_loss_g(Dz(z_inv).float())
+    else:
+        # mu and Sigma of the global batch under torchrun (batch_gaussian); reaches F only.
+        mu, sigma = batch_gaussian(z_inv)
+        gauss = gaussian_loss(args.gauss_loss, mu, sigma, p=args.p, eps=args.eig_eps).float()
+    return g_adv, cons, gauss
+
+
+@contextlib.contextmanager
+def frozen(*nets):
+    """Weights of `nets` need no gradient inside (a critic in G's loss: the G step would compute its
+    weight gradients and throw them away)."""
+    nets = [n for n in nets if n is not None]
+    for net in nets:
+        net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for net in nets:
+            net.requires_grad_(True)
+
+
 def train(args, rt, dataset):
     info = common.DATASETS[args.dataset]
     is_points = info["kind"] == "points"
     channels = info["channels"]
     stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
                                 num_workers=args.num_workers)
+    if args.gauss_loss == "zdisc" and args.prior_samples % rt.world_size:
+        raise common.UsageError(f"--prior-samples {args.prior_samples} is not divisible by the world "
+                                f"size {rt.world_size}")
 
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
     G, D, F, Dz = build_networks(args, channels)
@@ -385,54 +504,25 @@ def train(args, rt, dataset):
         # step alone, so a resumed run gets the same values).
         lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
         common.set_lr((opt_gf, opt_d, opt_dz), lr)
-        # ---- D step(s): max_D V(G, D) (Eq. 4); G is not trained here, so no graph through it.
+        # ---- D step(s): max_D V(G, D) (Eq. 4), and D_z's with zdisc (App. A.1).
         for _ in range(args.n_dis):
             x, _ = next(stream)
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
-            with rt.autocast():
-                with torch.no_grad():
-                    fake = G(z)
-                # Real and fake in one forward: one DDP reduction per backward, and the same
-                # spectral-norm power iteration for both halves.
-                logits = D(torch.cat([x, fake.to(x.dtype)])).float()
-                d_loss = gan_loss_d(logits[:per_rank], logits[per_rank:])
-            opt_d.zero_grad(set_to_none=True)
-            rt.backward_step(d_loss, opt_d)
-            if Dz is not None:
-                # App. A.1, Eq. 13: max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))).
-                with rt.autocast():
-                    with torch.no_grad():
-                        z_inv = F(x)
-                    zlog = Dz(torch.cat([torch.randn_like(z_inv), z_inv])).float()
-                    dz_loss = gan_loss_d(zlog[:per_rank], zlog[per_rank:])
-                opt_dz.zero_grad(set_to_none=True)
-                rt.backward_step(dz_loss, opt_dz)
+            z_prior = (torch.randn(args.prior_samples // rt.world_size, args.z_dim, device=rt.device)
+                       if Dz is not None else None)
+            d_loss, dz_loss = d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt)
+            if dz_loss is not None:
                 meter.add(dz_loss=dz_loss)
 
         # ---- G and F step: min_{G,F} V + lambda_cons L_cons + lambda_gauss L_Gau (Eq. 10).
+        # Ours: the real batch is the last D step's x (the paper does not say; a fresh batch
+        # would cost one more read per step and change nothing in expectation).
         z = torch.randn(per_rank, args.z_dim, device=rt.device)
-        with rt.autocast():
-            fake = G(z)                                 # G(z)
-            z_rec = F(fake)                             # F(G(z))
-            z_inv = F(x)                                # z~ = F(x)
-            x_rec = G(z_inv)                            # G(F(x))
-            g_adv = gan_loss_g(D_plain(fake).float())
-        cons = consistency_loss(z.float(), z_rec.float(), x.float(), x_rec.float())
-        if args.gauss_loss == "none":
-            gauss = torch.zeros((), device=rt.device)
-        elif args.gauss_loss == "zdisc":
-            # Eq. 13 for F: fool D_z (non-saturating form, as for G).
-            with rt.autocast():
-                gauss = gan_loss_g(Dz_plain(z_inv).float())
-        else:
-            # Under torchrun, mu and Sigma are estimated on this rank's share of the batch
-            # (batch_size / world_size codes); the gradients are then averaged by DDP. With very
-            # small per-rank batches, prefer fewer processes or a larger --batch-size.
-            mu, sigma = batch_gaussian(z_inv)
-            gauss = gaussian_loss(args.gauss_loss, mu, sigma, p=args.p, eps=args.eig_eps)
-        gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
-        opt_gf.zero_grad(set_to_none=True)
-        rt.backward_step(gf_loss, opt_gf)
+        with frozen(D_plain, Dz_plain):
+            g_adv, cons, gauss = gf_losses(G, F, D_plain, Dz_plain, x, z, args, rt)
+            gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
+            opt_gf.zero_grad(set_to_none=True)
+            rt.backward_step(gf_loss, opt_gf)
         step += 1
         if ema is not None:
             ema.step(G, step, args.ema_start)      # a copy of G until --ema-start, then the average

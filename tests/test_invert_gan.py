@@ -80,20 +80,51 @@ def test_every_gaussian_loss_is_zero_at_the_standard_normal(kind):
         assert invert_gan.gaussian_loss(kind, 0.3 * torch.ones(l), 2 * torch.eye(l), eps=1e-12).item() > 0.1
 
 
-@pytest.mark.parametrize("kind", ["pnorm", "w2", "kl", "w2-1d"])
-def test_gaussian_losses_are_finite_for_a_collapsed_batch(kind):
-    # every code equal -> Sigma = 0 (singular), repeated eigenvalues: values and gradients finite
-    z = torch.ones(16, 4, requires_grad=True)
-    mu, sigma = invert_gan.batch_gaussian(z * torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    loss = invert_gan.gaussian_loss(kind, mu, sigma)
+@pytest.mark.parametrize("kind", ["w2", "kl", "w2-1d"])
+def test_a_direction_collapsed_below_the_floor_gets_a_restoring_gradient(kind):
+    # 64 codes spread along the first axis, variance ~1e-8 (below eps = 1e-6) along the second,
+    # centred and uncorrelated (mu = 0: KL's quadratic term adds nothing; Sigma diagonal). Every
+    # code must be pushed away from the mean along the collapsed axis, as strongly as the loss's
+    # slope there says (a clamp at eps passed ~4e-8 instead of ~4e-3 for w2).
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-4], dtype=torch.float64)
+    z = z - z.mean(0)
+    z[:, 1] -= (z[:, 1] @ z[:, 0]) / (z[:, 0] @ z[:, 0]) * z[:, 0]
+    z.requires_grad_()
+    loss = invert_gan.gaussian_loss(kind, *invert_gan.batch_gaussian(z), eps=1e-6)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    outward = -z.grad[:, 1] * z[:, 1].detach()             # > 0: a descent step spreads the code out
+    assert (outward > 0).all()
+    assert z.grad[:, 1].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_pnorm_gradient_at_exactly_the_standard_normal_is_zero_not_nan(p):
+    mu = torch.zeros(3, requires_grad=True)
+    sigma = torch.eye(3).requires_grad_()
+    invert_gan.gaussian_loss("pnorm", mu, sigma, p=p).backward()
+    assert torch.equal(mu.grad, torch.zeros(3)) and torch.equal(sigma.grad, torch.zeros(3, 3))
+
+
+def test_two_processes_give_the_global_batch_statistics_losses_and_gradients(tmp_path):
+    """torchrun, 2 ranks on gloo: each rank holds half of a 12-code batch (tests/invert_ddp_probe.py).
+    mu and Sigma are the whole batch's, each loss its one-process value, and each rank's codes get
+    2x their one-process gradient (every rank's copy of L_Gau sends its gradient to every rank's
+    codes; DDP's average over the 2 ranks halves it again: see invert_gan.batch_gaussian)."""
+    proc = run_torchrun(2, [os.path.join(ROOT, "tests", "invert_ddp_probe.py"), str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "gauss.json"))
+    assert r["world_size"] == 2 and r["mu_err"] < 1e-12 and r["sigma_err"] < 1e-12
+    for kind in ("pnorm", "w2", "kl", "w2-1d"):
+        assert r[kind]["value"] > 0.1 and r[kind]["value_err"] < 1e-10 * r[kind]["value"], kind
+        assert r[kind]["grad_scale"] > 1e-3 and r[kind]["grad_ratio_err"] < 1e-10 * r[kind]["grad_scale"], kind
 
 
 def test_batch_gaussian_is_the_unbiased_mean_and_covariance():
-    z = torch.randn(50, 3)
-    mu, sigma = invert_gan.batch_gaussian(z)
-    assert torch.allclose(mu, z.mean(0)) and torch.allclose(sigma, torch.cov(z.T), atol=1e-6)
+    z = torch.randn(50, 3, dtype=torch.float64)
+    mu, sigma = invert_gan.batch_gaussian(z.float())
+    assert sigma.dtype == torch.float64          # float64: the eps floor must beat rounding errors
+    assert torch.allclose(mu, z.mean(0), atol=1e-7) and torch.allclose(sigma, torch.cov(z.T), atol=1e-7)
 
 
 # ---------------------------------------------------------------- consistency (Eq. 5) and GAN (Eq. 4)
@@ -116,6 +147,72 @@ def test_gan_losses_against_log_sigmoid_by_hand():
     assert invert_gan.gan_loss_g(d_fake).item() == pytest.approx(-torch.log(sig(d_fake)).mean().item(), rel=1e-6)
 
 
+# ---------------------------------------------------------------- who trains what (Eq. 4, 10, 13)
+def small_setup(gauss_loss="pnorm"):
+    args = invert_gan.parse_args(["--dataset", "ring", "--gauss-loss", gauss_loss, "--width", "16"])
+    rt = common.setup_runtime("cpu", seed=0)
+    G, D, F, Dz = invert_gan.build_networks(args, common.DATASETS["ring"]["channels"])
+    x = common.build_dataset("ring", n_points=256).points[torch.randperm(256)[:32]]
+    return args, rt, G, D, F, Dz, x, torch.randn(32, 2)
+
+
+def grads(net):
+    return [p.grad for p in net.parameters()]
+
+
+def reached(net):
+    return any(g is not None and g.abs().sum() > 0 for g in grads(net))
+
+
+@pytest.mark.parametrize("gauss_loss", ["pnorm", "w2", "kl", "w2-1d", "zdisc"])
+def test_each_term_of_the_g_step_reaches_only_its_networks(gauss_loss):
+    # Eq. 10: the GAN term trains G (never F), L_Gau(F) trains F (never G), L_cons both; inside
+    # frozen() the critics' weights get no gradient at all (they would be thrown away).
+    args, rt, G, D, F, Dz, x, z = small_setup(gauss_loss)
+    with invert_gan.frozen(D, Dz):
+        terms = invert_gan.gf_losses(G, F, D, Dz, x, z, args, rt)
+        for name, term in zip(("gan", "cons", "gauss"), terms):
+            for net in (G, F):
+                net.zero_grad(set_to_none=True)
+            term.backward(retain_graph=True)
+            assert (reached(G), reached(F)) == {"gan": (True, False), "cons": (True, True),
+                                                "gauss": (False, True)}[name], name
+            assert all(g is None for net in (D, Dz) if net is not None for g in grads(net)), name
+
+
+def test_the_training_loop_freezes_d_in_the_g_step_and_feeds_dz_prior_samples(tmp_path, monkeypatch):
+    seen, priors = [], []
+    real_gf, real_d = invert_gan.gf_losses, invert_gan.d_step
+
+    def spy_gf(G, F, D, Dz, *rest):
+        seen.append([p.requires_grad for net in (D, Dz) for p in net.parameters()])
+        return real_gf(G, F, D, Dz, *rest)
+
+    def spy_d(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
+        priors.append(len(z_prior))
+        return real_d(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt)
+
+    monkeypatch.setattr(invert_gan, "gf_losses", spy_gf)
+    monkeypatch.setattr(invert_gan, "d_step", spy_d)
+    invert_gan.main(["--dataset", "ring", "--gauss-loss", "zdisc", "--prior-samples", "300",
+                     "--out", str(tmp_path / "f"), *TINY])
+    assert len(seen) == 20 and not any(any(step) for step in seen)
+    assert priors == [300] * 20
+
+
+def test_d_step_trains_d_and_dz_and_leaves_g_and_f_untouched():
+    args, rt, G, D, F, Dz, x, z = small_setup("zdisc")
+    opt_d, opt_dz = torch.optim.Adam(D.parameters()), torch.optim.Adam(Dz.parameters())
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in
+              (("G", G), ("F", F), ("D", D), ("Dz", Dz))}
+    invert_gan.d_step(G, D, F, Dz, opt_d, opt_dz, x, z, torch.randn(100, 2), rt)
+    for name, net in (("G", G), ("F", F)):
+        assert all(torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+        assert all(g is None for g in grads(net)), name        # not even a gradient was computed
+    for name, net in (("D", D), ("Dz", Dz)):
+        assert not all(torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+
+
 # ---------------------------------------------------------------- the script, end to end
 @pytest.mark.parametrize("loss", invert_gan.GAUSS_LOSSES)
 def test_every_gauss_loss_trains_on_ring_without_nan(tmp_path, loss):
@@ -124,22 +221,86 @@ def test_every_gauss_loss_trains_on_ring_without_nan(tmp_path, loss):
     lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
     assert [x["step"] for x in lines] == [10, 20]
     assert all(math.isfinite(v) for x in lines for k, v in x.items() if isinstance(v, float))
-    if loss not in ("none",):
-        assert lines[-1]["gauss"] > 0                         # the Gaussian term is really on
-    if loss == "zdisc":
-        assert "dz_loss" in lines[-1]                         # and D_z is trained (App. A.1)
+    assert ("dz_loss" in lines[-1]) == (loss == "zdisc")      # D_z is trained (App. A.1)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert {"modes", "hq_fraction", "reverse_kl"} <= set(metrics)
+    assert {"modes", "hq_fraction", "reverse_kl", "reverse_kl_hq"} <= set(metrics)
     assert os.path.isfile(os.path.join(out, "samples", "step_0000020.png"))
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="invert_gan")
     assert ckpt["step"] == 20 and (ckpt["Dz"] is not None) == (loss == "zdisc")
 
 
 def test_plain_gan_baseline_flags_switch_the_extra_losses_off(tmp_path):
+    # --lambda-cons 0 --gauss-loss none: no term reaches F, which keeps its initial weights,
+    # while G trains (the bench's "gan" row is a plain GAN with the same G and D)
     out = str(tmp_path / "gan")
-    invert_gan.main(["--dataset", "grid", "--lambda-cons", "0", "--gauss-loss", "none", "--out", out, *TINY])
-    last = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))][-1]
-    assert last["gauss"] == 0.0 and last["cons"] > 0          # cons is still reported, weight 0
+    args = ["--dataset", "grid", "--lambda-cons", "0", "--gauss-loss", "none", "--out", out, *TINY]
+    invert_gan.main(args)
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    torch.manual_seed(0)                                      # the run's seed: its initial weights
+    G0, _, F0, _ = invert_gan.build_networks(invert_gan.parse_args(args), common.DATASETS["grid"]["channels"])
+    assert all(torch.equal(v, ckpt["F"][k]) for k, v in F0.state_dict().items())
+    assert not all(torch.equal(v, ckpt["G"][k]) for k, v in G0.state_dict().items())
+
+
+def one_step_runs(tmp_path, runs, steps=1, dataset="ring"):
+    """{name: (out, log lines)} of short runs with a log line at every step, same seed."""
+    result = {}
+    for name, flags in runs.items():
+        out = str(tmp_path / name)
+        invert_gan.main(["--dataset", dataset, "--steps", str(steps), "--log-every", "1",
+                         "--ckpt-every", str(steps), "--sample-every", str(steps), "--eval-samples", "200",
+                         "--device", "cpu", "--out", out, *flags])
+        result[name] = out, [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    return result
+
+
+def test_n_dis_2_updates_d_twice_per_g_step(tmp_path):
+    out, _ = one_step_runs(tmp_path, {"n2": ["--n-dis", "2", "--gauss-loss", "zdisc"]}, steps=3)["n2"]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    adam_steps = {name: float(ckpt[name]["state"][0]["step"]) for name in ("opt_d", "opt_dz", "opt_gf")}
+    assert adam_steps == {"opt_d": 6, "opt_dz": 6, "opt_gf": 3}
+    assert ckpt["stream"]["pos"] == 6                        # two real batches per G step
+
+
+def test_p_sets_the_norm_of_the_logged_gaussian_loss(tmp_path, monkeypatch):
+    stats = []
+    real = invert_gan.batch_gaussian
+    monkeypatch.setattr(invert_gan, "batch_gaussian", lambda codes: stats.append(real(codes)) or stats[-1])
+    _, lines = one_step_runs(tmp_path, {"p3": ["--p", "3"]})["p3"]
+    mu, sigma = (t.detach().numpy() for t in stats[0])
+    want = (np.abs(mu) ** 3).sum() ** (1 / 3) + (np.abs(sigma - np.eye(2)) ** 3).sum() ** (1 / 3)
+    assert lines[0]["gauss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_amp_bf16_runs_the_forward_passes_in_bf16(tmp_path):
+    # same seed, same first batch: the step-1 losses of a bf16 run differ from fp32 by bf16's
+    # rounding (~1e-3 relative), not more and not zero
+    runs = one_step_runs(tmp_path, {"fp32": [], "bf16": ["--amp", "bf16"]})
+    a, b = runs["fp32"][1][0], runs["bf16"][1][0]
+    for key in ("cons", "gauss", "d_loss"):
+        assert a[key] != b[key] and b[key] == pytest.approx(a[key], rel=0.05), key
+
+
+def test_z_dim_sets_the_latent_of_g_f_and_the_gaussian_loss(tmp_path, monkeypatch):
+    stats = []
+    real = invert_gan.batch_gaussian
+    monkeypatch.setattr(invert_gan, "batch_gaussian", lambda codes: stats.append(real(codes)) or stats[-1])
+    out, _ = one_step_runs(tmp_path, {"z5": ["--z-dim", "5"]})["z5"]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    first_g = [v for k, v in ckpt["G"].items() if k.endswith("weight")][0]
+    last_f = [v for k, v in ckpt["F"].items() if k.endswith("weight")][-1]
+    assert first_g.shape[1] == 5 and last_f.shape[0] == 5 and stats[0][1].shape == (5, 5)
+    assert invert_gan.load_sampler(os.path.join(out, "ckpt.pt"))(7).shape == (7, 2)
+
+
+def test_lambda_gauss_weights_the_gaussian_term_only(tmp_path):
+    # weight 0 trains exactly like no Gaussian loss at all; weight 3 trains differently
+    runs = one_step_runs(tmp_path, {"none": ["--gauss-loss", "none"], "w0": ["--lambda-gauss", "0"],
+                                    "w3": ["--lambda-gauss", "3"]}, steps=3)
+    ck = {name: common.load_checkpoint(os.path.join(out, "ckpt.pt")) for name, (out, _) in runs.items()}
+    for net in ("G", "F", "D"):
+        assert all(torch.equal(v, ck["w0"][net][k]) for k, v in ck["none"][net].items()), net
+    assert not all(torch.equal(v, ck["w3"]["F"][k]) for k, v in ck["none"]["F"].items())
 
 
 @pytest.mark.parametrize("mode", ["crash", "extend"])
@@ -229,19 +390,32 @@ def test_tiny_image_run_end_to_end_and_load_sampler(tmp_path):
     assert os.path.isfile(os.path.join(out, "samples", "step_0000004.png"))
     assert "image metrics skipped" in proc.stdout
     sample = invert_gan.load_sampler(os.path.join(out, "ckpt.pt"))
-    x = sample(5)
-    assert x.shape == (5, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert sample(5).shape == (5, 3, 32, 32)
+    # --width reaches the image D too: the checkpoint's D is SNGAN's ResNet D at base width 8
+    want = common.build_discriminator("resnet", 32, 3, width=8).state_dict()
+    got = common.load_checkpoint(os.path.join(out, "ckpt.pt"))["D"]
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    proc = run_torchrun(2, ["invert_gan.py", "--dataset", "ring", "--out", out, *TINY], timeout=300)
+    # kl: at initialisation F's codes barely vary, and KL's tr(Sigma^-1) is where a per-rank
+    # estimate of Sigma differs most from the global one (pnorm would differ by ~1e-6 only)
+    flags = ["--dataset", "ring", "--gauss-loss", "kl", "--steps", "20", "--log-every", "1",
+             "--ckpt-every", "20", "--sample-every", "20", "--eval-samples", "500", "--device", "cpu"]
+    proc = run_torchrun(2, ["invert_gan.py", *flags, "--out", out], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="invert_gan")
     assert ckpt["step"] == 20 and len(ckpt["rng"]) == 2         # both ranks' RNG streams saved
-    assert json.load(open(os.path.join(out, "metrics.json")))["modes"] >= 0
     # only rank 0 logs: one line per log step
-    assert [json.loads(x)["step"] for x in open(os.path.join(out, "log.jsonl"))] == [10, 20]
+    lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+    assert [x["step"] for x in lines] == list(range(1, 21))
+    # Step 1's L_Gau is F's initial weights on the first global batch, which the 2 ranks' halves
+    # make up exactly (DistributedSampler): the value of one process on the whole batch
+    invert_gan.main([*flags, "--steps", "1", "--ckpt-every", "1", "--sample-every", "1",
+                     "--out", str(tmp_path / "one")])
+    one = json.loads(open(tmp_path / "one" / "log.jsonl").readline())
+    assert lines[0]["gauss"] == pytest.approx(one["gauss"], rel=1e-5)
 
 
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
@@ -251,6 +425,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
         (["--dataset", "ring", "--batch-size", "0"], "--batch-size must be a finite number > 0"),
         (["--dataset", "cifar10", "--data-root", str(tmp_path / "none")], "missing cifar10 file"),
         (["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "no checkpoint"),
+        (["--dataset", "cifar10", "--arch", "mlp"], "--arch mlp does not fit --dataset cifar10"),
+        (["--dataset", "grid", "--arch", "invert-resnet"], "--arch invert-resnet does not fit --dataset grid"),
+        (["--dataset", "ring", "--prior-samples", "0"], "--prior-samples must be a finite number > 0"),
     ]
     for args, message in cases:
         proc = run_script(["invert_gan.py", *args])
@@ -267,9 +444,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
 
 def test_evaluate_ckpt_reads_an_invert_gan_checkpoint(tmp_path):
     out = str(tmp_path / "run")
-    invert_gan.main(["--dataset", "grid", "--out", out, *TINY])
+    invert_gan.main(["--dataset", "grid", "--data-std", "0.2", "--out", out, *TINY])
     proc = run_script(["evaluate.py", "ckpt", os.path.join(out, "ckpt.pt"), "--n", "3000",
                        "--json", str(tmp_path / "m.json")])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.load(open(tmp_path / "m.json"))
-    assert 0 <= metrics["modes"] <= 25 and 0 <= metrics["hq_fraction"] <= 1 and "reverse_kl" in metrics
+    # evaluate.py ckpt seeds torch with --seed (0) and scores load_sampler's samples
+    sample = invert_gan.load_sampler(os.path.join(out, "ckpt.pt"))
+    torch.manual_seed(0)
+    points = sample(3000)
+    assert json.load(open(tmp_path / "m.json")) == common.mode_metrics_2d(points.numpy(), "grid", 0.2)
