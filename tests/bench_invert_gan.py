@@ -3,10 +3,11 @@
     python tests/bench_invert_gan.py --out runs/bench-invert --seeds 0 1 2 3 4 --jobs 2
     python tests/bench_invert_gan.py --out runs/bench-invert --summary     # table of what is done
 
-Runs every (method, dataset, seed) with the script's default flags (24K steps, batch 128), one
-process per run with OMP_NUM_THREADS=1, `--jobs` at a time, and skips runs whose metrics.json
-exists (so an interrupted benchmark continues). The table gives the standard reverse KL (all
-samples) and the paper's (reverse_kl_hq: high-quality samples only, Sec. 5.1). Methods (Table 1 rows):
+Runs every (method, dataset, seed) with the script's default flags (24K steps on the ring, 48K
+on the grid, batch 128), one process per run with OMP_NUM_THREADS=1, `--jobs` at a time, and
+skips runs whose metrics.json exists (so an interrupted benchmark continues). The table gives the
+standard reverse KL (all samples) and the paper's (reverse_kl_hq: high-quality samples only,
+Sec. 5.1). Methods (Table 1 rows):
     invertgan  default flags (p-norm MD Gaussian loss + L_cons)
     gan        --lambda-cons 0 --gauss-loss none      (plain GAN, same networks)
     1d         --gauss-loss w2-1d                     (the 1-D Gaussian loss of Eq. 11)
