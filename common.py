@@ -3396,7 +3396,7 @@ def stacked_calibration_set(images, labels, n, k=None, seed=0):
     return images[pick.view(n, 3)].squeeze(2), trip                        # (n, 3, H, W)
 
 
-def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=10, batch_size=128,
+def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=12, batch_size=128,
                           lr=3e-3, seed=0, download=False, held_out=5000,
                           calibration_samples=26_000, log=print):
     """Train ModeClassifier on mnist / fashion-mnist and save it, calibrated, to `out`.

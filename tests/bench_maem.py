@@ -141,7 +141,7 @@ def main():
     a.add_argument("--log-every", type=int, default=100)
     a.add_argument("--eval-samples", type=int, default=26_000, help="samples classified per row")
     a.add_argument("--classifier", default="runs/fmnist-classifier.pt")
-    a.add_argument("--classifier-epochs", type=int, default=3)
+    a.add_argument("--classifier-epochs", type=int, default=12)
     a.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package)")
     for sp in (c, t, a):
         sp.add_argument("--device", default="cpu")

@@ -271,7 +271,7 @@ def bench_stacked(args, extra):
             import common
 
             acc = common.train_mode_classifier("fashion-mnist", classifier, root=args.data_root,
-                                               epochs=1 if args.smoke else 8)["test_accuracy"]
+                                               epochs=1 if args.smoke else 12)["test_accuracy"]
             print(f"mode classifier: test accuracy {acc:.4f} -> {classifier}", flush=True)
         jobs = []
         for seed in args.seeds:
