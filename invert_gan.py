@@ -134,7 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--prior-samples", type=int, default=1024,
                    help="samples of P_z per D_z update with zdisc, global like --batch-size (Sec. 4.2(4): "
                         "'as many as possible'; ours: 1024)")
-    p.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid; see common.SYNTHETIC_STD)")
+    p.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid: the literature's values, "
+                        "ours; Sec. 5.1's text says 0.001 / 0.0025, which read like variances: see "
+                        "common.SYNTHETIC_STD)")
     p.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (50K ring, 100K grid, Sec. 5.1; 10K/5K images, Sec. 5.2)")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID/MS (else hub cache / download)")
     p.add_argument("--fid-stats", default=None, help="real-data statistics .npz (mu, sigma) for FID (else computed from the dataset)")

@@ -698,6 +698,7 @@ def run_pretext(args, rt, dataset, channels):
     """
     torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
+    phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
     net = common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
     common.seed_rank(rt, args.seed)
     net = rt.wrap(net)

@@ -651,3 +651,17 @@ def test_bench_mean_table_over_seeds(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ring")]
     # mean and sample std of (8, 6) and (0.9, 0.7); a missing key is "-"; no row without runs
     assert rows == ["| ring | pgmgan | 2 | 7 ± 1.4 | 0.8 ± 0.14 | - | 110 ± 14 |"]
+
+
+def test_torchrun_image_pretext_stage(tmp_path):
+    # phi_0 carries the partitioner's head W, unused by the pretext loss: under DDP an unused
+    # trainable parameter stops the second step ("Expected to have finished reduction").
+    root = str(tmp_path / "mnist")
+    write_mnist(root, n_train=24)
+    out = str(tmp_path / "ddp-img")
+    flags = [f for f in IMG_FLAGS]
+    flags[flags.index("--pretext-steps") + 1] = "3"
+    proc = run_torchrun(2, ["pgm_gan.py", "--dataset", "stacked-mnist", "--data-root", root,
+                            "--out", out, *flags, "--stage", "pretext"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "pretext.pt"))
