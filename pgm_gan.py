@@ -107,7 +107,7 @@ _IMAGES = dict(
     arch="resnet", width=64, z_dim=128, batch_size=100, steps=60_000, lr=2e-4, beta1=0.0,
     beta2=0.999, n_dis=4, loss="hinge", k=200, guide_weight=6.0, guide_anneal=1.2e-4,
     guide_min=0.0, guide_reduce="mean", ema=0.0, ema_start=10_000, lr_decay_from=1.0,
-    eval_samples=50_000,         # Sec. 5 / official num_inception_images: 50K samples
+    eval_samples=50_000,         # Sec. 5; official configs/default.yaml training.inception_nsamples
     # Partitioner. Sec. 5: 20 residual blocks of 3 convs, Lipschitz 0.9. Levels 3 and width 128:
     # ours (official i-ResNet: 2 squeezes, widths 32/64/128; see Partitioner). SCAN: Adam 1e-4,
     # batch 128, 50 epochs (~20K steps), 20 neighbours, entropy weight 5 (alpha 0).
@@ -122,7 +122,7 @@ PRESETS = {
     "ring": dict(_TOY, k=8),
     # Official code configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guided; its twin
     # scan_guide98, weight_guide 0, is the Partition GAN row = --guide-weight 0): 10 neighbours,
-    # floor 1e-4, "nepochs = 350" (~52K G steps).
+    # floor 1e-4, "nepochs = 350" (~52K G steps; 50K here is our rounding).
     "stacked-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
     "stacked-fashion-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
     # Official code configs/cifar/scan_guide_biggan.yaml (floor 0).
