@@ -121,18 +121,28 @@ def guide_probe(out, starts=400, iters=300, seed=0):
     start = torch.rand(starts, 2, generator=gen) * (hi - lo) + lo
     stuck = total = 0
     for i in (part["sizes"] > 0).nonzero().squeeze(1).tolist():
-        x = start.clone().requires_grad_(True)
-        y = torch.full((starts,), i)
-        for _ in range(iters):
-            r = pgm_gan.guide(S(x), y)
-            if torch.all(r == 0):
-                break
-            g, = torch.autograd.grad(r.sum(), x)
-            with torch.no_grad():
-                x -= 0.05 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
-        stuck += int((pgm_gan.guide(S(x.detach()), y) > 0).sum())
+        stuck += int((descend_on_guide(S, start, i, iters, step=0.05) > 0).sum())
         total += starts
     return stuck / total
+
+
+def descend_on_guide(S, start, i, iters=400, step=0.1):
+    """Normalised gradient descent on R_i from each start (B, 2); returns R_i at the end (B,).
+    Used by guide_probe and by tests/test_pgm_gan.py."""
+    import torch
+
+    import pgm_gan
+
+    x = start.clone().requires_grad_(True)
+    y = torch.full((len(start),), i)
+    for _ in range(iters):
+        r = pgm_gan.guide(S(x), y)
+        if torch.all(r == 0):
+            break
+        g, = torch.autograd.grad(r.sum(), x)
+        with torch.no_grad():
+            x -= step * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
+    return pgm_gan.guide(S(x.detach()), y)
 
 
 # ---------------------------------------------------------------- runs of pgm_gan.py

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import common
 import pgm_gan
+from bench_pgm import descend_on_guide
 from conftest import run_script, run_torchrun, run_until_crash
 from test_common import write_mnist
 
@@ -50,20 +51,6 @@ def test_guide_is_zero_exactly_on_its_partition_and_positive_elsewhere():
         inside = logits.argmax(1) == i
         assert torch.all(r[inside] == 0)
         assert torch.all(r[~inside] > 0)
-
-
-def descend_on_guide(S, start, i, iters=400):
-    """Normalised gradient descent on R_i from each start; returns R_i at the end (B,)."""
-    x = start.clone().requires_grad_(True)
-    y = torch.full((len(start),), i)
-    for _ in range(iters):
-        r = pgm_gan.guide(S(x), y)
-        if torch.all(r == 0):
-            break
-        g, = torch.autograd.grad(r.sum(), x)
-        with torch.no_grad():
-            x -= 0.1 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12) * (r > 0).float()[:, None]
-    return pgm_gan.guide(S(x.detach()), y)
 
 
 def test_guide_gradient_leads_into_the_partition_from_anywhere():
