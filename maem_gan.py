@@ -57,11 +57,15 @@ METHOD = "maem_gan"
 # ==================================================================================================
 
 # Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Sources: "Suppl." = the paper's Implementation Details; "README" = the official repository's
-# README/train.py; "ours" = a value neither gives. `data` is the common.py dataset behind a preset.
+# Sources: "Suppl." = the paper's Implementation Details; "README" / "train.py" = the authors'
+# repository (HaozheLiu-ST/MEE); "ours" = a value neither gives. `data` is the common.py dataset.
+# Weights: the paper states none for L_MaF, L_Iso and L_LLE; unit weights are train.py's.
 _CIFAR = dict(  # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), x0.9 / 50 epochs,
     # batch 64, sigma 5e-4, lambda 0, rotation + Gaussian noise, buffer 1024; n_critic 3 (README);
-    # train+test images (official train.py concatenates both). Step count: ours.
+    # train+test images (train.py concatenates both).
+    # Official code: the README's run is 1800 epochs of 60K images at batch 64 with a G step every
+    # 3rd batch, ~562K G steps; our 100K is ours (a budget, not theirs).
+    # dlle_noise 0.05: ours (the paper gives no std; train.py's flip-noise uses 0.001).
     arch="dcgan", img_size=32, z_dim=64, m=16, batch_size=64, steps=100_000, lr=1e-4, beta1=0.0,
     beta2=0.999, n_critic=3, sigma=5e-4, lambda_norm=0.0, lr_decay=0.9, lr_decay_epochs=50,
     dlle_transform="rot-noise", dlle_noise=0.05, width=64, eval_samples=50_000,
@@ -70,11 +74,16 @@ PRESETS = {
     "cifar10": dict(_CIFAR, data="cifar10", split="all"),
     # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
     # 5e-2 with DCGAN; "the remaining settings ... are the same as those of CIFAR-10".
+    # lr_decay_epochs 10: ours. x0.9 per epoch of 162,770 images with 3 critic batches of 64 per G
+    # step would put lr below 5e-6 from step ~25K of 100K; every 10 epochs gives 0.9^11 over 100K
+    # steps, close to CIFAR-10's 0.9^6 (--lr-decay-epochs 1 for the paper's).
     "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
-                   lr_decay_epochs=1, dlle_transform="noise", steps=100_000, log_every=100,
+                   lr_decay_epochs=10, dlle_transform="noise", steps=100_000, log_every=100,
                    sample_every=2000, ckpt_every=2000),
     # Suppl. "ANIMEFACE": 64x64, ResNet backbone, z 128, m 32, Adam 1e-4 (0, 0.9), sigma 5e-4,
-    # lambda 5, Gaussian noise for F. Batch, n_critic, steps: ours (CIFAR-10's); no lr decay stated.
+    # lambda 5, Gaussian noise for F. The paper's backbone is Kang & Park's (ContraGAN) ResNet;
+    # ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours (CIFAR-10's); no lr
+    # decay stated.
     "animeface": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=64, z_dim=128,
                       m=32, beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0,
                       dlle_transform="noise", eval_samples=50_000),
@@ -104,7 +113,7 @@ PRESETS = {
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
-    "celeba": "Suppl. 'CelebA' (256, DCGAN, sigma 5e-2, lr x0.9 per epoch, noise F)",
+    "celeba": "Suppl. 'CelebA' (256, DCGAN, sigma 5e-2, noise F); lr x0.9 per 10 epochs (ours; paper: per epoch)",
     "animeface": "Suppl. 'ANIMEFACE' (64, ResNet, betas (0, 0.9), sigma 5e-4, lambda 5); image folder",
     "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours); image folder",
     "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
@@ -115,8 +124,9 @@ PRESET_SOURCES = {
 VARIANTS = ("paper", "official")
 DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
-# random flip + N(0, 0.001) noise, and its entropy weight warms up linearly over 100 epochs.
-OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100)
+# random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
+# loader flips real images horizontally at random (transform_train's RandomHorizontalFlip).
+OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True)
 # Flags a --resume may change besides common.RUN_CONTROL.
 RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 
@@ -160,6 +170,13 @@ def parse_args(argv=None):
     g.add_argument("--lambda-norm", type=float, default=None,
                    help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
     g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
+    g.add_argument("--authors-buffer", action="store_true",
+                   help="--variant official only: the authors' replay buffer, bug included, to reproduce "
+                        "their numbers: one buffer per batch position whose update drops a batch of "
+                        "slots and adds one, so after ~17 steps each sample's 'nearest neighbour' is the "
+                        "previous batch's code at its position")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of real images (paper: none stated; official code: on)")
     g.add_argument("--entropy-warmup", type=int, default=None,
                    help="epochs over which sigma rises linearly from 0 (paper: 0 = none; official code: 100)")
     g.add_argument("--dlle-transform", default=None, choices=DLLE_TRANSFORMS,
@@ -187,6 +204,9 @@ def parse_args(argv=None):
             if getattr(args, key) is None:
                 setattr(args, key, value)
     args.entropy_warmup = 0 if args.entropy_warmup is None else args.entropy_warmup
+    args.hflip = bool(args.hflip)
+    if args.authors_buffer and args.variant != "official":
+        p.error("--authors-buffer reproduces the official code's buffer: use it with --variant official")
     common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
     args.data_name, args.split = preset["data"], preset["split"]
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
@@ -233,15 +253,16 @@ def maf_loss_g(v_fake):
 # Eq. 9: a non-parametric entropy estimate grows with E log d(x_i, x_i*), the distance of each sample
 # to its nearest neighbour. Eq. 10-11: D is (about) 1-Lipschitz, so distances between codes are lower
 # bounds of distances between images; pushing codes apart from their nearest neighbours therefore
-# raises (a lower bound of) H(P_g). A batch is too small to hold a sample's real neighbours, so the
-# neighbours are searched in a FIFO buffer of the last `--buffer-size` codes.
+# raises (a lower bound of) the entropy. A batch is too small to hold a sample's real neighbours, so
+# the neighbours are searched in a FIFO buffer of the last `--buffer-size` codes.
 
 class ReplayBuffer:
     """A first-in-first-out buffer of the last `size` codes (detached), Eq. 8's R.
 
     Stored as a circular array: `push` overwrites the oldest entries; `codes()` returns the contents
     oldest first (V_1 ... V_n of the paper; the code being scored plays V_0). Codes are detached on
-    the way in: the buffer is a fixed set of neighbours, gradients flow only through V_0.
+    the way in: the buffer is a fixed set of neighbours, gradients flow only through V_0. Every code
+    is searched by every new code.
     """
 
     def __init__(self, size, dim, device, fill_uniform=False, generator=None):
@@ -279,15 +300,66 @@ class ReplayBuffer:
     def load_state_dict(self, state):
         if tuple(state["data"].shape) != tuple(self.data.shape):
             raise common.UsageError(f"checkpoint replay buffer has shape {tuple(state['data'].shape)}, "
-                                    f"this run wants {tuple(self.data.shape)}")
+                                    f"this run wants {tuple(self.data.shape)} (--buffer-size, --m)")
         self.data.copy_(state["data"].to(self.data.device))
         self.ptr, self.count = int(state["ptr"]), int(state["count"])
 
 
+class AuthorsReplayBuffer:
+    """The authors' buffer, bug included (`--authors-buffer`; only for reproducing their numbers).
+
+    Official code (train.py, entropy_buffer / enrtopy_loss): a tensor (slots, B, m) that starts as
+    one U(-1, 1) draw of (slots, m) repeated at every batch position; sample i of a batch searches
+    only the codes that sat at position i of earlier batches (squared distance averaged over m);
+    loss -log(mean_i min_s d); then `cat(R[B:], codes[None])` drops B slots and adds one. With 1024
+    slots and B = 64 that leaves 961, 898, ... and a single slot after 17 updates, from then on the
+    previous batch's code at the same position. `slots_after(n)` gives that count.
+    """
+
+    def __init__(self, size, batch, dim, device, generator=None):
+        self.size, self.batch = size, batch
+        init = torch.empty(size, dim).uniform_(-1, 1, generator=generator)    # (slots, m)
+        self.data = init.unsqueeze(1).repeat(1, batch, 1).to(device)          # (slots, B, m)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    @staticmethod
+    def slots_after(size, batch, updates):
+        """Slots per position after `updates` updates: max(s - B, 0) + 1 each time."""
+        for _ in range(updates):
+            size = max(size - batch, 0) + 1
+        return size
+
+    def loss(self, v0):
+        """-log(mean_i min_s mean_k (R[s, i, k] - v0[i, k])^2) for the batch v0 (B, m)."""
+        if v0.shape[0] != self.batch:
+            raise common.UsageError(f"--authors-buffer needs a fixed batch of {self.batch} codes per "
+                                    f"process, got {v0.shape[0]}")
+        dist = (self.data - v0.unsqueeze(0)).pow(2).mean(dim=2)              # (slots, B)
+        return -torch.log(dist.min(dim=0).values.mean())
+
+    @torch.no_grad()
+    def push(self, codes):
+        self.data = torch.cat([self.data[self.batch:], codes.detach().float().unsqueeze(0)])
+
+    def state_dict(self):
+        return {"data": self.data.cpu().clone()}
+
+    def load_state_dict(self, state):
+        slots, batch, dim = state["data"].shape
+        if batch != self.batch or dim != self.data.shape[2] or slots > self.size:
+            raise common.UsageError(f"checkpoint replay buffer has shape {tuple(state['data'].shape)}, "
+                                    f"this run wants (<= {self.size}, {self.batch}, {self.data.shape[2]})")
+        self.data = state["data"].to(self.data.device)
+
+
 def nearest_by_cosine(v0, bank):
     """For each row of v0 (B, m), the row of bank (n, m) with the largest cosine similarity (Eq. 8's
-    V* = argmax_{V_i in R} V0.V_i / (|V0||V_i|)). Returns (V* (B, m), index (B,))."""
-    sim = F_nn.normalize(v0.detach(), dim=1) @ F_nn.normalize(bank, dim=1).T     # (B, n)
+    V* = argmax_{V_i in R} V0.V_i / (|V0||V_i|)). Returns (V* (B, m), index (B,)). Always float32,
+    also under --amp bf16: a bf16 matmul cannot tell cosines 0.999 and 0.997 apart."""
+    with torch.autocast(v0.device.type, enabled=False):
+        sim = F_nn.normalize(v0.detach().float(), dim=1) @ F_nn.normalize(bank.float(), dim=1).T  # (B, n)
     idx = sim.argmax(dim=1)
     return bank[idx], idx
 
@@ -301,21 +373,38 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
     official: d_i = min_j mean_k (V0_ik - R_jk)^2 (squared L2 averaged over the m dimensions, the
         nearest neighbour in L2), L_ent = -log(mean_i d_i): Eq. 9's log-distance, with the log
         outside the batch mean, and no lambda term.
+    Official code: its buffer is per batch position (AuthorsReplayBuffer, used when given one); our
+    FIFO buffer lets every code search all buffered codes: a different estimator even before their
+    buffer shrinks (values a few % apart, gradients much more).
     """
+    if isinstance(buffer, AuthorsReplayBuffer):
+        return buffer.loss(v0.float())
     bank = buffer.codes()
     if bank.shape[0] == 0:
         return v0.sum() * 0.0
-    if variant == "paper":
-        v_star, _ = nearest_by_cosine(v0, bank)
-        cos = F_nn.cosine_similarity(v0, v_star, dim=1)                       # (B,)
-        return (cos + lambda_norm * v0.norm(dim=1)).mean()
-    # Official code: the buffer there is (slots, batch, m) and sample i is only compared with the
-    # entries at batch position i of earlier batches; we search the whole buffer (same estimator,
-    # n neighbours instead of n / batch). Its update, cat(buffer[batch_size:], new_batch), drops
-    # batch_size slots and adds one, so the buffer shrinks to a single batch after a few steps; we
-    # do not copy that bug: our buffer keeps the last --buffer-size codes.
-    dist = (v0.unsqueeze(1) - bank.unsqueeze(0)).pow(2).mean(dim=2)          # (B, n)
-    return -torch.log(dist.min(dim=1).values.mean())
+    with torch.autocast(v0.device.type, enabled=False):
+        v0 = v0.float()
+        if variant == "paper":
+            v_star, _ = nearest_by_cosine(v0, bank)
+            cos = F_nn.cosine_similarity(v0, v_star, dim=1)                   # (B,)
+            return (cos + lambda_norm * v0.norm(dim=1)).mean()
+        dist = (v0.unsqueeze(1) - bank.unsqueeze(0)).pow(2).mean(dim=2)      # (B, n)
+        return -torch.log(dist.min(dim=1).values.mean())
+
+
+@torch.no_grad()
+def health(v, buffer):
+    """The two figures that tell whether D's code space is alive (METHODS, "health check"):
+    cos_nn, the mean cosine of each code with its most similar buffered code (Eq. 8's L_ent before
+    weighting), and cos_batch, the mean pairwise cosine of the batch's codes. Both reach 1.0000
+    when every code points the same way: then the m-dim D is in effect 1-D and RB-MaEM has no force."""
+    v = v.detach().float()
+    u = F_nn.normalize(v, dim=1)
+    b = u.shape[0]
+    out = {"cos_batch": ((u @ u.T).sum() - b) / max(b * (b - 1), 1)}
+    if isinstance(buffer, ReplayBuffer) and len(buffer):
+        out["cos_nn"] = (u * F_nn.normalize(nearest_by_cosine(v, buffer.codes())[0], dim=1)).sum(1).mean()
+    return out
 
 
 def entropy_weight(args, epoch):
@@ -331,36 +420,43 @@ def entropy_weight(args, epoch):
 # ==================================================================================================
 # 4. Manifold regularisation: DLLE (Eq. 12-13) and DIsoMap (Eq. 14)
 # ==================================================================================================
+# Every function that draws randomness also accepts the draw as an argument, so a test can feed the
+# authors' stored draws; training leaves them None.
 
-def random_rotate(x, max_degrees):
-    """Rotate each image of (B, C, H, W) by its own angle ~ U(-max, max) about the centre (bilinear,
-    zero padding outside). The paper names "rotation" without an angle range; the range is ours."""
-    angle = (torch.rand(x.shape[0], device=x.device) * 2 - 1) * math.radians(max_degrees)
+def rotate(x, angle):
+    """Rotate each image of (B, C, H, W) by its angle (B,) in radians, counter-clockwise as seen on
+    screen, about the centre (bilinear, zero padding outside)."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(cos)
+    # affine_grid maps output pixels to input pixels (x right, y down): this matrix is that inverse
+    # map of a counter-clockwise turn on screen.
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F_nn.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F_nn.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def dlle_transform(x, args, D_plain=None):
+def dlle_transform(x, args, D_plain=None, flip_dim=None, eps=None):
     """F(x) of Eq. 12: a "different view of x" that counts as its neighbour on the manifold.
 
-    rot-noise  random rotation + N(0, dlle_noise^2) noise (Suppl. CIFAR-10; Table 2 row 3)
+    rot-noise  rotation by U(-rot_degrees, rot_degrees) + N(0, dlle_noise^2) noise (Suppl. CIFAR-10;
+               Table 2 row 3; the paper gives no angle range, ours: 15 degrees)
     noise      N(0, dlle_noise^2) noise only (Suppl. CelebA, AnimeFace, FFHQ)
     adv        adversarial noise (Table 2 row 2): one signed-gradient step of size dlle_noise that
                increases ||D(x + delta) - D(x)||^2 from a random start (FGSM-style; the paper gives
                no recipe, this one is ours). Needs D (unwrapped, no DDP sync, no update of SN).
-    flip-noise Official code (data_aug): flip the whole batch along height or width (one coin per
-               batch) and add N(0, 0.001^2) noise.
+    flip-noise Official code (data_aug): flip the whole batch along height (dim 2) or width (dim 3),
+               one coin per batch, and add N(0, 0.001^2) noise.
+    flip_dim / eps: the flip and the N(0, 1) draw (noise = dlle_noise * eps), drawn here if None.
     On 2-D points rotations and flips are not small moves, so only the noise part is applied.
     """
     kind, std = args.dlle_transform, args.dlle_noise
     images = x.dim() == 4
     if kind == "rot-noise" and images:
-        x = random_rotate(x, args.rot_degrees)
+        angle = (torch.rand(x.shape[0], device=x.device) * 2 - 1) * math.radians(args.rot_degrees)
+        x = rotate(x, angle)
     elif kind == "flip-noise" and images:
-        x = torch.flip(x, dims=[2 + int(torch.randint(0, 2, ()).item())])
+        flip_dim = 2 + int(torch.randint(0, 2, ()).item()) if flip_dim is None else flip_dim
+        x = torch.flip(x, dims=[flip_dim])
     elif kind == "adv":
         was_training = D_plain.training
         D_plain.eval()                      # no spectral-norm power iteration for this probe
@@ -371,12 +467,13 @@ def dlle_transform(x, args, D_plain=None):
             grad, = torch.autograd.grad(gap, delta)
         D_plain.train(was_training)
         return (x + std * grad.sign()).detach()
-    return x + std * torch.randn_like(x)
+    eps = torch.randn_like(x) if eps is None else eps
+    return x + std * eps
 
 
 def dlle_loss(v, v_aug, variant="paper"):
     """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, the per-sample L2 norm averaged over
-    the real and fake samples given (gradient through both branches).
+    the real and fake samples given (gradient through both branches: the paper stops none).
     official: MSE(D(x), D(F(x)).detach()): squared error averaged over elements, stop-gradient on
     the transformed branch (the caller passes real and fake separately and sums)."""
     if variant == "paper":
@@ -384,43 +481,53 @@ def dlle_loss(v, v_aug, variant="paper"):
     return F_nn.mse_loss(v, v_aug.detach())
 
 
-def isomap_mix(x_real, x_fake, variant="paper"):
+def isomap_mix(x_real, x_fake, variant="paper", a=None):
     """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i); returns (x^, a (B, 1)).
 
     paper: a ~ U(0, 1) per pair (a convex combination, Eq. 14's text).
     official: a ~ N(0, 1) per pair: the "mix" is mostly an extrapolation (official train.py).
     """
-    shape = (x_real.shape[0], 1)
-    a = torch.rand(shape, device=x_real.device) if variant == "paper" else \
-        torch.randn(shape, device=x_real.device)
+    if a is None:
+        shape = (x_real.shape[0], 1)
+        a = torch.rand(shape, device=x_real.device) if variant == "paper" else \
+            torch.randn(shape, device=x_real.device)
     a_x = a.view(-1, *([1] * (x_real.dim() - 1))).to(x_real.dtype)
     return a_x * x_real + (1 - a_x) * x_fake, a
 
 
-def isomap_loss(v_mix, v_real, v_fake, a, variant="paper"):
+def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
     """paper (Eq. 14): psi = cos(V_x^, V^) with V^ = a V_i + (1 - a) V_j, the same combination in code
     space. Eq. 14 writes the similarity itself; as a loss to minimise we use 1 - cos (mean over pairs).
-    official: MSE(V_x^, (a V_i + (1 - a) V_j + N(0, 0.05^2)).detach()).
+    The paper stops no gradient, so the target V^ is not detached: D also moves V_i and V_j.
+    official: MSE(V_x^, (a V_i + (1 - a) V_j + noise).detach()), noise ~ N(0, 0.05^2) (drawn if None).
     """
     target = a * v_real + (1 - a) * v_fake                                     # (B, m)
     if variant == "paper":
         return (1 - F_nn.cosine_similarity(v_mix, target, dim=1)).mean()
-    target = target + 0.05 * torch.randn_like(target)
-    return F_nn.mse_loss(v_mix, target.detach())
+    noise = 0.05 * torch.randn_like(target) if noise is None else noise
+    return F_nn.mse_loss(v_mix, (target + noise).detach())
 
 
 # ==================================================================================================
 # 5. The two losses of a training step
 # ==================================================================================================
+# Who minimises L_ent is not stated in the paper (Fig. 1 says "real/generated", Sec. 1 "the
+# discriminator side"). We route it as the authors' train.py does: D spreads the codes of *real*
+# images against a buffer of real codes (and only D carries lambda ||V0||, which "stabilises the
+# discriminator"); G spreads the codes of its samples against a buffer of generated codes. D never
+# sees the generated-code term, so D cannot lower it for G.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
-    """D's loss: L_MaF (Eq. 7) + DIsoMap (Eq. 14) + DLLE (Eq. 12) + sigma * L_ent (Eq. 8).
+    """D's loss: L_MaF (Eq. 7) + DIsoMap (Eq. 14) + DLLE (Eq. 12) + sigma (L_ent + lambda ||V0||)
+    (Eq. 8) on real codes. Unit weights on the first three: the paper states none, the authors'
+    train.py sums them unweighted.
 
     x, fake: (B, ...) with fake = G(z) computed without a graph (G is not trained here). Every input
     of D (real, fake, mixes, transformed real and fake) goes through the DDP-wrapped D in *one*
-    forward: one gradient all-reduce and one spectral-norm power iteration per D step. An ablation
-    leaves its inputs out, so the L_MaF-only baseline costs exactly a plain D step.
-    Returns (total loss, dict of the terms for the log).
+    forward: one gradient all-reduce and one spectral-norm power iteration per D step (Official
+    code: five D calls per step, so five power iterations). An ablation leaves its inputs out, so
+    the L_MaF-only baseline costs exactly a plain D step.
+    Returns (total loss, dict of the terms for the log, incl. the health figures, not summed).
     """
     variant, B = args.variant, x.shape[0]
     parts = [x, fake]
@@ -443,52 +550,50 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
         else:
             terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
                              + dlle_loss(v_fake, v_fake_aug, "official"))
+    total = sum(terms.values())
+    figures = health(v_real, buffers["real"])
     if not args.no_entropy:
-        if variant == "paper":
-            # Eq. 8 on the generated codes (Prop. 2: the entropy of P_g in D's space). D minimises it
-            # too: RB-MaEM sits "on the discriminator side" (Fig. 2), and lambda ||V0|| exists "to
-            # ensure the stabilization of the discriminator", which only D's gradient can do.
-            terms["ent"] = entropy_loss(v_fake, buffers["fake"], args.lambda_norm, variant)
-            buffers["fake"].push(v_fake)
-        else:
-            # Official code: D spreads the codes of *real* images, with their own buffer.
-            terms["ent"] = entropy_loss(v_real, buffers["real"], variant=variant)
-            buffers["real"].push(v_real)
-    total = sum(val for key, val in terms.items() if key != "ent")
-    if "ent" in terms:
+        lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
+        terms["ent"] = entropy_loss(v_real, buffers["real"], lam, variant)
+        buffers["real"].push(v_real)
         total = total + ent_w * terms["ent"]
+    terms.update({"real_" + k: val for k, val in figures.items()})
     return total, terms
 
 
 def g_step_loss(D_plain, fake, args, buffers, ent_w):
-    """G's loss: -L_MaF (Eq. 7) + sigma * L_ent (Eq. 8) on the codes of its samples, which pushes each
-    new sample away from its nearest buffered neighbour in D's space (maximises H(P_g), Eq. 6).
-    D_plain is the unwrapped D: its gradients here are never applied (zeroed before D's next step)."""
+    """G's loss: -L_MaF (Eq. 7) + sigma * L_ent (Eq. 8, no lambda term) on the codes of its samples,
+    which pushes each new sample away from its nearest buffered generated code in D's space
+    (maximises the entropy of P_g, Eq. 6). D_plain is the unwrapped D: its gradients here are never
+    applied (zeroed before D's next step). Returns (total, terms incl. health figures, not summed)."""
     v_fake = embed(D_plain, fake)
     terms = {"g_maf": maf_loss_g(v_fake)}
     total = terms["g_maf"]
+    figures = health(v_fake, buffers["fake"])
     if not args.no_entropy:
-        lam = args.lambda_norm if args.variant == "paper" else 0.0
-        terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], lam, args.variant)
+        terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
         buffers["fake"].push(v_fake)
         total = total + ent_w * terms["g_ent"]
+    terms.update({"fake_" + k: val for k, val in figures.items()})
     return total, terms
 
 
-def make_buffers(args, device):
-    """paper: one FIFO buffer of generated codes, shared by D's and G's entropy terms.
-    official: a buffer of real codes (D) and one of generated codes (G), each starting full of
-    U(-1, 1) codes. Under torchrun each rank keeps its own buffers of its own codes (no all-gather):
-    the estimator stays local and costs no extra collective per step; with W ranks there are W
-    buffers of --buffer-size codes each. All of them are saved in the checkpoint."""
+def make_buffers(args, per_rank_batch, device):
+    """A buffer of real codes (D's entropy term) and one of generated codes (G's), in both variants.
+    paper: FIFO buffers that start empty. official: FIFO buffers that start full of U(-1, 1) codes;
+    with --authors-buffer the authors' per-position buffers instead (AuthorsReplayBuffer). Under
+    torchrun each rank keeps its own buffers of its own codes (no all-gather): the estimator stays
+    local and costs no extra collective per step. All of them are saved in the checkpoint."""
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    official = args.variant == "official"
-    names = ("real", "fake") if official else ("fake",)
     bufs = {}
-    for name in names:
-        buf = ReplayBuffer(args.buffer_size, args.m, "cpu", fill_uniform=official, generator=gen)
-        buf.data = buf.data.to(device)
-        bufs[name] = buf
+    for name in ("real", "fake"):
+        if args.authors_buffer:
+            bufs[name] = AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen)
+        else:
+            buf = ReplayBuffer(args.buffer_size, args.m, "cpu", fill_uniform=args.variant == "official",
+                               generator=gen)
+            buf.data = buf.data.to(device)
+            bufs[name] = buf
     return bufs
 
 
@@ -588,8 +693,13 @@ def load_sampler(ckpt_path, device="cpu"):
 
 
 # ==================================================================================================
-# 7. Training: D minimises L_MaF + L_Iso + L_LLE + sigma L_ent; G minimises -L_MaF + sigma L_ent
+# 7. Training
 # ==================================================================================================
+# The full objective, alternating (n_critic D steps per G step):
+#   D: min L_MaF (Eq. 7) + L_Iso (Eq. 14) + L_LLE (Eq. 12-13) + sigma (L_ent(real) + lambda ||V0||) (Eq. 8)
+#   G: min -L_MaF (Eq. 7) + sigma L_ent(generated) (Eq. 8)
+# The paper's: each term and sigma, lambda. The authors' code's: the unit weights of the first three
+# terms and the routing of L_ent (real codes in D's loss, generated codes in G's; see section 5).
 
 def learning_rate(args, epoch):
     """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
@@ -620,7 +730,8 @@ def train(args, rt, dataset):
     betas = (args.beta1, args.beta2)
     opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
-    buffers = make_buffers(args, rt.device)
+    per_rank = args.batch_size // rt.world_size
+    buffers = make_buffers(args, per_rank, rt.device)
 
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -629,6 +740,10 @@ def train(args, rt, dataset):
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
+        if set(saved[0]) != set(buffers):
+            raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
+                                    f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
+                                    f"version; start a new run")
         if len(saved) == rt.world_size:
             for name, buf in buffers.items():
                 buf.load_state_dict(saved[rt.rank][name])
@@ -645,7 +760,6 @@ def train(args, rt, dataset):
              f"terms: L_MaF {' '.join(terms_on)}, sigma={args.sigma}, lambda={args.lambda_norm}, "
              f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
              f"G {common.count_params(G)} / D {common.count_params(D)} params")
-    per_rank = args.batch_size // rt.world_size
     z_fixed = torch.randn(64 if not is_points else 2000, args.z_dim,
                           generator=torch.Generator().manual_seed(args.seed + 1))
     real_points = None
@@ -662,9 +776,13 @@ def train(args, rt, dataset):
                 group["lr"] = lr
         ent_w = entropy_weight(args, epoch)
 
-        # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma L_ent (G fixed: no graph through it).
+        # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma (L_ent(real) + lambda ||V0||) (G fixed).
         for _ in range(args.n_critic):
             x, _ = next(stream)
+            if args.hflip and x.dim() == 4:
+                # Official code: transform_train's RandomHorizontalFlip, one coin per image.
+                flip = torch.rand(x.shape[0], device=x.device) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
             with rt.autocast():
                 with torch.no_grad():
@@ -673,8 +791,9 @@ def train(args, rt, dataset):
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
 
-        # ---- G step: min_G -L_MaF + sigma L_ent (Official code: reuses the z of its D step; we
-        # draw a fresh z).
+        # ---- G step: min_G -L_MaF + sigma L_ent(generated). Official code: G steps after the first
+        # D step of every n_critic and reuses that step's z; we step G after the n_critic D steps
+        # with a fresh z.
         z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with rt.autocast():
             fake = G(z)
@@ -699,14 +818,32 @@ def train(args, rt, dataset):
     return G, D
 
 
-def final_metrics(G, args, rt):
-    """metrics.json: modes / high-quality fraction / reverse KL (2-D); modes and reverse KL with the
-    mode classifier (stacked); FID, IS and I-Variance (Table 4's form) for other images."""
+@torch.no_grad()
+def code_directions(D, args, device, per_mode=200):
+    """2-D health check of the final D: the mean code (mu) of `per_mode` real points of each mode,
+    and the mean / max pairwise cosine between those mode codes. Near 1: every mode's code points
+    the same way, so the m-dim code space carries one direction only."""
+    D = common.unwrap(D).eval()
+    centers, std = common.synthetic_modes(args.data_name, args.data_std)
+    gen = torch.Generator().manual_seed(args.seed + 5)
+    c = torch.as_tensor(centers, dtype=torch.float32)                            # (K, 2)
+    pts = c.repeat_interleave(per_mode, 0) + std * torch.randn(len(c) * per_mode, 2, generator=gen)
+    mu = embed(D, pts.to(device), sample=False).cpu().view(len(c), per_mode, -1).mean(1)   # (K, m)
+    u = F_nn.normalize(mu, dim=1)
+    cos = (u @ u.T)[~torch.eye(len(c), dtype=torch.bool)]
+    return {"code_cos_modes_mean": round(cos.mean().item(), 4), "code_cos_modes_max": round(cos.max().item(), 4)}
+
+
+def final_metrics(G, D, args, rt):
+    """metrics.json: modes / high-quality fraction / reverse KL and the code-direction health check
+    (2-D); modes and reverse KL with the mode classifier (stacked); FID, IS and I-Variance (Table 4's
+    form) for other images."""
     G = common.unwrap(G).eval()
     kind = common.DATASETS[args.data_name]["kind"]
     if kind == "points":
         samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
-        return common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
+        metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
+        return dict(metrics, **code_directions(D, args, rt.device))
     if args.data_name.startswith("stacked"):
         if not args.classifier:
             print("note: mode metrics skipped: pass --classifier (train one with "
@@ -739,7 +876,7 @@ def main(argv=None):
     G, D = train(args, rt, dataset)
     if rt.is_main:
         figure3(G, D, args, rt.device, os.path.join(args.out, "figure3.png"))
-        common.finish_run(rt, args, final_metrics(G, args, rt), start)
+        common.finish_run(rt, args, final_metrics(G, D, args, rt), start)
     common.shutdown(rt)
 
 
