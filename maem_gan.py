@@ -336,12 +336,13 @@ class AuthorsReplayBuffer:
         if v0.shape[0] != self.batch:
             raise common.UsageError(f"--authors-buffer needs a fixed batch of {self.batch} codes per "
                                     f"process, got {v0.shape[0]}")
-        dist = (self.data - v0.unsqueeze(0)).pow(2).mean(dim=2)              # (slots, B)
-        return -torch.log(dist.min(dim=0).values.mean())
+        with torch.autocast(v0.device.type, enabled=False):
+            dist = (self.data - v0.unsqueeze(0)).pow(2).mean(dim=2)          # (slots, B)
+            return -torch.log(dist.min(dim=0).values.mean())
 
     @torch.no_grad()
     def push(self, codes):
-        self.data = torch.cat([self.data[self.batch:], codes.detach().float().unsqueeze(0)])
+        self.data = torch.cat([self.data[self.batch:], codes.detach().to(self.data.dtype).unsqueeze(0)])
 
     def state_dict(self):
         return {"data": self.data.cpu().clone()}
@@ -378,7 +379,7 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
     buffer shrinks (values a few % apart, gradients much more).
     """
     if isinstance(buffer, AuthorsReplayBuffer):
-        return buffer.loss(v0.float())
+        return buffer.loss(v0)
     bank = buffer.codes()
     if bank.shape[0] == 0:
         return v0.sum() * 0.0

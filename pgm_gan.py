@@ -496,6 +496,16 @@ def guide(logits, y, reduce="sum"):
     return r.sum(1) if reduce == "sum" else r.mean(1)
 
 
+def guided_g_loss(d_fake, logits, y, lam, args):
+    """Eq. 8 for the generators: adversarial loss + lambda * mean_j R_y(G_y(z_j)) (Eq. 8 sums the
+    adversarial term over j and averages R; we and the official code average both). d_fake: (B,)
+    D's outputs on the fakes; logits: (B, k) S's logits of them, or None without a partitioner.
+    Returns (total, adversarial term, R per sample or None)."""
+    adv = g_loss_fn(d_fake, args.loss)
+    r_each = guide(logits, y, args.guide_reduce) if logits is not None else None
+    return (adv + lam * r_each.mean() if lam > 0 else adv), adv, r_each
+
+
 def guide_weight(args, g_step):
     """lambda of Eq. 8 at G step g_step. Sec. 5.4: linear annealing from the initial lambda.
     Official code: lambda_t = max(lambda_0 - 1.2e-4 t, floor), floor 0 (CIFAR) or 1e-4."""
@@ -973,12 +983,12 @@ def run_gan(args, rt, dataset, channels):
         z = torch.randn(per_rank, args.z_dim, device=device)
         with rt.autocast():
             fake = G(z, y)
-            adv = g_loss_fn(D_plain(fake, y).float().squeeze(1), args.loss)
+            d_fake = D_plain(fake, y).float().squeeze(1)
             # Eq. 6, 8. With lambda = 0 (Partition GAN) R is still measured, without a gradient,
             # so the log shows how far the generators stray from their partitions.
             with torch.set_grad_enabled(lam > 0):
-                r_each = guide(S(fake).float(), y, args.guide_reduce) if S is not None else None
-        g_loss = adv + lam * r_each.mean() if lam > 0 else adv
+                logits = S(fake).float() if S is not None else None
+        g_loss, adv, r_each = guided_g_loss(d_fake, logits, y, lam, args)
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         step += 1
