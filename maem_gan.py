@@ -222,18 +222,20 @@ def parse_args(argv=None):
 # 2. The generalised discriminator and L_MaF (Sec. "Manifold Representation", Eq. 7)
 # ==================================================================================================
 
-def embed(D, x, sample=True):
+def embed(D, x, sample=True, with_mu=False):
     """V = D(x) in R^m with the re-parameterisation trick (Suppl.: "m ... with a re-parameterization
     trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
     V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
 
     Official code: its forward always samples; only its `embedding()` (used for Figure 3) returns
     mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
+    with_mu=True returns (V, mu) (the health figures read mu's directions).
     """
     mu, logvar = D(x).float().chunk(2, dim=1)             # (B, m) each
     if not sample:
         return mu
-    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    v = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    return (v, mu) if with_mu else v
 
 
 def maf_loss_d(v_real, v_fake):
@@ -394,17 +396,18 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
 
 
 @torch.no_grad()
-def health(v, buffer):
+def health(v, mu, buffer):
     """The two figures that tell whether D's code space is alive (METHODS, "health check"):
-    cos_nn, the mean cosine of each code with its most similar buffered code (Eq. 8's L_ent before
-    weighting), and cos_batch, the mean pairwise cosine of the batch's codes. Both reach 1.0000
-    when every code points the same way: then the m-dim D is in effect 1-D and RB-MaEM has no force."""
-    v = v.detach().float()
-    u = F_nn.normalize(v, dim=1)
+    cos_nn, the mean cosine of each sampled code V with its most similar buffered code (Eq. 8's
+    L_ent before weighting), and cos_batch, the mean pairwise cosine of the batch's mean codes mu
+    (not V, whose sampling noise would hide a shared direction). cos_batch 1.0000: every code points
+    the same way, the m-dim D is in effect 1-D and RB-MaEM's cosine has no force."""
+    u = F_nn.normalize(mu.detach().float(), dim=1)
     b = u.shape[0]
     out = {"cos_batch": ((u @ u.T).sum() - b) / max(b * (b - 1), 1)}
     if isinstance(buffer, ReplayBuffer) and len(buffer):
-        out["cos_nn"] = (u * F_nn.normalize(nearest_by_cosine(v, buffer.codes())[0], dim=1)).sum(1).mean()
+        v = v.detach().float()
+        out["cos_nn"] = F_nn.cosine_similarity(v, nearest_by_cosine(v, buffer.codes())[0], dim=1).mean()
     return out
 
 
@@ -538,7 +541,7 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
         parts.append(x_mix)
     if use_dlle:
         parts += [dlle_transform(x, args, D_plain), dlle_transform(fake, args, D_plain)]
-    v = embed(D, torch.cat(parts))                                             # (k B, m), k = 2..5
+    v, mu = embed(D, torch.cat(parts), with_mu=True)                           # (k B, m), k = 2..5
     chunks = list(v.split(B))
     v_real, v_fake = chunks[0], chunks[1]
     terms = {"maf": maf_loss_d(v_real, v_fake)}
@@ -552,7 +555,7 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
             terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
                              + dlle_loss(v_fake, v_fake_aug, "official"))
     total = sum(terms.values())
-    figures = health(v_real, buffers["real"])
+    figures = health(v_real, mu[:B], buffers["real"])
     if not args.no_entropy:
         lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
         terms["ent"] = entropy_loss(v_real, buffers["real"], lam, variant)
@@ -567,10 +570,10 @@ def g_step_loss(D_plain, fake, args, buffers, ent_w):
     which pushes each new sample away from its nearest buffered generated code in D's space
     (maximises the entropy of P_g, Eq. 6). D_plain is the unwrapped D: its gradients here are never
     applied (zeroed before D's next step). Returns (total, terms incl. health figures, not summed)."""
-    v_fake = embed(D_plain, fake)
+    v_fake, mu = embed(D_plain, fake, with_mu=True)
     terms = {"g_maf": maf_loss_g(v_fake)}
     total = terms["g_maf"]
-    figures = health(v_fake, buffers["fake"])
+    figures = health(v_fake, mu, buffers["fake"])
     if not args.no_entropy:
         terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
         buffers["fake"].push(v_fake)

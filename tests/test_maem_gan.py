@@ -144,7 +144,8 @@ def tiny_nets(variant, transform="noise"):
 def deterministic_codes(monkeypatch):
     """embed without the re-parameterisation noise, so a test can recompute the codes."""
     real = maem_gan.embed
-    monkeypatch.setattr(maem_gan, "embed", lambda D, x, sample=True: real(D, x, sample=False))
+    monkeypatch.setattr(maem_gan, "embed", lambda D, x, sample=True, with_mu=False:
+                        (real(D, x, False),) * 2 if with_mu else real(D, x, False))
     return real
 
 
@@ -283,11 +284,12 @@ def test_cosine_search_stays_float32_under_bf16_autocast():
 
 def test_health_figures_read_one_for_codes_that_share_a_direction():
     same = torch.tensor([[1.0, 2.0], [2.0, 4.0], [0.5, 1.0]])
+    noisy = same + torch.randn(3, 2)
     buf = maem_gan.ReplayBuffer(8, 2, "cpu")
-    assert maem_gan.health(same, buf)["cos_batch"].item() == pytest.approx(1.0)
+    assert maem_gan.health(noisy, same, buf)["cos_batch"].item() == pytest.approx(1.0)   # mu's directions
     orth = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     buf.push(torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
-    h = maem_gan.health(orth, buf)
+    h = maem_gan.health(orth, orth, buf)
     assert h["cos_batch"].item() == pytest.approx(0.0, abs=1e-7)
     assert h["cos_nn"].item() == pytest.approx(1 / math.sqrt(2))
 
@@ -374,9 +376,9 @@ def test_official_variant_flips_real_images(tmp_path, monkeypatch):
     seen = []
     real_embed = maem_gan.embed
 
-    def spy(D, x, sample=True):
+    def spy(D, x, sample=True, with_mu=False):
         seen.append(x[:4].detach().clone())                     # the real batch comes first
-        return real_embed(D, x, sample)
+        return real_embed(D, x, sample, with_mu)
 
     monkeypatch.setattr(maem_gan, "embed", spy)
     base = ["--dataset", "stacked-mnist", "--data-root", str(tmp_path / "data"), "--width", "2",
