@@ -68,8 +68,8 @@ _CIFAR = dict(  # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), x0
     # dlle_noise 0.05: ours (the paper gives no std; train.py's flip-noise uses 0.001).
     arch="dcgan", img_size=32, z_dim=64, m=16, batch_size=64, steps=100_000, lr=1e-4, beta1=0.0,
     beta2=0.999, n_critic=3, sigma=5e-4, lambda_norm=0.0, lr_decay=0.9, lr_decay_epochs=50,
-    dlle_transform="rot-noise", dlle_noise=0.05, width=64, eval_samples=50_000,
-    log_every=200, sample_every=5000, ckpt_every=5000)
+    dlle_transform="rot-noise", dlle_noise=0.05, iso_weight=1.0, dlle_weight=1.0, width=64,
+    eval_samples=50_000, log_every=200, sample_every=5000, ckpt_every=5000)
 PRESETS = {
     "cifar10": dict(_CIFAR, data="cifar10", split="all"),
     # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
@@ -102,12 +102,12 @@ PRESETS = {
     "ring": dict(data="ring", split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=128,
                  steps=20_000, lr=1e-4, beta1=0.0, beta2=0.9, n_critic=3, sigma=5e-2,
                  lambda_norm=0.0, lr_decay=1.0, lr_decay_epochs=1, dlle_transform="noise",
-                 dlle_noise=0.02, width=128, eval_samples=50_000, log_every=500,
+                 dlle_noise=0.02, iso_weight=1.0, dlle_weight=1.0, width=128, eval_samples=50_000, log_every=500,
                  sample_every=5000, ckpt_every=5000),
     "grid": dict(data="grid", split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=128,
                  steps=20_000, lr=1e-4, beta1=0.0, beta2=0.9, n_critic=3, sigma=5e-2,
                  lambda_norm=0.0, lr_decay=1.0, lr_decay_epochs=1, dlle_transform="noise",
-                 dlle_noise=0.05, width=128, eval_samples=100_000, log_every=500,
+                 dlle_noise=0.05, iso_weight=1.0, dlle_weight=1.0, width=128, eval_samples=100_000, log_every=500,
                  sample_every=5000, ckpt_every=5000),
 }
 # Where each preset comes from, for --help.
@@ -185,6 +185,10 @@ def parse_args(argv=None):
     g.add_argument("--dlle-noise", type=float, default=None,
                    help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
     g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
+    g.add_argument("--iso-weight", type=float, default=None,
+                   help="weight of L_Iso in D's loss (paper: none stated; official code: 1)")
+    g.add_argument("--dlle-weight", type=float, default=None,
+                   help="weight of L_LLE in D's loss (paper: none stated; official code: 1)")
     g.add_argument("--no-disomap", action="store_true", help="drop DIsoMap (Eq. 14; Table 1)")
     g.add_argument("--no-dlle", action="store_true", help="drop DLLE (Eq. 12-13; Table 1)")
     g.add_argument("--no-entropy", action="store_true", help="drop RB-MaEM (Eq. 8; Table 1)")
@@ -212,7 +216,7 @@ def parse_args(argv=None):
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
                                        "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples"),
                        nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
-                                    "dlle_noise", "rot_degrees"))
+                                    "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight"))
     if args.no_dlle:
         args.dlle_transform = "none"
     return args
@@ -391,8 +395,10 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
             v_star, _ = nearest_by_cosine(v0, bank)
             cos = F_nn.cosine_similarity(v0, v_star, dim=1)                   # (B,)
             return (cos + lambda_norm * v0.norm(dim=1)).mean()
-        dist = (v0.unsqueeze(1) - bank.unsqueeze(0)).pow(2).mean(dim=2)      # (B, n)
-        return -torch.log(dist.min(dim=1).values.mean())
+        with torch.no_grad():                                                # nearest in L2, (B,)
+            idx = torch.cdist(v0, bank, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
+        dist = (v0 - bank[idx]).pow(2).mean(dim=1)                           # (B,): min_j, exact
+        return -torch.log(dist.mean())
 
 
 @torch.no_grad()
@@ -545,6 +551,7 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
     chunks = list(v.split(B))
     v_real, v_fake = chunks[0], chunks[1]
     terms = {"maf": maf_loss_d(v_real, v_fake)}
+    weights = {"maf": 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight}
     if use_iso:
         terms["iso"] = isomap_loss(chunks[2], v_real, v_fake, a, variant)
     if use_dlle:
@@ -554,7 +561,7 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
         else:
             terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
                              + dlle_loss(v_fake, v_fake_aug, "official"))
-    total = sum(terms.values())
+    total = sum(weights[k] * val for k, val in terms.items())
     figures = health(v_real, mu[:B], buffers["real"])
     if not args.no_entropy:
         lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
@@ -826,16 +833,22 @@ def train(args, rt, dataset):
 def code_directions(D, args, device, per_mode=200):
     """2-D health check of the final D: the mean code (mu) of `per_mode` real points of each mode,
     and the mean / max pairwise cosine between those mode codes. Near 1: every mode's code points
-    the same way, so the m-dim code space carries one direction only."""
+    the same way, so the m-dim code space carries one direction only. The centred figure removes
+    the realness direction (1, ..., 1) first: what is left is what DIsoMap and RB-MaEM can shape."""
     D = common.unwrap(D).eval()
     centers, std = common.synthetic_modes(args.data_name, args.data_std)
     gen = torch.Generator().manual_seed(args.seed + 5)
     c = torch.as_tensor(centers, dtype=torch.float32)                            # (K, 2)
     pts = c.repeat_interleave(per_mode, 0) + std * torch.randn(len(c) * per_mode, 2, generator=gen)
     mu = embed(D, pts.to(device), sample=False).cpu().view(len(c), per_mode, -1).mean(1)   # (K, m)
+    off = ~torch.eye(len(c), dtype=torch.bool)
     u = F_nn.normalize(mu, dim=1)
-    cos = (u @ u.T)[~torch.eye(len(c), dtype=torch.bool)]
-    return {"code_cos_modes_mean": round(cos.mean().item(), 4), "code_cos_modes_max": round(cos.max().item(), 4)}
+    cos = (u @ u.T)[off]
+    # The same without each code's mean over its m entries, the part L_MaF reads as realness.
+    w = F_nn.normalize(mu - mu.mean(dim=1, keepdim=True), dim=1)
+    cos_c = (w @ w.T)[off]
+    return {"code_cos_modes_mean": round(cos.mean().item(), 4), "code_cos_modes_max": round(cos.max().item(), 4),
+            "code_cos_modes_centred_mean": round(cos_c.mean().item(), 4)}
 
 
 def final_metrics(G, D, args, rt):

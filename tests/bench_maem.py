@@ -4,17 +4,20 @@ Every number comes from running the real script in a subprocess and reading what
 (log.jsonl's it/s, metrics.json), so the benchmark measures exactly what a user runs.
 
     python tests/bench_maem.py cost      # ms per training step: full MaEM-GAN vs L_MaF alone
-    python tests/bench_maem.py toy       # ring and grid: modes, high-quality fraction, reverse KL
-    python tests/bench_maem.py ablation  # Table 1's rows on stacked Fashion-MNIST: modes / 1000, reverse KL
+    python tests/bench_maem.py toy --seeds 0 1 2 3 4 --jobs 2   # ring, grid: modes, quality, reverse KL, health
+    python tests/bench_maem.py ablation2d --seeds 0 1 2 --jobs 2  # the ablation rows on the grid
+    python tests/bench_maem.py ablation  # the ablation rows on stacked Fashion-MNIST: modes / 1000, reverse KL
 
 Set OMP_NUM_THREADS yourself (1 on a shared CPU). `--json FILE` writes the results; `--keep DIR`
 keeps the runs (default: a temporary folder). Extra flags after `--` go to every maem_gan.py run.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,17 +77,70 @@ def cost(args, workdir, extra):
     return result
 
 
+# What a 2-D row reports: metrics.json's figures, and the health figures of the last log line.
+TOY_COLUMNS = [("modes", "modes"), ("hq_fraction", "quality"), ("reverse_kl", "reverse KL"),
+               ("real_cos_nn", "cos_nn (real)"), ("real_cos_batch", "cos_batch (real)"),
+               ("code_cos_modes_mean", "mode-code cos"), ("code_cos_modes_centred_mean", "centred"),
+               ("wall_seconds", "seconds")]
+
+
+def toy_runs(rows, args, workdir, extra):
+    """rows: [(name, dataset, flags)]; every row x seed is one maem_gan.py run, `--jobs` at a time,
+    each on one thread. A finished run (metrics.json present) is read, not rerun."""
+    jobs = []
+    for name, dataset, flags in rows:
+        for seed in args.seeds:
+            out = os.path.join(workdir, f"{dataset}-{name.replace(' ', '_').replace('+', 'p')}-s{seed}")
+            cmd = ["--dataset", dataset, "--seed", str(seed), "--device", args.device,
+                   "--log-every", "1000", *(["--steps", str(args.steps)] if args.steps else []), *flags, *extra]
+            jobs.append((name, dataset, seed, cmd, out))
+
+    def one(job):
+        name, dataset, seed, cmd, out = job
+        if os.path.isfile(os.path.join(out, "metrics.json")):
+            lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
+            metrics = json.load(open(os.path.join(out, "metrics.json")))
+            wall = metrics["train_seconds"]
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            wall, lines, metrics = run(cmd, out)
+        row = dict(metrics, wall_seconds=round(wall, 1), row=name, dataset=dataset, seed=seed,
+                   **{k: lines[-1][k] for k in ("real_cos_nn", "real_cos_batch") if k in lines[-1]})
+        print(json.dumps(row), flush=True)
+        return row
+
+    env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(f"{len(jobs)} runs, {args.jobs} at a time, OMP_NUM_THREADS={env_threads}", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(one, jobs))
+    table = ["| row | dataset | " + " | ".join(title for _, title in TOY_COLUMNS) + " |",
+             "|---" * (len(TOY_COLUMNS) + 2) + "|"]
+    for name, dataset, _ in rows:
+        got = [r for r in results if r["row"] == name and r["dataset"] == dataset]
+        cells = []
+        for key, _ in TOY_COLUMNS:
+            vals = [r[key] for r in got if r.get(key) is not None]
+            if not vals:
+                cells.append("-")
+            elif key == "modes":
+                cells.append(f"{statistics.mean(vals):.1f} ({min(vals)}-{max(vals)})")
+            else:
+                fmt = "{:.1f}" if key == "wall_seconds" else "{:.3f}" if key != "hq_fraction" else "{:.1%}"
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{fmt.format(statistics.mean(vals))} ± {fmt.format(sd)}")
+        table.append(f"| {name} | {dataset} | " + " | ".join(cells) + " |")
+    print(f"\n{len(args.seeds)} seeds each, mean ± std (modes: mean (min-max))\n" + "\n".join(table), flush=True)
+    return {"runs": results, "table": table}
+
+
 def toy(args, workdir, extra):
-    """ring and grid at a fixed step budget: Table-1-style metrics of metrics.json."""
-    results = {}
-    for dataset in args.datasets.split(","):
-        out = os.path.join(workdir, f"toy-{dataset}")
-        wall, _, metrics = run(["--dataset", dataset, "--steps", str(args.steps), "--device", args.device,
-                                "--sample-every", str(args.steps), "--ckpt-every", str(args.steps),
-                                "--log-every", str(min(500, args.steps)), *extra], out)
-        results[dataset] = dict(metrics, wall_seconds=round(wall, 1), steps=args.steps)
-        print(f"{dataset}: {json.dumps(results[dataset])}", flush=True)
-    return results
+    """ring and grid with the presets' defaults (flags after `--` apply to every run)."""
+    return toy_runs([("MaEM-GAN", d, []) for d in args.datasets.split(",")], args, workdir, extra)
+
+
+def ablation2d(args, workdir, extra):
+    """The ablation rows on a 2-D preset, same budget for every row."""
+    return toy_runs([(name, args.dataset, flags) for name, flags in ABLATION_ROWS], args, workdir, extra)
 
 
 def ablation(args, workdir, extra):
@@ -133,9 +189,14 @@ def main():
     c.add_argument("--steps", type=int, default=60, help="G steps per run")
     c.add_argument("--log-every", type=int, default=10, help="timing interval (steps)")
     c.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
-    t = sub.add_parser("toy", help="ring / grid mode coverage")
+    t = sub.add_parser("toy", help="ring / grid mode coverage, several seeds")
     t.add_argument("--datasets", default="ring,grid")
-    t.add_argument("--steps", type=int, default=5000)
+    t2 = sub.add_parser("ablation2d", help="the ablation rows on a 2-D preset, several seeds")
+    t2.add_argument("--dataset", default="grid")
+    for sp in (t, t2):
+        sp.add_argument("--steps", type=int, default=None, help="G steps (default: the preset's)")
+        sp.add_argument("--seeds", type=int, nargs="+", default=[0])
+        sp.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     a = sub.add_parser("ablation", help="Table 1 rows on stacked Fashion-MNIST")
     a.add_argument("--steps", type=int, default=1500, help="G steps per row (fit one row in ~30 CPU minutes)")
     a.add_argument("--log-every", type=int, default=100)
@@ -143,7 +204,7 @@ def main():
     a.add_argument("--classifier", default="runs/fmnist-classifier.pt")
     a.add_argument("--classifier-epochs", type=int, default=12)
     a.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package)")
-    for sp in (c, t, a):
+    for sp in (c, t, t2, a):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--json", default=None, help="write the results here")
         sp.add_argument("--keep", default=None, help="keep the runs in this folder")
@@ -151,7 +212,7 @@ def main():
     workdir = args.keep or tempfile.mkdtemp(prefix="bench_maem-")
     os.makedirs(workdir, exist_ok=True)
     try:
-        result = {"cost": cost, "toy": toy, "ablation": ablation}[args.cmd](args, workdir, extra)
+        result = {"cost": cost, "toy": toy, "ablation2d": ablation2d, "ablation": ablation}[args.cmd](args, workdir, extra)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

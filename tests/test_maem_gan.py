@@ -161,6 +161,7 @@ def brute_cos_nn(v, bank):
 def test_d_step_spreads_real_codes_and_never_touches_g(variant, monkeypatch):
     deterministic_codes(monkeypatch)
     args, G, D = tiny_nets(variant, "adv")
+    args.iso_weight, args.dlle_weight = 0.5, 2.0
     D.eval()                                # spectral norm without power iterations: codes repeatable
     buffers = maem_gan.make_buffers(args, 8, "cpu")
     z = torch.randn(8, 2)
@@ -188,8 +189,8 @@ def test_d_step_spreads_real_codes_and_never_touches_g(variant, monkeypatch):
     assert len(buffers["fake"]) == fake_count                  # D never writes the generated buffer
     assert all(p.grad is None for p in G.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.parameters())
-    # the total is the sum of the terms with the entropy weighted by sigma
-    expected = terms["maf"] + terms["iso"] + terms["dlle"] + 0.3 * terms["ent"]
+    # the total: the terms with their weights (--iso-weight, --dlle-weight) and sigma
+    expected = terms["maf"] + 0.5 * terms["iso"] + 2.0 * terms["dlle"] + 0.3 * terms["ent"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
