@@ -25,6 +25,8 @@ import argparse
 import sys
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ==================================================================================================
@@ -1289,12 +1291,8 @@ class BatchStream:
 # ==================================================================================================
 # 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
 #     batched mapping over a dataset, a progress line, presets in --help, --resume of stage files,
-#     an operator-norm-bounded layer);
-#     moved here from pgm_gan.py
+#     an operator-norm-bounded layer)
 # ==================================================================================================
-
-import torch.nn as nn
-import torch.nn.functional as F
 
 class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default and the description / presets epilog printed as written."""
@@ -1671,10 +1669,7 @@ def clustering_metrics(pred, labels, k):
 #     power iterations see the final weights).
 
 import copy
-import math
 
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _torch_spectral_norm
 
@@ -2295,7 +2290,7 @@ class EMA:
 #
 # Everything here is inference: no gradients, float64 wherever a score is accumulated.
 
-import hashlib    # (json, math, os, sys, time, numpy, nn and F are imported by the sections above)
+import hashlib    # (json, math, os, sys, time, numpy, nn and F are imported above)
 
 # --- 7a. The FID Inception network ---------------------------------------------------------------
 # FID is only comparable across papers when computed with *the* network of the TensorFlow

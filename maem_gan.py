@@ -22,6 +22,7 @@ Launch:
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 maem_gan.py --dataset ffhq --data-root data/ffhq   # two nodes
     python maem_gan.py --dataset cifar10 --variant official            # the authors' code's losses
+    python maem_gan.py --dataset cifar10 --variant official --authors-buffer   # + their buffer bug
     python maem_gan.py --dataset cifar10 --no-entropy --no-dlle        # a Table 1 ablation row
     python maem_gan.py --dataset ring --out runs/x --resume            # continue a run
     python evaluate.py ckpt runs/maem_gan-cifar10-0/ckpt.pt --n 50000 --metrics fid,is,ivar
@@ -29,7 +30,10 @@ Launch:
 Map of the paper to this file:
     Eq. 7     L_MaF, the m-dim WGAN loss           -> maf_loss_d / maf_loss_g
     (Sec. 3)  re-parameterised code V              -> embed
-    Eq. 8     RB-MaEM entropy loss + buffer        -> ReplayBuffer, entropy_loss ("paper")
+    Eq. 8     RB-MaEM entropy loss + buffer        -> ReplayBuffer, entropy_loss ("paper");
+              the authors' buffer (--authors-buffer)  -> AuthorsReplayBuffer
+              who minimises it on which codes        -> section 5's header, d_step_loss / g_step_loss
+              is D's code space alive?               -> health (log), code_directions (metrics.json)
     Eq. 9-11  why nearest-neighbour distances      -> the comment above entropy_loss
     Eq. 12-13 DLLE                                 -> dlle_transform, dlle_loss
     Eq. 14    DIsoMap                              -> isomap_mix, isomap_loss
@@ -847,8 +851,12 @@ def code_directions(D, args, device, per_mode=200):
     # The same without each code's mean over its m entries, the part L_MaF reads as realness.
     w = F_nn.normalize(mu - mu.mean(dim=1, keepdim=True), dim=1)
     cos_c = (w @ w.T)[off]
+    # How many directions the mode codes vary in: the participation ratio (sum l)^2 / sum l^2 of
+    # the eigenvalues l of their covariance, 1 when they lie on one line, up to min(K - 1, m).
+    lam = torch.linalg.eigvalsh(torch.cov(mu.T.double())).clamp_min(0)
+    dims = (lam.sum() ** 2 / (lam ** 2).sum().clamp_min(1e-300)).item()
     return {"code_cos_modes_mean": round(cos.mean().item(), 4), "code_cos_modes_max": round(cos.max().item(), 4),
-            "code_cos_modes_centred_mean": round(cos_c.mean().item(), 4)}
+            "code_cos_modes_centred_mean": round(cos_c.mean().item(), 4), "code_dims": round(dims, 2)}
 
 
 def final_metrics(G, D, args, rt):

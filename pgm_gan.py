@@ -433,9 +433,14 @@ def build_partitioner(args, channels):
 # ==================================================================================================
 
 def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
-    """Eq. 5 as a loss to minimise, with means instead of sums (a per-edge / per-point scale):
+    """Eq. 5 as a loss to minimise, with means instead of sums:
 
         - mean_(i,j) log <S(x_i), S(x_j)>  +  alpha mean_i H(S(x_i))  -  beta H(mean_i S(x_i))
+
+    Eq. 5 sums its first term over all |E| edges and its second over all n points, but its third
+    is a single term: with means, this beta equals Eq. 5's beta times |E| (and alpha its alpha
+    times |E| / n). SCAN (and so the authors' partitioners) weight the terms this way; beta 5 here
+    is SCAN's entropy weight, not a value of Eq. 5's scale.
 
     p_anchor, p_neighbor: (B, k) probabilities of B anchors and one kNN neighbour of each (SCAN's
     sampling of the edges). H(mean S) uses the batch mean (SCAN). Returns (loss, terms dict).

@@ -81,6 +81,7 @@ def cost(args, workdir, extra):
 TOY_COLUMNS = [("modes", "modes"), ("hq_fraction", "quality"), ("reverse_kl", "reverse KL"),
                ("real_cos_nn", "cos_nn (real)"), ("real_cos_batch", "cos_batch (real)"),
                ("code_cos_modes_mean", "mode-code cos"), ("code_cos_modes_centred_mean", "centred"),
+               ("code_dims", "code dims"),
                ("wall_seconds", "seconds")]
 
 

@@ -532,3 +532,21 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         common.run_cli(maem_gan.main, ["--dataset", "ring", "--out", str(other), "--resume"])
     assert "not of 'maem_gan'" in capsys.readouterr().err
+
+
+def test_code_directions_count_the_directions_mode_codes_vary_in():
+    args = maem_gan.parse_args(["--dataset", "grid", "--m", "4"])
+
+    class D(torch.nn.Module):                                   # mu = f(x), logvar = 0
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return torch.cat([self.f(x), torch.zeros(len(x), 4)], 1)
+
+    line = maem_gan.code_directions(D(lambda x: x[:, :1] * torch.tensor([[1.0, 2, 0, 0]]) + 5), args, "cpu")
+    assert line["code_dims"] == pytest.approx(1.0, abs=0.01) and line["code_cos_modes_max"] == pytest.approx(1.0)
+    spread = maem_gan.code_directions(D(lambda x: torch.cat([x, x ** 2], 1)), args, "cpu")
+    # (x, y, x^2, y^2) over the 5 x 5 grid: four uncorrelated coordinates, variances 8, 8, 44.8, 44.8
+    assert spread["code_dims"] == pytest.approx((2 * 8 + 2 * 44.8) ** 2 / (2 * 64 + 2 * 44.8 ** 2), rel=0.02)
