@@ -85,6 +85,18 @@ TOY_COLUMNS = [("modes", "modes"), ("hq_fraction", "quality"), ("reverse_kl", "r
                ("wall_seconds", "seconds")]
 
 
+def health_of(ckpt_path):
+    """maem_gan.code_directions of a checkpoint's final D."""
+    import common
+    import maem_gan
+
+    ckpt = common.load_checkpoint(ckpt_path, method="maem_gan")
+    args = argparse.Namespace(**ckpt["args"])
+    _, D = maem_gan.build_networks(args, 2)
+    D.load_state_dict(ckpt["D"])
+    return maem_gan.code_directions(D, args, "cpu")
+
+
 def toy_runs(rows, args, workdir, extra):
     """rows: [(name, dataset, flags)]; every row x seed is one maem_gan.py run, `--jobs` at a time,
     each on one thread. A finished run (metrics.json present) is read, not rerun."""
@@ -105,6 +117,8 @@ def toy_runs(rows, args, workdir, extra):
         else:
             shutil.rmtree(out, ignore_errors=True)
             wall, lines, metrics = run(cmd, out)
+        if "code_dims" not in metrics:                         # a run of an older maem_gan.py
+            metrics = dict(metrics, **health_of(os.path.join(out, "ckpt.pt")))
         row = dict(metrics, wall_seconds=round(wall, 1), row=name, dataset=dataset, seed=seed,
                    **{k: lines[-1][k] for k in ("real_cos_nn", "real_cos_batch") if k in lines[-1]})
         print(json.dumps(row), flush=True)
