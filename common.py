@@ -413,7 +413,7 @@ class _StopState:
     """What SIGINT / SIGTERM do in this process (one instance, _STOP)."""
     deferring = False     # a RunControl loop runs: a first signal only asks it to stop after the step
     requested = 0         # the number of that signal (0: none)
-    exiting = False       # the process is on its way out (saved, or told why): further signals wait
+    exiting = False       # on the way out (saved, or told why): further signals are ignored
     step_seconds = 0.0    # the loop's seconds per step, so that a slow step can say why it waits
     note = ""             # what is on disk, for the line printed when the process stops at once
 

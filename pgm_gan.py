@@ -719,7 +719,8 @@ def run_pretext(args, rt, dataset, channels):
                                      args.aug_gray)
     stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
                                 num_workers=args.num_workers)
-    nets, opts = {"phi": common.unwrap(net).phi, "head": common.unwrap(net).head}, {"opt": opt, "sched": sched}
+    nets = {"phi": common.unwrap(net).phi, "head": common.unwrap(net).head}
+    opts = {"opt": opt, "sched": sched}
     step = 0 if resumed is None else common.restore_training_state(resumed, nets, opts, rt, stream,
                                                                    args.seed, path)
     os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)

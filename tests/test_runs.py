@@ -49,13 +49,30 @@ def popen(argv, torchrun=False):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def kill(proc):
+    """A run that hangs: it and its torchrun workers (their own sessions) are killed."""
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    for pid in children.split():
+        os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    return proc.communicate()
+
+
 def wait_for_log(proc, out, timeout=240):
     """Until the run has written its first log line: it is training, mid-run."""
     path, end = os.path.join(out, "log.jsonl"), time.time() + timeout
     while not (os.path.isfile(path) and os.path.getsize(path)):
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < end, "no log line"
+        if time.time() > end:
+            pytest.fail(f"no log line: {kill(proc)}")
         time.sleep(0.02)
+
+
+def stderr_at_end(proc, timeout=240):
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not stop: {kill(proc)}")
 
 
 def stop_after(monkeypatch, module, name, call, signum=signal.SIGINT):
@@ -80,7 +97,7 @@ def test_sigint_mid_training_saves_and_resume_equals_an_uninterrupted_run(tmp_pa
     proc = popen(["invert_gan.py", *flags, "--out", part])
     wait_for_log(proc, part)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
+    err = stderr_at_end(proc)
     assert proc.returncode == 130, err
     step = common.load_checkpoint(os.path.join(part, "ckpt.pt"))["step"]
     assert 10 <= step < 200
@@ -117,7 +134,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_from_which_both_ranks_resume(t
     proc = popen(["invert_gan.py", *flags, "--out", part], torchrun=True)
     wait_for_log(proc, part)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    err = stderr_at_end(proc)
     ckpt = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
     step = ckpt["step"]
     assert 10 <= step < 60 and len(ckpt["rng"]) == 2 and len(ckpt["run"]["meter"]) == 2
@@ -141,10 +158,11 @@ def test_sigterm_to_one_torchrun_worker_stops_both_after_the_same_step(tmp_path)
                   "--out", out], torchrun=True)
     wait_for_log(proc, out)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    rank1 = [pid for pid in workers if b"\0LOCAL_RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read()]
+    rank1 = [pid for pid in workers
+             if b"\0LOCAL_RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read()]
     assert len(rank1) == 1, workers
     os.kill(int(rank1[0]), signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    err = stderr_at_end(proc)
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
     assert 10 <= ckpt["step"] < 400 and len(ckpt["buffers"]) == 2 and len(ckpt["rng"]) == 2
     assert sum(x.startswith(f"interrupted at step {ckpt['step']} of 400") for x in err.splitlines()) == 1
@@ -197,8 +215,8 @@ def test_pgm_pretext_stop_resumes_and_a_stopped_partition_runs_again(tmp_path, m
         pgm_gan.main([*TINY_2D, "--out", ring])
     undo()
     assert stop.value.code == 130 and not os.path.exists(os.path.join(ring, "partition.pt"))
-    assert "interrupted at partition step 2 of 4; the partition stage is saved only when it is done: run the " \
-        "command again" in capsys.readouterr().err                # 2-D: no pretext.pt to --resume from
+    assert ("interrupted at partition step 2 of 4; the partition stage is saved only when it is done: "
+            "run the command again") in capsys.readouterr().err    # 2-D: no pretext.pt to --resume from
     pgm_gan.main([*TINY_2D, "--out", ring])
     assert common.load_checkpoint(os.path.join(ring, "ckpt.pt"))["step"] == 6
 
