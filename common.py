@@ -379,11 +379,13 @@ def add_runtime_args(parser):
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="mixed precision for forward passes (fp16 adds a GradScaler)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt (a finished run is only evaluated again)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank (image folders)")
     g.add_argument("--log-every", type=int, default=None, help="log (and check losses are finite) every N steps")
     g.add_argument("--sample-every", type=int, default=None, help="save a sample picture every N steps")
-    g.add_argument("--ckpt-every", type=int, default=None, help="write OUT/ckpt.pt every N steps (multiple of --log-every)")
+    g.add_argument("--ckpt-every", type=int, default=None, help="write OUT/ckpt.pt every N steps (a multiple of --log-every), at the last step "
+                        "and when Ctrl-C / SIGTERM stops the run after its step")
     g.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     g.add_argument("--threads", type=int, default=None,
@@ -973,7 +975,7 @@ class RunControl:
         if not self.stop:
             _STOP.requested = 0
             if self.path:
-                _STOP.note = f"{self.path} holds step {step} of {self.total}"
+                _STOP.note = f"{self.path} holds step {step} of {self.total}; --resume continues from it"
             return
         if self.rt.is_main:
             if self.path is None:
