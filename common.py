@@ -120,9 +120,10 @@ def run_cli(main_fn, argv=None):
             f"process failed?)" + (f"; {_STOP.note}" if _STOP.note else ""))
         sys.exit(128 + signum)
     finally:
-        # On the way out after a stop, later signals are ignored: torchrun sends SIGTERM to the
-        # ranks still tearing down once one has exited, which would turn 143 into a kill.
-        restore_signals({sig: signal.SIG_IGN for sig in previous} if _STOP.exiting else previous)
+        # A torchrun worker on its way out after a stop ignores later signals: torchrun sends
+        # SIGTERM to the ranks still tearing down once one has exited (143 would become a kill).
+        leaving = _STOP.exiting and "LOCAL_RANK" in os.environ
+        restore_signals({sig: signal.SIG_IGN for sig in previous} if leaving else previous)
 
 
 # ==================================================================================================

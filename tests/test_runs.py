@@ -189,6 +189,22 @@ def test_second_sigint_aborts_at_once_and_leaves_no_torn_checkpoint(tmp_path, mo
     assert os.listdir(out).count("ckpt.pt.tmp") == 0
 
 
+def test_a_signal_outside_the_training_loop_stops_at_once_with_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+
+    def main(argv):
+        invert_gan.main([*RING, "--steps", "10", "--out", out])
+        os.kill(os.getpid(), signal.SIGINT)                        # after training, while evaluating
+        time.sleep(30)
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as err:
+        common.run_cli(main)
+    assert err.value.code == 130 and signal.getsignal(signal.SIGINT) is previous
+    assert capsys.readouterr().err.strip() == (f"interrupted by SIGINT; {os.path.join(out, 'ckpt.pt')} "
+                                               "holds step 10 of 10; --resume continues from it")
+
+
 def test_pgm_pretext_stop_resumes_and_a_stopped_partition_runs_again(tmp_path, monkeypatch, capsys):
     root = str(tmp_path / "mnist")
     write_mnist(root, n_train=24)
