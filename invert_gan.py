@@ -13,7 +13,7 @@ The idea in three lines:
     on their mean and full covariance (Eq. 6-9), not only their per-dimension variance (Eq. 11).
 
 Launch:
-    python invert_gan.py --dataset ring                       # 2-D quick start (CPU, ~6 min)
+    python invert_gan.py --dataset ring                       # 2-D quick start (CPU, ~4 min)
     python invert_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
     torchrun --standalone --nproc_per_node=8 invert_gan.py --dataset stl10       # one node
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
