@@ -7,9 +7,11 @@ method script; a reader who wants to know *how* a batch reaches the GPU comes he
 
 Sections (search for the `# ====` markers):
     0. Errors           UsageError and run_cli: bad input -> one line on stderr, exit code 2
-    1. Runtime          device, torchrun/DDP, seeds, AMP, TF32, torch.compile, shutdown
+    1. Runtime          device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile, shutdown;
+                        SIGINT/SIGTERM handlers and the ranks' agreement to stop
     2. Checkpoints      atomic save, weights_only load, RNG capture/restore
-    3. Logging          args.json, log.jsonl, console line with it/s and ETA
+    3. Logging          args.json, log.jsonl, console line with it/s and ETA; RunControl: a
+                        training loop's stop on a signal, checkpoints, train_seconds, first lines
     4. Pictures         image grids and 2-D scatter plots (PIL only)
     5. Datasets         synthetic ring/grid, torchvision datasets, stacked MNIST, folders, loaders
     6. Architectures    MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F, EMA
@@ -22,6 +24,8 @@ so `import common` stays fast (it only pays for `import torch`).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 import torch
@@ -42,22 +46,86 @@ class UsageError(Exception):
     """
 
 
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM that stops the process at once: outside a training loop, or a second signal
+    inside one (the first only asks the loop to stop, see RunControl). A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum, second=False):
+        super().__init__(signum)
+        self.signum, self.second = signum, second
+
+
+def prints_here():
+    """True on the process that prints errors: one per node (LOCAL_RANK 0, or a plain launch). Under
+    torchrun every rank meets the same bad flag, and each node's console needs the line once."""
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0")
+
+
+def say(line):
+    """One line on stderr, from the printing process only (see prints_here)."""
+    if prints_here():
+        print(line, file=sys.stderr, flush=True)
+
+
+class _QuietDefaults(argparse.HelpFormatter):
+    """'(default: X)' only where it tells something: not after None (a preset or a rule fills the
+    flag; the presets are listed at the end of --help), not after a switch's False, and not after
+    help text that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgParser(argparse.ArgumentParser):
-    """argparse with the project's error convention: a bad flag gives one line and exit code 2
-    (argparse itself prints the whole usage block first)."""
+    """argparse with the project's conventions: a bad flag gives one line and exit code 2 (argparse
+    itself prints the whole usage block first), and --help shows a default only where it says
+    something (_QuietDefaults, mixed into whatever formatter the script asks for)."""
+
+    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
+        if not issubclass(formatter_class, _QuietDefaults):
+            formatter_class = type(formatter_class.__name__, (_QuietDefaults, formatter_class), {})
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        say(f"error: {message} (see --help)")
         sys.exit(2)
 
 
 def run_cli(main_fn, argv=None):
-    """Call `main_fn(argv)`; a UsageError becomes `error: <message>` on stderr and exit code 2."""
+    """Call `main_fn(argv)` as a command. A UsageError becomes `error: <message>` on stderr and exit
+    code 2. SIGINT / SIGTERM: a training loop finishes its step, saves and exits 130 / 143
+    (RunControl); anywhere else, or a second signal, the process stops at once with one line
+    (what is on disk) and the same exit codes, without a traceback."""
+    previous = install_stop_signals()
     try:
         return main_fn(argv)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say(f"error: {err}")
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as err:
+        _STOP.exiting = True
+        signum = getattr(err, "signum", signal.SIGINT)
+        verb = "aborted at once by a second" if getattr(err, "second", False) else "interrupted by"
+        say(f"{verb} {signal.Signals(signum).name}" + (f"; {_STOP.note}" if _STOP.note else ""))
+        sys.exit(128 + signum)
+    except Exception as err:
+        if not _STOP.requested:
+            raise
+        # A stop was asked for and then a collective failed: torchrun stops the other ranks with
+        # SIGTERM when one of them has failed, so its error (not this one) is the cause.
+        signum, _STOP.exiting = _STOP.requested, True
+        say(f"stopped by {signal.Signals(signum).name} ({type(err).__name__} meanwhile: another "
+            f"process failed?)" + (f"; {_STOP.note}" if _STOP.note else ""))
+        sys.exit(128 + signum)
+    finally:
+        # A torchrun worker on its way out after a stop ignores later signals: torchrun sends
+        # SIGTERM to the ranks still tearing down once one has exited (143 would become a kill).
+        leaving = _STOP.exiting and "LOCAL_RANK" in os.environ
+        restore_signals({sig: signal.SIG_IGN for sig in previous} if leaving else previous)
 
 
 # ==================================================================================================
@@ -72,6 +140,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -99,6 +168,8 @@ class Runtime:
     amp: str = "none"          # none | bf16 | fp16
     compile: bool = False      # wrap networks with torch.compile
     scaler: object = None      # torch.amp.GradScaler for fp16, else None
+    stop_group: object = None  # the gloo group on which RunControl's ranks agree to stop
+    train_seconds: float = None  # training time of the run over all its processes (RunControl)
 
     @property
     def is_main(self):
@@ -128,10 +199,12 @@ class Runtime:
         """Put `module` on the device, optionally torch.compile it, and wrap it in DDP.
 
         GAN-specific DDP rules the method scripts follow (they matter for correctness):
-        - `broadcast_buffers=False`: spectral-norm power-iteration vectors and BN running stats
-          are buffers; re-broadcasting them from rank 0 at every forward would overwrite them
-          in the middle of a step (two forwards before one backward). Each rank keeps its own
-          copy; they only affect evaluation, and rank 0's copy is the one that is saved.
+        - No buffer sync at forwards (`forward_sync_buffers=False`; `broadcast_buffers=False`
+          before torch has it): spectral-norm power-iteration vectors and BN running stats are
+          buffers; re-broadcasting them from rank 0 at every forward would overwrite them in the
+          middle of a step (two forwards before one backward). Each rank keeps its own copy; they
+          only affect evaluation, and rank 0's copy is the one that is saved. The one sync at
+          wrapping copies rank 0's buffers, equal on every rank then (same seed).
         - Run the *wrapped* network only in the step that trains it (its backward all-reduces
           its gradients); elsewhere call `unwrap(net)` (e.g. D inside G's loss), so no rank
           waits for a gradient reduction that never comes.
@@ -143,7 +216,10 @@ class Runtime:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.local_rank] if self.device.type == "cuda" else None
-            module = DDP(module, device_ids=ids, broadcast_buffers=False)
+            no_sync = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+            module = DDP(module, device_ids=ids, **no_sync)
         return module
 
     def barrier(self):
@@ -208,8 +284,9 @@ def pick_device(name):
                         else "cpu")
 
 
-def setup_runtime(device="auto", amp="none", seed=0, compile=False):
-    """Choose the device, join the torchrun process group if launched by torchrun, set AMP.
+def setup_runtime(device="auto", amp="none", seed=0, compile=False, threads=0):
+    """Choose the device, join the torchrun process group if launched by torchrun, set AMP and the
+    number of CPU threads (`threads` > 0; 0 leaves torch's default, see `--threads`).
 
     torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; a plain `python` launch has none of them.
     NCCL is the backend on CUDA, gloo on CPU. Every rank is seeded with the *same* `seed` here,
@@ -219,6 +296,8 @@ def setup_runtime(device="auto", amp="none", seed=0, compile=False):
     if amp not in ("none", "bf16", "fp16"):
         raise UsageError(f"unknown --amp {amp!r}: choose none, bf16 or fp16")
     use_cuda = pick_device(device).type == "cuda"
+    if threads:
+        torch.set_num_threads(threads)
 
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = _env_int("RANK", 0)
@@ -303,14 +382,93 @@ def add_runtime_args(parser):
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="mixed precision for forward passes (fp16 adds a GradScaler)")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt (a finished run is only evaluated again)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank (image folders)")
     g.add_argument("--log-every", type=int, default=None, help="log (and check losses are finite) every N steps")
     g.add_argument("--sample-every", type=int, default=None, help="save a sample picture every N steps")
-    g.add_argument("--ckpt-every", type=int, default=None, help="write OUT/ckpt.pt every N steps (multiple of --log-every)")
-    g.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
+    g.add_argument("--ckpt-every", type=int, default=None, help="write OUT/ckpt.pt every N steps (a multiple of --log-every), at the last step "
+                        "and when Ctrl-C / SIGTERM stops the run after its step")
+    g.add_argument("--data-root", default=None, help=DATA_ROOT_HELP)
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process: by default 1 for the 2-D presets (their small MLPs run "
+                        "no faster on more, and much slower beside other busy processes) unless "
+                        "OMP_NUM_THREADS is set, else torch's default; 0 = torch's default")
     return g
+
+
+# What --data-root defaults to (common.default_data_root), for every --help that has the flag.
+DATA_ROOT_HELP = ("dataset folder (default: depends on the dataset: data/mnist for (stacked-)mnist, "
+                  "/usr/share/datasets/fashion-mnist if present for (stacked-)fashion-mnist, else "
+                  "data/<dataset>; README, Datasets)")
+
+
+def default_threads(args):
+    """--threads left unset: 1 for 2-D data unless the user set OMP_NUM_THREADS, else 0 (torch's
+    default). The 2-D networks are too small for intra-op parallelism to pay for its spinning."""
+    if args.threads is not None:
+        return args.threads
+    points = DATASETS.get(args.dataset, {}).get("kind") == "points"
+    return 1 if points and not os.environ.get("OMP_NUM_THREADS") else 0
+
+
+# --- Stopping: SIGINT / SIGTERM ------------------------------------------------------------------
+class _StopState:
+    """What SIGINT / SIGTERM do in this process (one instance, _STOP)."""
+    deferring = False     # a RunControl loop runs: a first signal only asks it to stop after the step
+    requested = 0         # the number of that signal (0: none)
+    exiting = False       # on the way out (saved, or told why): further signals are ignored
+    step_seconds = 0.0    # the loop's seconds per step, so that a slow step can say why it waits
+    note = ""             # what is on disk, for the line printed when the process stops at once
+
+
+_STOP = _StopState()
+
+
+def _on_stop_signal(signum, frame):
+    if _STOP.exiting:
+        return
+    if _STOP.deferring and not _STOP.requested:
+        _STOP.requested = signum
+        if _STOP.step_seconds >= 2 and prints_here():
+            # os.write: a print here could land inside another print to the same stream
+            os.write(2, f"{signal.Signals(signum).name}: stopping after this step (about "
+                        f"{_STOP.step_seconds:.0f} s); Ctrl-C again aborts at once\n".encode())
+        return
+    raise Interrupted(signum, second=_STOP.deferring)
+
+
+def install_stop_signals():
+    """SIGINT and SIGTERM handlers of a command (run_cli); returns the previous ones. A signal the
+    parent ignores (SIG_IGN, e.g. SIGINT of a background job) stays ignored."""
+    _STOP.deferring, _STOP.requested, _STOP.exiting, _STOP.note = False, 0, False, ""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _on_stop_signal)
+    return previous
+
+
+def restore_signals(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def agree_stop(rt):
+    """Collective: the stop signal any rank received (0: none; SIGTERM outranks SIGINT), so that
+    every rank stops after the same step. One int on a gloo group: no GPU sync."""
+    if not rt.distributed:
+        return _STOP.requested
+    if rt.stop_group is None:
+        # NCCL cannot reduce a CPU tensor; a gloo group beside it costs one small TCP message.
+        rt.stop_group = (torch.distributed.group.WORLD if torch.distributed.get_backend() == "gloo"
+                         else torch.distributed.new_group(backend="gloo"))
+    flag = torch.tensor([_STOP.requested], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=rt.stop_group)
+    return int(flag.item())
 
 
 # ==================================================================================================
@@ -321,12 +479,19 @@ def save_checkpoint(path, state):
     """Write `state` to `path` atomically: a crash mid-write never leaves a broken ckpt.pt.
 
     torch.save goes to `path.tmp` first; os.replace is atomic on POSIX and Windows, so a
-    reader sees either the previous checkpoint or the new one, never half of one.
+    reader sees either the previous checkpoint or the new one, never half of one. A save cut off
+    (a second Ctrl-C, a full disk) removes its temp file and leaves the previous checkpoint.
     """
     path = os.fspath(path)
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _STOP.note = f"{path} holds step {state['step']}" if "step" in state else f"{path} is saved"
 
 
 def load_checkpoint(path, method=None):
@@ -341,7 +506,9 @@ def load_checkpoint(path, method=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-torch files
-        raise UsageError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
+        raise UsageError(f"cannot read checkpoint {path} ({type(err).__name__}): the file is truncated "
+                         f"or corrupt (or not a checkpoint). Put back an older copy if you have one; a "
+                         f"run's own file can be deleted to start the run again without --resume") from None
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} is not a checkpoint of this project")
     if method is not None and ckpt.get("method") != method:
@@ -527,6 +694,14 @@ class LossMeter:
         means = dict(zip(names, values))
         return means, all(math.isfinite(v) for v in values)
 
+    def state_dict(self):
+        """The sums since the last flush (a run stopped between log steps keeps them)."""
+        return {name: (self.sums[name].detach().cpu(), self.counts[name]) for name in self.sums}
+
+    def load_state_dict(self, state):
+        self.sums = {name: total.to(self.rt.device) for name, (total, _) in state.items()}
+        self.counts = {name: int(count) for name, (_, count) in state.items()}
+
 
 class Logger:
     """log.jsonl (one JSON object per log step) and a console line; main process only.
@@ -590,7 +765,9 @@ def apply_presets(args, presets, method):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}-{args.seed}")
-    check_flags(args, positive=("steps", "batch_size", "log_every", "sample_every", "ckpt_every"))
+    check_flags(args, positive=("steps", "batch_size", "log_every", "sample_every", "ckpt_every"),
+                nonnegative=("threads",))
+    args.threads = default_threads(args)
     if args.ckpt_every % args.log_every:
         raise UsageError("--ckpt-every must be a multiple of --log-every (losses are checked for "
                          "NaN at log steps, before a checkpoint is written)")
@@ -631,7 +808,7 @@ def restore_saved_args(args, method, run_control):
 # Flags a --resume may change (common to all scripts; a script may add its own).
 RUN_CONTROL = ("steps", "out", "resume", "device", "amp", "compile", "num_workers", "log_every",
                "sample_every", "ckpt_every", "data_root", "download", "inception_weights",
-               "fid_stats", "eval_samples")
+               "fid_stats", "eval_samples", "threads")
 
 
 def _last_good(ckpt_path):
@@ -652,12 +829,168 @@ def log_step(meter, log, step, ckpt_path, **extra):
 
 
 def finish_run(rt, args, metrics, start_time):
-    """Write OUT/metrics.json (main process) and print it on one line."""
+    """Write OUT/metrics.json (main process), print it on one line and say where the results are.
+    train_seconds: the training time over every process of the run (RunControl), else the time
+    since `start_time`."""
     if rt.is_main:
-        metrics = dict(metrics, train_seconds=round(time.perf_counter() - start_time, 1))
+        seconds = rt.train_seconds if rt.train_seconds is not None else time.perf_counter() - start_time
+        metrics = dict(metrics, train_seconds=round(seconds, 1))
         write_json(os.path.join(args.out, "metrics.json"), metrics)
         print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in metrics.items()), flush=True)
+        print(results_line(args.out), flush=True)
+
+
+def saved_seconds(ckpt):
+    """train_seconds stored in a checkpoint or stage file (0 for files written before they were)."""
+    return float(((ckpt or {}).get("run") or {}).get("train_seconds", 0.0))
+
+
+def results_line(out):
+    """`results in OUT: metrics.json, ckpt.pt, ..., samples/ (N pictures)`: what a run left."""
+    names = ["metrics.json", "ckpt.pt", "log.jsonl"] + sorted(
+        name for name in os.listdir(out) if name.endswith((".png", ".pt")) and name != "ckpt.pt")
+    parts = [name for name in names if os.path.isfile(os.path.join(out, name))]
+    samples = os.path.join(out, "samples")
+    if os.path.isdir(samples):
+        count = len(os.listdir(samples))
+        parts.append(f"samples/ ({count} picture{'' if count == 1 else 's'})")
+    return f"results in {out}: " + ", ".join(parts)
+
+
+# --- The life of a training loop: stop on a signal, checkpoints, time, first progress line ------
+class RunControl:
+    """What every training loop does besides training, in one place:
+
+        run = common.RunControl(rt, args, step, meter, resumed_ckpt_or_None)
+        while run.going(step):
+            ...one step; step += 1; log steps...
+            if run.checkpoint_due(step):              # every rank, every step (a collective)
+                rng_states = common.gather_rng_states(rt)
+                if rt.is_main:
+                    common.save_checkpoint(path, common.training_state(..., **run.state()))
+        run.end(step)                                 # after a stop: one line, exit 130 / 143
+
+    - SIGINT / SIGTERM (run_cli's handlers): the step in progress finishes, the ranks agree on
+      the step to stop after (agree_stop), its checkpoint is written, and `end` prints
+      "interrupted at step N of M; saved OUT/ckpt.pt; continue with --resume" and exits 128 +
+      the signal. A second signal stops at once; save_checkpoint keeps the file on disk whole.
+    - A checkpoint every `every` steps and at the last step, however short the run.
+    - train_seconds: this loop's time plus the resumed checkpoint's (or `seconds`, a PGMGAN
+      stage's predecessors); into the checkpoint and rt.train_seconds (metrics.json).
+    - The loss sums since the last log step go into the checkpoint, so a run stopped between log
+      steps logs the same means as one that never stopped.
+    - The console: "resuming at step N of M"; a speed / ETA line after ~10 s when the first log
+      line is further off (console only: log.jsonl is the same as without it); once, a note when
+      an image preset would take hours on the CPU.
+    `path` None: the stage is only saved whole (PGMGAN's partition); a stop just exits, and its
+    line ends with `again` (how to run the stage again).
+    """
+
+    FIRST_LINE_SECONDS = 10.0      # the speed line comes after this long, if no log line came yet
+    GPU_NOTE_SECONDS = 3 * 3600    # an ETA above this on the CPU gets the "sized for a GPU" note
+
+    def __init__(self, rt, args, step, meter, resumed=None, *, total=None, every=None, path="ckpt.pt",
+                 stage="", shorten="--steps", early=True, seconds=0.0, again="--resume runs it again"):
+        self.rt, self.meter, self.stage, self.shorten, self.early = rt, meter, stage, shorten, early
+        self.again = again
+        self.total = args.steps if total is None else total
+        self.every = args.ckpt_every if every is None else every
+        self.path = os.path.join(args.out, path) if path else None
+        self.dataset = args.dataset
+        self.kind = DATASETS.get(getattr(args, "data_name", None) or args.dataset, {}).get("kind")
+        self.start = step
+        log_every = max(1, getattr(args, "log_every", None) or 1)
+        self.first_log = min(self.total, (step // log_every + 1) * log_every)
+        saved = (resumed or {}).get("run") or {}
+        self.before = saved_seconds(resumed) if resumed is not None else seconds
+        partial = saved.get("meter")
+        if partial is not None and len(partial) == rt.world_size:
+            meter.load_state_dict(partial[rt.rank])
+        self.captured, self.captured_step, self.stop, self.told = None, None, 0, False
+        self.t0 = time.perf_counter()
+        _STOP.deferring, _STOP.requested, _STOP.step_seconds = True, 0, 0.0
+        if self.path:
+            _STOP.note = (f"{self.path} holds step {step}" if resumed is not None
+                          else "no checkpoint was written yet")
+        if resumed is not None and rt.is_main:
+            print(f"resuming at {self._where(step)} of {self.total}"
+                  + ("" if step < self.total else ": training is done, evaluating again"), flush=True)
+
+    def _where(self, step):
+        return f"{self.stage} step {step}" if self.stage else f"step {step}"
+
+    def going(self, step):
+        """The loop condition: steps left and no stop agreed."""
+        if self.stop or step >= self.total:
+            return False
+        if step > self.start:
+            self._progress(step)
+        return True
+
+    def _progress(self, step):
+        elapsed = time.perf_counter() - self.t0
+        _STOP.step_seconds = elapsed / (step - self.start)
+        if self.told or elapsed < self.FIRST_LINE_SECONDS:
+            return
+        self.told = True
+        rate = (step - self.start) / elapsed
+        eta = (self.total - step) / rate
+        if not self.rt.is_main:
+            return
+        if self.early and step < self.first_log:
+            print(f"{self._where(step)}/{self.total} | {rate:.3g} it/s | eta {format_duration(eta)} "
+                  f"(losses from step {self.first_log} on, every --log-every)", flush=True)
+        if self.kind == "image" and self.rt.device.type == "cpu" and eta > self.GPU_NOTE_SECONDS:
+            print(f"note: the {self.dataset} preset is sized for a GPU: its {self.total} "
+                  f"{self.stage + ' ' if self.stage else ''}steps take about {format_duration(eta)} "
+                  f"more on this CPU; a smaller {self.shorten} gives a shorter run", flush=True)
+
+    def checkpoint_due(self, step):
+        """After each step, on every rank (a collective): agree whether to stop; True when a
+        checkpoint is due (every `every` steps, the last step, a stop)."""
+        self.stop = agree_stop(self.rt)
+        due = bool(self.stop) or step >= self.total or bool(self.every and step % self.every == 0)
+        if due:
+            partial = gather_per_rank(self.rt, self.meter.state_dict())
+            if self.stop and not all(torch.isfinite(total).all() for rank in partial
+                                     for total, _ in rank.values()):
+                where = self.path or "the stage"
+                raise UsageError(f"non-finite loss before {self._where(step)}; stopped without saving "
+                                 f"{where}" + (f", {_last_good(self.path)}" if self.path else ""))
+            self.captured = {"train_seconds": self.before + time.perf_counter() - self.t0,
+                             "meter": partial}
+            self.captured_step = step
+        return due
+
+    def state(self):
+        """The checkpoint entries of this loop (captured by the last checkpoint_due)."""
+        return {"run": self.captured}
+
+    def end(self, step):
+        """After the loop, on every rank: record train_seconds; after an agreed stop print the one
+        line, leave the process group and exit 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+        self.stop = self.stop or agree_stop(self.rt)    # a signal during the last step's saving
+        _STOP.exiting = bool(self.stop)                 # saved: a further signal changes nothing
+        _STOP.deferring = False
+        self.rt.train_seconds = (self.captured["train_seconds"] if self.captured_step == step
+                                 else self.before)
+        if not self.stop:
+            _STOP.requested = 0
+            if self.path:
+                _STOP.note = f"{self.path} holds step {step} of {self.total}; --resume continues from it"
+            return
+        if self.rt.is_main:
+            if self.path is None:
+                done = f"the {self.stage or 'this'} stage is saved only when it is done: {self.again}"
+            elif step >= self.total:
+                done = f"saved {self.path}; training is done, --resume evaluates it"
+            else:
+                done = f"saved {self.path}; continue with --resume"
+            print(f"interrupted at {self._where(step)} of {self.total}; {done}", file=sys.stderr,
+                  flush=True)
+        shutdown(self.rt)
+        raise SystemExit(128 + self.stop)
 
 
 # ==================================================================================================
@@ -984,6 +1317,58 @@ def read_idx(path):
         raise UsageError(f"cannot read IDX file {path}: {err}") from None
 
 
+# How to place each dataset by hand when --download cannot (no network, a dead mirror).
+_BY_HAND = {
+    "mnist": "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+             "and t10k-labels-idx1-ubyte.gz (from any MNIST mirror) in {root}",
+    "fashion-mnist": "put the four Fashion-MNIST files (train-images-idx3-ubyte.gz, "
+                     "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
+                     "in {root}, or `apt-get install dataset-fashion-mnist` and drop --data-root",
+    "cifar10": "unpack cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {root}, which "
+               "gives {root}/cifar-10-batches-py/",
+    "cifar100": "unpack cifar-100-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {root}, which "
+                "gives {root}/cifar-100-python/",
+    "stl10": "unpack stl10_binary.tar.gz (cs.stanford.edu/~acoates/stl10) in {root}, which gives "
+             "{root}/stl10_binary/*.bin",
+    "celeba": "put img_align_celeba/*.jpg and list_eval_partition.txt (the CelebA site's Google "
+              "Drive) in {root}/celeba/",
+}
+
+
+def _download(name, root, fetch):
+    """Run `fetch()` (a torchvision download into `root`). If it fails, remove every file and
+    folder the attempt created and raise one line: the dataset, the cause, how to place the files
+    by hand."""
+    import shutil
+
+    root = os.path.abspath(root)
+    new_top = None                              # the highest folder the attempt will create
+    if not os.path.exists(root):
+        new_top = root
+        while not os.path.exists(os.path.dirname(new_top)):
+            new_top = os.path.dirname(new_top)
+    before = set() if new_top else {os.path.join(d, n) for d, dirs, files in os.walk(root)
+                                    for n in dirs + files}
+    try:
+        fetch()
+    except BaseException as err:
+        if new_top:
+            shutil.rmtree(new_top, ignore_errors=True)
+        else:
+            made = {os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files}
+            for path in sorted(made - before, key=len, reverse=True):   # files before their folders
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        if not isinstance(err, Exception):
+            raise
+        cause = str(err).strip().splitlines()
+        cause = next((line for line in reversed(cause) if line.strip()), type(err).__name__)
+        raise UsageError(f"--download of {name} failed ({cause.strip()}); without a network, "
+                         f"{_BY_HAND[name].format(root=root)} and run again without --download") from None
+
+
 def _find_file(root, names, subdirs):
     for sub in subdirs:
         for name in names:
@@ -1004,8 +1389,9 @@ def load_mnist_like(name, root, split="train", download=False):
     if download:
         import torchvision
 
-        getattr(torchvision.datasets, tv_class)(root, train=True, download=True)
-        getattr(torchvision.datasets, tv_class)(root, train=False, download=True)
+        cls = getattr(torchvision.datasets, tv_class)
+        _download(name, root, lambda: (cls(root, train=True, download=True),
+                                       cls(root, train=False, download=True)))
     parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}
     if split not in parts:
         raise UsageError(f"unknown split {split!r} for {name}: choose train, test or all")
@@ -1041,7 +1427,7 @@ def load_cifar(name, root, split="train", download=False):
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        cls(root, train=True, download=True)
+        _download(name, root, lambda: cls(root, train=True, download=True))
     if name == "cifar10":
         files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     else:
@@ -1074,7 +1460,7 @@ def load_stl10(root, split="train+unlabeled", download=False):
     if download:
         import torchvision
 
-        torchvision.datasets.STL10(root, split="train", download=True)
+        _download("stl10", root, lambda: torchvision.datasets.STL10(root, split="train", download=True))
     parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
              "train+unlabeled": ["train", "unlabeled"], "all": ["train", "test", "unlabeled"]}
     if split not in parts:
@@ -1160,7 +1546,7 @@ def load_celeba_files(root, split="train", download=False):
     if download:
         import torchvision
 
-        torchvision.datasets.CelebA(root, split="all", download=True)
+        _download("celeba", root, lambda: torchvision.datasets.CelebA(root, split="all", download=True))
     base = os.path.join(root, "celeba") if os.path.isdir(os.path.join(root, "celeba")) else root
     img_dir = os.path.join(base, "img_align_celeba")
     files, _ = list_images(img_dir)
@@ -1224,6 +1610,13 @@ def _clean_worker_error(err):
     return last.split("UsageError: ", 1)[-1]
 
 
+def _worker_in_own_process_group(_):
+    # Ctrl-C and torchrun's SIGTERM go to a whole process group: the loader's workers leave it, so
+    # that they keep feeding the step that finishes before a stop (the loader still ends them).
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+
 class BatchStream:
     """An endless stream of batches for training: DistributedSampler + set_epoch, resumable.
 
@@ -1260,7 +1653,7 @@ class BatchStream:
         else:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=batches.tolist(), num_workers=self.num_workers,
-                pin_memory=self.rt.device.type == "cuda")
+                pin_memory=self.rt.device.type == "cuda", worker_init_fn=_worker_in_own_process_group)
             self._it = iter(loader)
 
     def __iter__(self):

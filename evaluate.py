@@ -240,14 +240,19 @@ def cmd_ckpt(args):
         raise common.UsageError(f"cannot tell the dataset of {args.ckpt}; pass --dataset")
     kind = common.dataset_info(dataset)["kind"]
     stacked = dataset.startswith("stacked")
-    if stacked and not args.classifier:
-        raise common.UsageError("stacked datasets need --classifier FILE (train one with "
-                                "evaluate.py classifier)")
+    # Stacked data: mode counts by default; image metrics when --metrics or --real asks for them.
+    images_asked = args.metrics_given or args.real is not None
+    if kind == "points" and images_asked:
+        raise common.UsageError(f"--metrics / --real: {dataset} is 2-D data, scored by mode coverage "
+                                f"(modes, hq_fraction, reverse_kl) with no image metrics; drop them")
+    if stacked and not args.classifier and not images_asked:
+        raise common.UsageError("stacked datasets need --classifier FILE for the mode count (train one "
+                                "with evaluate.py classifier), or --metrics for image metrics only")
     metrics = common.parse_metrics(args.metrics) if kind == "image" else []
     real = None
     if args.real is not None:
         real = _source(args.real, args, "--real", saved.get("img_size"))
-    elif kind == "image" and not stacked:
+    elif kind == "image" and (not stacked or images_asked):
         # The run's own training images: its dataset, data root, split and resolution.
         real = dict(dataset=dataset, root=args.data_root or saved.get("data_root"),
                     split=args.split if args.split_given else saved.get("split", "train"),
@@ -285,7 +290,7 @@ def cmd_ckpt(args):
                 yield b
         return report(common.stacked_mode_metrics(written(500), classifier, args.device), args.json, title)
     results = {}
-    if stacked:                                        # mode count and image metrics: two passes
+    if stacked and args.classifier:                    # mode count and image metrics: two passes
         classifier = common.load_mode_classifier(args.classifier, args.device)
         results.update(common.stacked_mode_metrics(batches(500), classifier, args.device))
     results.update(common.image_metrics(batches(args.batch_size), args.n, metrics, real,
@@ -323,7 +328,7 @@ def build_parser():
             sp.add_argument("--batch-size", type=_positive_int, default=50, help="images per forward pass")
         if real:
             g = sp.add_argument_group("real images (a source that is a dataset name or a folder)")
-            g.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
+            g.add_argument("--data-root", default=None, help=common.DATA_ROOT_HELP)
             g.add_argument("--split", default=None, help="train (default), test, all, ... (common.build_dataset)")
             g.add_argument("--img-size", type=_positive_int, default=None,
                            help="resolution (default: the dataset's, a folder's first image, a checkpoint's)")
@@ -338,7 +343,9 @@ def build_parser():
             g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
 
     def metric_flags(sp):
-        sp.add_argument("--metrics", default="fid,is", help=f"comma list of {','.join(common.IMAGE_METRICS)}")
+        sp.add_argument("--metrics", default=None,
+                        help=f"comma list of {','.join(common.IMAGE_METRICS)} (default fid,is; "
+                             f"stacked checkpoints: none unless given, their mode count needs --classifier)")
         sp.add_argument("--pr-features", default="vgg16", choices=["vgg16", "inception"],
                         help="precision/recall features: VGG-16 fc2 (the reference) or Inception pool3")
         sp.add_argument("--vgg-weights", default=None, metavar="PATH",
@@ -376,7 +383,7 @@ def build_parser():
     sp = sub.add_parser("classifier", help="train and calibrate the stacked-MNIST mode classifier")
     sp.add_argument("--dataset", required=True, choices=["mnist", "fashion-mnist"])
     sp.add_argument("--out", required=True, help="where to save the classifier (.pt)")
-    sp.add_argument("--data-root", default=None, help="dataset folder (default ./data/<dataset>)")
+    sp.add_argument("--data-root", default=None, help=common.DATA_ROOT_HELP)
     sp.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     sp.add_argument("--epochs", type=_positive_int, default=12, help="12 gives the README's 92 %% classifier")
     sp.add_argument("--batch-size", type=_positive_int, default=128)
@@ -399,7 +406,8 @@ def build_parser():
     sp.add_argument("--method", default=None, help="override the checkpoint's method name")
     sp.add_argument("--dataset", default=None, help="override the checkpoint's dataset")
     sp.add_argument("--real", default=None,
-                    help="real images for image metrics (default: the run's training images)")
+                    help="real images for image metrics (default: the run's training images, from "
+                         "its dataset, data root, split and resolution)")
     sp.add_argument("--classifier", default=None, help="mode classifier (stacked datasets)")
     sp.add_argument("--data-std", type=float, default=None, help="2-D per-mode std override")
     sp.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
@@ -414,6 +422,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.device = common.pick_device(args.device)
+    if hasattr(args, "metrics"):
+        args.metrics_given = args.metrics is not None
+        args.metrics = args.metrics or "fid,is"
     if hasattr(args, "split"):
         args.split_given = args.split is not None
         args.split = args.split or "train"

@@ -13,7 +13,7 @@ The idea in three lines:
     on their mean and full covariance (Eq. 6-9), not only their per-dimension variance (Eq. 11).
 
 Launch:
-    python invert_gan.py --dataset ring                       # 2-D quick start (CPU, ~6 min)
+    python invert_gan.py --dataset ring                       # 2-D quick start (CPU, ~4 min)
     python invert_gan.py --dataset cifar10 --data-root data/cifar10 --download   # one GPU
     torchrun --standalone --nproc_per_node=8 invert_gan.py --dataset stl10       # one node
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
@@ -93,13 +93,22 @@ for _preset in PRESETS.values():
     _preset.setdefault("lr_decay_from", 1.0)    # constant lr
     _preset.setdefault("ema", 0.0)              # sample the trained G itself
     _preset.setdefault("ema_start", 0)
+# Where each preset comes from, for --help.
+PRESET_SOURCES = {
+    "ring": "Sec. 5.1 (batch 128, 4-layer MLPs, latent 2, 24K steps as Fig. 3; optimiser and lr decay ours)",
+    "grid": "Sec. 5.1 (batch 128, 4-layer MLPs, latent 2; 48K steps, optimiser and lr decay ours)",
+    "cifar10": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; D and optimiser ours)",
+    "cifar100": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; D and optimiser ours)",
+    "stl10": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; 48x48, D and optimiser ours)",
+}
 GAUSS_LOSSES = ("pnorm", "w2", "kl", "w2-1d", "zdisc", "none")
 POINT_DATASETS = ("ring", "grid")
 
 
 def parse_args(argv=None):
-    p = common.ArgParser(description=__doc__.split("\n\n")[0],
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\nFlags left unset take the "
+                         "dataset's preset, listed at the end.", formatter_class=common.PresetHelpFormatter,
+                         epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="ring/grid (Sec. 5.1) or cifar10/cifar100/stl10 (Sec. 5.2)")
     p.add_argument("--steps", type=int, default=None, help="G updates (24K on the ring, Fig. 3; 48K on the grid, ours; 100K on images, Sec. 5.2)")
@@ -504,7 +513,9 @@ def train(args, rt, dataset):
     fixed_real = (dataset.points[pick], dataset.labels[pick]) if is_points else None
     per_rank = args.batch_size // rt.world_size
 
-    while step < args.steps:
+    # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
+    run = common.RunControl(rt, args, step, meter, ckpt if args.resume else None)
+    while run.going(step):
         # lr of this step: constant, then linear to 0 after --lr-decay-from (a function of the
         # step alone, so a resumed run gets the same values).
         lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
@@ -539,11 +550,12 @@ def train(args, rt, dataset):
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G if ema is None else ema.shadow, F, fixed_real, args, rt.device, step,
                          args.out, is_points)
-        if step % args.ckpt_every == 0 or step == args.steps:
-            rng_states = common.gather_rng_states(rt)           # collective: every rank calls it
+        if run.checkpoint_due(step):                            # collective: every rank calls it
+            rng_states = common.gather_rng_states(rt)
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, common.training_state(
-                    METHOD, args, step, nets, opts, rt, stream, rng_states))
+                    METHOD, args, step, nets, opts, rt, stream, rng_states, **run.state()))
+    run.end(step)
     return (G if ema is None else ema.shadow), F, dataset
 
 
@@ -567,7 +579,7 @@ def final_metrics(G, args, rt, dataset):
 
 def main(argv=None):
     args = common.restore_saved_args(parse_args(argv), METHOD, common.RUN_CONTROL)
-    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
     dataset = load_data(args)
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()

@@ -782,7 +782,9 @@ def train(args, rt, dataset):
         pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
         real_points = dataset.points[pick]
 
-    while step < args.steps:
+    # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
+    run = common.RunControl(rt, args, step, meter, ckpt if args.resume else None)
+    while run.going(step):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch)
@@ -824,12 +826,14 @@ def train(args, rt, dataset):
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G, args, rt.device, z_fixed, real_points,
                          os.path.join(args.out, "samples", f"step_{step:07d}.png"))
-        if step % args.ckpt_every == 0 or step == args.steps:
-            rng_states = common.gather_rng_states(rt)          # collective: every rank calls it
+        if run.checkpoint_due(step):                           # collective: every rank calls it
+            rng_states = common.gather_rng_states(rt)
             buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, common.training_state(
-                    METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states))
+                    METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
+                    **run.state()))
+    run.end(step)
     return G, D
 
 
@@ -894,7 +898,7 @@ def final_metrics(G, D, args, rt):
 
 def main(argv=None):
     args = common.restore_saved_args(parse_args(argv), METHOD, RUN_CONTROL)
-    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
     dataset = load_data(args)
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()

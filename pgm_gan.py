@@ -14,8 +14,8 @@ The idea in three lines:
     no local minima outside A_i and the partitions are connected; keep only samples with R_i = 0.
 
 Stages (`--stage`, default all), each writing what the next one reads into --out (--resume skips
-finished stages and continues the GAN bit-for-bit from ckpt.pt; a cut-off pretext or partition
-stage starts again):
+finished stages and continues the pretext and the GAN bit-for-bit from pretext.pt / ckpt.pt, where
+Ctrl-C or SIGTERM saved them; a cut-off partition stage starts again):
     pretext    SimCLR on the training images (Eq. 4; not for 2-D data, --partition random, --k 1) -> pretext.pt
     partition  kNN graph on the pretext features + S trained with Eq. 5  -> partition.pt
     gan        the mixture of GANs with the guide                        -> ckpt.pt, metrics.json
@@ -711,6 +711,12 @@ def run_pretext(args, rt, dataset, channels):
     Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
     across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
     """
+    # pretext.pt: the stage's training state (phi_0 and the head for the partition stage); one
+    # that stopped before --pretext-steps continues with --resume.
+    path = stage_path(args, "pretext.pt")
+    resumed = common.load_checkpoint(path, method=METHOD) if args.resume and os.path.isfile(path) else None
+    if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
+        return                                       # the stage is done
     torch.manual_seed(args.seed)                     # same weights on every rank / invocation
     phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
     phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
@@ -728,13 +734,26 @@ def run_pretext(args, rt, dataset, channels):
                                      args.aug_gray)
     stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
                                 num_workers=args.num_workers)
+    nets = {"phi": common.unwrap(net).phi, "head": common.unwrap(net).head}
+    opts = {"opt": opt, "sched": sched}
+    step = 0 if resumed is None else common.restore_training_state(resumed, nets, opts, rt, stream,
+                                                                   args.seed, path)
     os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
-    log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps)
+    log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
     meter = common.LossMeter(rt)
     log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
              f"(--pretext-steps, --pretext-batch-size), phi_0 {common.count_params(phi)} params")
-    line = common.ProgressLine("pretext", args.pretext_steps, "steps", every=30, show=rt.is_main)
-    for step in range(1, args.pretext_steps + 1):
+    line = common.ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
+
+    def save(step):                                  # collective: every rank calls it
+        rng_states = common.gather_rng_states(rt)
+        if rt.is_main:
+            common.save_checkpoint(path, common.training_state(METHOD, args, step, nets, opts, rt, stream,
+                                                               rng_states, stage="pretext", **run.state()))
+    run = common.RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
+                            stage="pretext", shorten="--pretext-steps", early=False)
+    while run.going(step):
+        step += 1
         x, _ = next(stream)
         with rt.autocast():
             # Both views in one forward (one DDP reduction, one power-iteration step).
@@ -746,11 +765,13 @@ def run_pretext(args, rt, dataset, channels):
         meter.add(nt_xent=loss)
         line.add()
         if step % args.log_every == 0 or step == args.pretext_steps:
-            common.log_step(meter, log, step, stage_path(args, "pretext.pt"), lr=sched.get_last_lr()[0])
-    if rt.is_main:
-        common.save_checkpoint(stage_path(args, "pretext.pt"), {
-            "method": METHOD, "stage": "pretext", "args": vars(args),
-            "phi": common.unwrap(net).phi.state_dict(), "head": common.unwrap(net).head.state_dict()})
+            common.log_step(meter, log, step, path, lr=sched.get_last_lr()[0])
+        if run.checkpoint_due(step):
+            save(step)
+    if resumed is None and step == 0:                # --pretext-steps 0: phi_0 as initialised
+        run.checkpoint_due(step)
+        save(step)
+    run.end(step)
     rt.barrier()
 
 
@@ -772,7 +793,13 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
     line = common.ProgressLine(f"partition: training S" + (f" ({restart + 1}/{args.part_restarts})"
                                if args.part_restarts > 1 else ""), args.part_steps, "steps", every=30,
                                show=rt.is_main)
-    for step in range(1, args.part_steps + 1):
+    # A stop ends the process: partition.pt is written only whole, --resume runs the stage again.
+    run = common.RunControl(rt, args, 0, meter, total=args.part_steps, path=None, stage="partition",
+                            shorten="--part-steps", early=False,
+                            again="--resume runs it again" if uses_pretext(args) else "run the command again")
+    step = 0
+    while run.going(step):
+        step += 1
         a = torch.randint(len(sub), (per_rank,))
         j = nbrs[a, torch.randint(args.neighbors, (per_rank,))]            # one neighbour each
         x = common.fetch_batch(dataset, sub[torch.cat([a, j])]).to(device)
@@ -786,6 +813,8 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
         if step % args.log_every == 0 or step == args.part_steps:
             common.log_step(meter, log, restart * args.part_steps + step, stage_path(args, "partition.pt"),
                             **({"restart": restart + 1} if args.part_restarts > 1 else {}))
+        run.checkpoint_due(step)                     # the ranks agree on a stop (nothing to save)
+    run.end(step)
     S = common.unwrap(S).eval()
     S.converge(500)                      # exact sigmas for the frozen, eval-mode S
     return S
@@ -801,6 +830,9 @@ def graph_features(args, rt, dataset, channels, sub):
         return common.fetch_batch(dataset, sub), "euclidean", None
     path = stage_path(args, "pretext.pt")
     pre = common.load_checkpoint(path, method=METHOD)
+    if pre.get("step", pre["args"]["pretext_steps"]) < pre["args"]["pretext_steps"]:
+        raise common.UsageError(f"{path} is a pretext stage stopped at step {pre['step']} of "
+                                f"{pre['args']['pretext_steps']}: finish it with --resume")
     phi0 = build_partitioner(args, channels)
     head = common.ProjectionHead(phi0.feat_dim, args.proj_dim)
     common.load_state(phi0, pre["phi"], "pretext network", path)
@@ -844,6 +876,7 @@ def run_partition(args, rt, dataset, channels):
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
     n_all = len(dataset)
+    start = time.perf_counter()
     os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
     # One log over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
@@ -883,7 +916,11 @@ def run_partition(args, rt, dataset, channels):
                     os.path.join(args.out, "partition", "figure3.png"))
     labels = common.dataset_labels(dataset)
     metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[lab], args.k)
-    state.update(sizes=sizes, metrics=metrics)
+    # train_seconds so far: the pretext stage's (in pretext.pt) and this one's.
+    before = common.saved_seconds(common.load_checkpoint(stage_path(args, "pretext.pt"))) \
+        if uses_pretext(args) else 0.0
+    rt.train_seconds = before + time.perf_counter() - start
+    state.update(sizes=sizes, metrics=metrics, run={"train_seconds": rt.train_seconds})
     log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in metrics.items()))
     if rt.is_main:
@@ -930,7 +967,7 @@ def run_gan(args, rt, dataset, channels):
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
 
     step = 0
-    rng_states = None
+    rng_states, ckpt = None, None
     ckpt_path = stage_path(args, "ckpt.pt")
     nets = {"G": G, "D": D, "G_ema": ema}
     opts = {"opt_g": opt_g, "opt_d": opt_d}
@@ -943,7 +980,7 @@ def run_gan(args, rt, dataset, channels):
         # so that load_sampler needs nothing but this file.
         return common.training_state(METHOD, args, step, nets, opts, rt, stream, rng_states,
                                      stage="gan", S=part["S"], pi=pi.float(),
-                                     partition_metrics=part["metrics"])
+                                     partition_metrics=part["metrics"], **run.state())
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
@@ -960,7 +997,11 @@ def run_gan(args, rt, dataset, channels):
     fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
         if is_points(args) else None
 
-    while step < args.steps:
+    # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; the time of
+    # the stages before (partition.pt) counts in train_seconds.
+    run = common.RunControl(rt, args, step, meter, ckpt, early=False,
+                            seconds=common.saved_seconds(part))
+    while run.going(step):
         lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
         common.set_lr((opt_g, opt_d), lr)
         # ---- D steps: max_D sum_i pi_i V(D_i, G_i, A_i) (Eq. 1-2). Real x of the batch carry
@@ -1009,10 +1050,11 @@ def run_gan(args, rt, dataset, channels):
             common.log_step(meter, log, step, ckpt_path, lr=lr)
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G, ema, S, pi, fixed_real, args, device, step)
-        if step % args.ckpt_every == 0 or step == args.steps:
-            rng_states = common.gather_rng_states(rt)            # collective: every rank calls it
+        if run.checkpoint_due(step):                             # collective: every rank calls it
+            rng_states = common.gather_rng_states(rt)
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, state())
+    run.end(step)
     G_eval = ema.shadow if ema is not None else common.unwrap(G).eval()
     G_eval.eval()
     sample_fn = make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
@@ -1048,16 +1090,17 @@ STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckp
 
 def plan_stages(args):
     """The stages this invocation runs (common.plan_stages: a finished stage is skipped with
-    --resume and never overwritten without it; only the GAN continues mid-way)."""
+    --resume and never overwritten without it; the pretext and the GAN continue mid-way, a
+    finished pretext.pt is skipped by run_pretext)."""
     wanted = ["pretext", "partition", "gan"] if args.stage == "all" else [args.stage]
     wanted = [s for s in wanted if s != "pretext" or uses_pretext(args)]
     needs = {"partition": "pretext" if uses_pretext(args) else None, "gan": "partition"}
-    return common.plan_stages(args.out, args.resume, wanted, STAGE_FILES, needs, resumable=("gan",))
+    return common.plan_stages(args.out, args.resume, wanted, STAGE_FILES, needs, resumable=("pretext", "gan"))
 
 
 def main(argv=None):
     args = common.restore_args(parse_args(argv), ("ckpt.pt", "partition.pt", "pretext.pt"), METHOD, RUN_CONTROL)
-    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile)
+    rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
     todo = plan_stages(args)
     if not todo:
         if rt.is_main:
