@@ -140,6 +140,7 @@ def invert_gan_run(argv):
     import invert_gan
 
     invert_gan.PRESETS.setdefault(DATASET, dict(invert_gan.PRESETS["cifar10"]))
+    invert_gan.PRESET_SOURCES.setdefault(DATASET, "tests/bench_stacked.py: the cifar10 preset on stacked data")
     invert_gan.final_metrics = lambda *a: {"note": "modes counted by tests/bench_stacked.py (modes.json)"}
     common.run_cli(invert_gan.main, argv)
 

@@ -45,8 +45,11 @@ def popen(argv, torchrun=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     pre = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    # A pytest started in the background inherits SIGINT ignored, and a run keeps an ignored
+    # signal ignored (as Python does): the child gets the default back, as a shell's job would.
     return subprocess.Popen([sys.executable, *pre, *argv], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def kill(proc):
@@ -197,10 +200,14 @@ def test_a_signal_outside_the_training_loop_stops_at_once_with_one_line(tmp_path
         os.kill(os.getpid(), signal.SIGINT)                        # after training, while evaluating
         time.sleep(30)
 
-    previous = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit) as err:
-        common.run_cli(main)
-    assert err.value.code == 130 and signal.getsignal(signal.SIGINT) is previous
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)   # not ignored (background pytest)
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        with pytest.raises(SystemExit) as err:
+            common.run_cli(main)
+        assert err.value.code == 130 and signal.getsignal(signal.SIGINT) is previous
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert capsys.readouterr().err.strip() == (f"interrupted by SIGINT; {os.path.join(out, 'ckpt.pt')} "
                                                "holds step 10 of 10; --resume continues from it")
 
