@@ -81,6 +81,7 @@ PRESETS = {
     # lr_decay_epochs 10: ours. x0.9 per epoch of 162,770 images with 3 critic batches of 64 per G
     # step would put lr below 5e-6 from step ~25K of 100K; every 10 epochs gives 0.9^11 over 100K
     # steps, close to CIFAR-10's 0.9^6 (--lr-decay-epochs 1 for the paper's).
+    # split train: ours (the paper names none). DCGAN at 256: common.py caps channels at 512.
     "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
                    lr_decay_epochs=10, dlle_transform="noise", steps=100_000, log_every=100,
                    sample_every=2000, ckpt_every=2000),
@@ -95,14 +96,16 @@ PRESETS = {
     # similar to those of ANIMEFACE". We have no StyleGAN2: the SNGAN ResNet at 128 (ours).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
                  beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
-    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours).
+    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
+    # VEEGAN / PacGAN stacked-MNIST protocol.
     "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
                           log_every=100, sample_every=2000, ckpt_every=2000),
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
                                   eval_samples=26_000, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
     # 2-D mixtures (not in the paper; all ours): 4-layer MLPs, spectral norm on D (as on every
-    # paper D; L_MaF is a WGAN loss and needs a Lipschitz critic), z 2, m 16; sigma as CelebA.
+    # paper D; L_MaF is a WGAN loss and needs a Lipschitz critic), z 2, m 16; sigma as CelebA;
+    # 50K evaluation samples (PGMGAN's 2-D protocol), 100K on the grid (25 modes instead of 8).
     "ring": dict(data="ring", split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=128,
                  steps=20_000, lr=1e-4, beta1=0.0, beta2=0.9, n_critic=3, sigma=5e-2,
                  lambda_norm=0.0, lr_decay=1.0, lr_decay_epochs=1, dlle_transform="noise",
@@ -151,9 +154,12 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="paper", choices=VARIANTS,
                    help="paper: Eq. 8, 12-14 as written; official: the losses of the authors' "
                         "train.py (L2 nearest neighbour with -log, real+fake buffers, warm-up, "
-                        "flip+noise DLLE with MSE and stop-gradient, a ~ N(0,1) DIsoMap with MSE)")
+                        "flip+noise DLLE with MSE and stop-gradient, a ~ N(0,1) DIsoMap with MSE, "
+                        "random flips of real images, the G step reusing the D step's z); its "
+                        "buffers are correct FIFOs searched by every code (theirs: --authors-buffer) "
+                        "and D runs one spectral-norm power iteration per step (theirs: five)")
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
-    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K images, 20K 2-D)")
+    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
     g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet"],
                    help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace)")
@@ -177,8 +183,9 @@ def parse_args(argv=None):
     g.add_argument("--authors-buffer", action="store_true",
                    help="--variant official only: the authors' replay buffer, bug included, to reproduce "
                         "their numbers: one buffer per batch position whose update drops a batch of "
-                        "slots and adds one, so after ~17 steps each sample's 'nearest neighbour' is the "
-                        "previous batch's code at its position")
+                        "slots and adds one, so after ceil((size-1)/(B-1)) updates (17 at 64 codes per "
+                        "process; the real-code buffer updates every D step) each sample's 'nearest "
+                        "neighbour' is the previous batch's code at its position")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of real images (paper: none stated; official code: on)")
     g.add_argument("--entropy-warmup", type=int, default=None,
@@ -235,8 +242,8 @@ def embed(D, x, sample=True, with_mu=False):
     trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
     V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
 
-    Official code: its forward always samples; only its `embedding()` (used for Figure 3) returns
-    mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
+    Official code: its forward always samples; only its `embedding()` (called nowhere in the
+    repository; presumably Figure 3's) returns mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
     with_mu=True returns (V, mu) (the health figures read mu's directions).
     """
     mu, logvar = D(x).float().chunk(2, dim=1)             # (B, m) each
@@ -384,6 +391,8 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
     official: d_i = min_j mean_k (V0_ik - R_jk)^2 (squared L2 averaged over the m dimensions, the
         nearest neighbour in L2), L_ent = -log(mean_i d_i): Eq. 9's log-distance, with the log
         outside the batch mean, and no lambda term.
+    The cosine's gradient is sin(angle) / |V0|: it fades as codes close up in angle, where the
+    official -log distance grows (README, "MaEM-GAN on 2-D data").
     Official code: its buffer is per batch position (AuthorsReplayBuffer, used when given one); our
     FIFO buffer lets every code search all buffered codes: a different estimator even before their
     buffer shrinks (values a few % apart, gradients much more).
@@ -487,7 +496,7 @@ def dlle_transform(x, args, D_plain=None, flip_dim=None, eps=None):
 
 def dlle_loss(v, v_aug, variant="paper"):
     """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, the per-sample L2 norm averaged over
-    the real and fake samples given (gradient through both branches: the paper stops none).
+    the real and fake samples given (gradient through both branches: the paper specifies no stop-gradient; we use none).
     official: MSE(D(x), D(F(x)).detach()): squared error averaged over elements, stop-gradient on
     the transformed branch (the caller passes real and fake separately and sums)."""
     if variant == "paper":
@@ -496,10 +505,12 @@ def dlle_loss(v, v_aug, variant="paper"):
 
 
 def isomap_mix(x_real, x_fake, variant="paper", a=None):
-    """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i); returns (x^, a (B, 1)).
+    """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i) (Eq. 14 names a pair {x_i, x_j};
+    pairing real with fake is train.py's); returns (x^, a (B, 1)).
 
     paper: a ~ U(0, 1) per pair (a convex combination, Eq. 14's text).
-    official: a ~ N(0, 1) per pair: the "mix" is mostly an extrapolation (official train.py).
+    official: a ~ N(0, 1) per pair: the "mix" is mostly an extrapolation (train.py at 2f18e97;
+    the authors' README lists it among its tricks).
     """
     if a is None:
         shape = (x_real.shape[0], 1)
@@ -512,7 +523,8 @@ def isomap_mix(x_real, x_fake, variant="paper", a=None):
 def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
     """paper (Eq. 14): psi = cos(V_x^, V^) with V^ = a V_i + (1 - a) V_j, the same combination in code
     space. Eq. 14 writes the similarity itself; as a loss to minimise we use 1 - cos (mean over pairs).
-    The paper stops no gradient, so the target V^ is not detached: D also moves V_i and V_j.
+    The paper specifies no stop-gradient; we use none, so the target V^ is not detached and D
+    also moves V_i and V_j.
     official: MSE(V_x^, (a V_i + (1 - a) V_j + noise).detach()), noise ~ N(0, 0.05^2) (drawn if None).
     """
     target = a * v_real + (1 - a) * v_fake                                     # (B, m)
@@ -570,8 +582,8 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
     if not args.no_entropy:
         lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
         terms["ent"] = entropy_loss(v_real, buffers["real"], lam, variant)
-        buffers["real"].push(v_real)
         total = total + ent_w * terms["ent"]
+    buffers["real"].push(v_real)            # also without the term: the health figures read it
     terms.update({"real_" + k: val for k, val in figures.items()})
     return total, terms
 
@@ -587,8 +599,8 @@ def g_step_loss(D_plain, fake, args, buffers, ent_w):
     figures = health(v_fake, mu, buffers["fake"])
     if not args.no_entropy:
         terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
-        buffers["fake"].push(v_fake)
         total = total + ent_w * terms["g_ent"]
+    buffers["fake"].push(v_fake)
     terms.update({"fake_" + k: val for k, val in figures.items()})
     return total, terms
 
@@ -809,9 +821,10 @@ def train(args, rt, dataset):
             rt.backward_step(d_loss, opt_d)
 
         # ---- G step: min_G -L_MaF + sigma L_ent(generated). Official code: G steps after the first
-        # D step of every n_critic and reuses that step's z; we step G after the n_critic D steps
-        # with a fresh z.
-        z = torch.randn(per_rank, args.z_dim, device=rt.device)
+        # D step of every n_critic and reuses that step's z; we step G after the n_critic D steps,
+        # with the last D step's z under --variant official and a fresh z on the paper path.
+        if args.variant == "paper":
+            z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with rt.autocast():
             fake = G(z)
             g_loss, g_terms = g_step_loss(D_plain, fake, args, buffers, ent_w)

@@ -421,12 +421,11 @@ def test_flags_train_on_ring(tmp_path, flags):
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
     bufs = ckpt["buffers"][0]
     assert set(bufs) == {"real", "fake"}
-    if "--no-entropy" in flags:
-        assert bufs["fake"]["count"] == bufs["real"]["count"] == 0
-    elif "--variant" in flags:
+    if "--variant" in flags:
         assert bufs["real"]["data"].shape == (16, 16)
-    else:                                                       # D pushes real, G generated codes
+    else:           # D pushes real, G generated codes (also without the term: the health figures)
         assert bufs["real"]["count"] == 6 * 32 * 3 and bufs["fake"]["count"] == 6 * 32
+    assert ("real_cos_nn" in last) and ("fake_cos_nn" in last)
     sample = maem_gan.load_sampler(os.path.join(out, "ckpt.pt"))
     assert sample(7).shape == (7, 2) and sample.dataset == "ring"
 
@@ -550,3 +549,19 @@ def test_code_directions_count_the_directions_mode_codes_vary_in():
     spread = maem_gan.code_directions(D(lambda x: torch.cat([x, x ** 2], 1)), args, "cpu")
     # (x, y, x^2, y^2) over the 5 x 5 grid: four uncorrelated coordinates, variances 8, 8, 44.8, 44.8
     assert spread["code_dims"] == pytest.approx((2 * 8 + 2 * 44.8) ** 2 / (2 * 64 + 2 * 44.8 ** 2), rel=0.02)
+
+
+@pytest.mark.parametrize("variant", maem_gan.VARIANTS)
+def test_official_g_step_reuses_the_last_d_steps_z(variant, tmp_path, monkeypatch):
+    seen = []
+    build = maem_gan.build_networks
+
+    def spy(args, channels):
+        G, D = build(args, channels)
+        G.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+        return G, D
+
+    monkeypatch.setattr(maem_gan, "build_networks", spy)
+    maem_gan.main(["--dataset", "ring", "--variant", variant, "--out", str(tmp_path / "z"), *TINY])
+    d_last, g = seen[2], seen[3]                                # n_critic 3 D steps, then the G step
+    assert torch.equal(d_last, g) == (variant == "official")
