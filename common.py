@@ -24,6 +24,7 @@ so `import common` stays fast (it only pays for `import torch`).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -122,6 +123,7 @@ def run_cli(main_fn, argv=None):
             f"process failed?)" + (f"; {_STOP.note}" if _STOP.note else ""))
         sys.exit(128 + signum)
     finally:
+        gc.collect()    # free DDP and the gloo group while Python is alive (README, "Launching")
         # A torchrun worker on its way out after a stop ignores later signals: torchrun sends
         # SIGTERM to the ranks still tearing down once one has exited (143 would become a kill).
         leaving = _STOP.exiting and "LOCAL_RANK" in os.environ
