@@ -2108,7 +2108,8 @@ def init_weights(module, scheme):
                 linear weight, biases left as PyTorch made them.
       "default" PyTorch's own initialisation (Mescheder et al.'s GAN_stability does no re-init;
                 used for InvertGAN's networks and the MLPs).
-    Conditional-BN gains/biases are never touched: they start at 1 / 0 in every scheme.
+    Conditional-BN gain/bias embeddings are never touched: they start at 1 / 0 in every scheme
+    (the bias-free linears of a vector-conditioned BN are linears like any other).
     Spectral-normed layers are handled (the raw `original` weight is initialised).
     """
     if scheme not in ("dcgan", "sngan", "n02", "default"):
@@ -2144,25 +2145,35 @@ class CondBatchNorm2d(nn.Module):
     Official code (PGMGAN, BigGAN's ccbn): gain = 1 + Embedding(y) with the embedding drawn from
     N(0, 0.02); here gain = Embedding(y) started at exactly 1 and bias at 0, i.e. every class
     starts as the same unconditional BN (the difference is the 0.02 noise at step 0).
+
+    cond_dim > 0 instead: gain = 1 + Linear(c), bias = Linear(c) of a conditioning *vector* c
+    (B, cond_dim), no biases: BigGAN's ccbn fed by a linear layer (its `G_shared` path), used with
+    c = z by the unconditional BigGAN (see BigGANGenerator). Those linears follow the owner's init.
     """
 
-    def __init__(self, num_features, n_classes=0):
+    def __init__(self, num_features, n_classes=0, cond_dim=0):
         super().__init__()
-        self.n_classes = n_classes
-        self.bn = nn.BatchNorm2d(num_features, affine=(n_classes == 0))
+        if n_classes and cond_dim:
+            raise ValueError("condition BN on classes or on a vector, not both")
+        self.n_classes, self.cond_dim = n_classes, cond_dim
+        self.bn = nn.BatchNorm2d(num_features, affine=(n_classes == 0 and cond_dim == 0))
         if n_classes > 0:
             self.gain = nn.Embedding(n_classes, num_features)
             self.bias = nn.Embedding(n_classes, num_features)
             nn.init.ones_(self.gain.weight)
             nn.init.zeros_(self.bias.weight)
+        elif cond_dim > 0:
+            self.gain = nn.Linear(cond_dim, num_features, bias=False)
+            self.bias = nn.Linear(cond_dim, num_features, bias=False)
 
     def forward(self, x, y=None):
         x = self.bn(x)
-        if self.n_classes == 0:
+        if self.n_classes == 0 and self.cond_dim == 0:
             return x
         if y is None:
-            raise ValueError("a class-conditional generator needs labels y")
-        return x * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]  # (B, C, H, W)
+            raise ValueError("a conditional generator needs labels (or its conditioning vector) y")
+        gain = self.gain(y) if self.n_classes else 1.0 + self.gain(y)          # (B, C)
+        return x * gain[:, :, None, None] + self.bias(y)[:, :, None, None]     # (B, C, H, W)
 
 
 class OutputHeads(nn.Module):
@@ -2356,11 +2367,11 @@ class GBlock(nn.Module):
     shortcut up x2 - conv1x1 (always learned: the block upsamples). Nearest-neighbour upsampling
     as SNGAN's unpooling and BigGAN's F.interpolate."""
 
-    def __init__(self, c_in, c_out, n_classes=0):
+    def __init__(self, c_in, c_out, n_classes=0, cond_dim=0):
         super().__init__()
-        self.bn1 = CondBatchNorm2d(c_in, n_classes)
+        self.bn1 = CondBatchNorm2d(c_in, n_classes, cond_dim)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.bn2 = CondBatchNorm2d(c_out, n_classes)
+        self.bn2 = CondBatchNorm2d(c_out, n_classes, cond_dim)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1)
 
@@ -2404,14 +2415,21 @@ class ResNetGenerator(nn.Module):
     (BigGAN / PGMGAN official); off by default as in SNGAN."""
 
     def __init__(self, z_dim, img_size, channels=3, width=64, n_classes=0, init="sngan",
-                 spectral_norm=False):
+                 spectral_norm=False, z_cond=False, attention=(), arch="resnet"):
         super().__init__()
-        _check_size("resnet", img_size, tuple(_RESNET_LAYOUTS))
-        layout = _RESNET_LAYOUTS[img_size]
+        layouts = _BIGGAN_LAYOUTS if arch == "biggan" else _RESNET_LAYOUTS
+        _check_size(arch, img_size, tuple(layouts))
+        layout = layouts[img_size]
         ch = [m * width for m in layout["g"]]
-        self.bottom, self.c0 = layout["bottom"], ch[0]
+        self.bottom, self.c0, self.z_cond = layout["bottom"], ch[0], z_cond
         self.linear = nn.Linear(z_dim, ch[0] * self.bottom ** 2)
-        self.blocks = nn.ModuleList([GBlock(a, b, n_classes) for a, b in zip(ch[:-1], ch[1:])])
+        blocks, res = [], self.bottom
+        for a, b in zip(ch[:-1], ch[1:]):
+            res *= 2
+            blocks.append(GBlock(a, b, n_classes, cond_dim=z_dim if z_cond else 0))
+            if res in attention:
+                blocks.append(SelfAttention(b))
+        self.blocks = nn.ModuleList(blocks)
         self.bn = nn.BatchNorm2d(ch[-1])
         self.to_img = nn.Conv2d(ch[-1], channels, 3, 1, 1)
         init_weights(self, init)
@@ -2419,9 +2437,10 @@ class ResNetGenerator(nn.Module):
             add_spectral_norm(self)
 
     def forward(self, z, y=None):
+        cond = z if self.z_cond else y        # the unconditional BigGAN's BN reads z itself
         h = self.linear(z).view(z.shape[0], self.c0, self.bottom, self.bottom)  # (B, c0, b, b)
         for block in self.blocks:
-            h = block(h, y)  # (B, c_i, 2r, 2r)
+            h = block(h, cond)  # (B, c_i, 2r, 2r)
         return torch.tanh(self.to_img(F.relu(self.bn(h))))  # (B, channels, img_size, img_size)
 
 
@@ -2430,14 +2449,21 @@ class ResNetDiscriminator(nn.Module):
     global *sum* pooling -> linear head(s). Spectral norm on every conv and linear.
     n_classes > 0: per-class output heads (OutputHeads)."""
 
-    def __init__(self, img_size, channels=3, width=64, out_dim=1, n_classes=0, init="sngan"):
+    def __init__(self, img_size, channels=3, width=64, out_dim=1, n_classes=0, init="sngan",
+                 attention=(), arch="resnet"):
         super().__init__()
-        _check_size("resnet", img_size, tuple(_RESNET_LAYOUTS))
-        layout = _RESNET_LAYOUTS[img_size]
+        layouts = _BIGGAN_LAYOUTS if arch == "biggan" else _RESNET_LAYOUTS
+        _check_size(arch, img_size, tuple(layouts))
+        layout = layouts[img_size]
         ch = [m * width for m in layout["d"]]
-        self.blocks = nn.ModuleList([
-            DBlock(a, b, down, first=(i == 0))
-            for i, (a, b, down) in enumerate(zip([channels] + ch[:-1], ch, layout["down"]))])
+        blocks, res = [], img_size
+        for i, (a, b, down) in enumerate(zip([channels] + ch[:-1], ch, layout["down"])):
+            blocks.append(DBlock(a, b, down, first=(i == 0)))
+            res //= 2 if down else 1
+            if res in attention:
+                blocks.append(SelfAttention(b))
+                attention = tuple(r for r in attention if r != res)     # once per resolution
+        self.blocks = nn.ModuleList(blocks)
         self.head = OutputHeads(ch[-1], out_dim, n_classes)
         init_weights(self, init)
         add_spectral_norm(self)
@@ -2448,6 +2474,44 @@ class ResNetDiscriminator(nn.Module):
             h = block(h)  # (B, c_i, r_i, r_i)
         h = F.relu(h).sum(dim=(2, 3))  # (B, c_last): SNGAN sums (not averages) over positions
         return self.head(h, y)
+
+
+# BigGAN at 32x32 (Brock et al. 2019), unconditional, for MaEM-GAN's Table 6: the SNGAN pieces
+# above with BigGAN's CIFAR layout. Official code (BigGAN-PyTorch, BigGAN.py G_arch / D_arch[32]):
+# G 4ch -> 4ch x3 upsampling blocks from 4x4; D 3 -> 4ch -> 4ch x3 with downsampling in the first
+# two, "wide" blocks (hidden = c_out, what DBlock does when c_in == c_out or first=True); SN on every
+# conv and linear of G and D; N02 init and no attention on CIFAR-10 (launch_cifar_ema.sh: --G_init /
+# --D_init N02, --G_attn 0 --D_attn 0; orthogonal init is the paper's ImageNet setting); attention
+# only where `attention` asks. Ours, for the unconditional model of the MaEM paper's Table 6: G's
+# conditional BN reads z through two bias-free linears (gain 1 + W_g z, bias W_b z: BigGAN's ccbn on
+# its shared path with z in place of the class embedding) and D has no class projection, only its
+# linear head (out_dim 1, or 2m for MaEM-GAN's code).
+_BIGGAN_LAYOUTS = {32: dict(bottom=4, g=(4, 4, 4, 4), d=(4, 4, 4, 4), down=(True, True, False, False))}
+
+
+class SelfAttention(nn.Module):
+    """The non-local block of SAGAN (Zhang et al. 2019) as BigGAN inserts it after a residual block
+    (Official code: BigGAN-PyTorch layers.py, Attention): 1x1 bias-free convs theta, phi (C -> C/8)
+    and g (C -> C/2), phi and g max-pooled 2x2, attention softmax(theta^T phi) over the pooled
+    positions, an output 1x1 conv (C/2 -> C), and out = x + gamma * o with gamma learned from 0
+    (so the block starts as the identity). forward(x, y=None) ignores y (it sits among G blocks)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.theta = nn.Conv2d(ch, ch // 8, 1, bias=False)
+        self.phi = nn.Conv2d(ch, ch // 8, 1, bias=False)
+        self.g = nn.Conv2d(ch, ch // 2, 1, bias=False)
+        self.o = nn.Conv2d(ch // 2, ch, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y=None):
+        B, C, H, W = x.shape
+        theta = self.theta(x).flatten(2)                                   # (B, C/8, HW)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)                      # (B, C/8, HW/4)
+        g = F.max_pool2d(self.g(x), 2).flatten(2)                          # (B, C/2, HW/4)
+        attn = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)          # (B, HW, HW/4)
+        o = self.o((g @ attn.transpose(1, 2)).view(B, C // 2, H, W))       # (B, C, H, W)
+        return x + self.gamma * o
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2538,8 +2602,8 @@ class ResNetEncoder(nn.Module):
 # Builders
 # ------------------------------------------------------------------------------------------------
 
-ARCHS = ("mlp", "dcgan", "resnet", "invert-resnet")
-_DEFAULT_WIDTH = {"mlp": 128, "dcgan": 64, "resnet": 64, "invert-resnet": 64}
+ARCHS = ("mlp", "dcgan", "resnet", "invert-resnet", "biggan")
+_DEFAULT_WIDTH = {"mlp": 128, "dcgan": 64, "resnet": 64, "invert-resnet": 64, "biggan": 64}
 
 
 def _check_arch(arch):
@@ -2555,12 +2619,18 @@ def _mlp_dim(img_size, channels):
     return channels
 
 
-def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0):
+def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0, attention=()):
     """G for `arch` in ARCHS. forward(z, y=None) -> (B, channels, img_size, img_size) in [-1, 1];
     for "mlp" -> (B, channels) with no output activation. width=None = the arch's default
-    (hidden 128 for mlp, 64 otherwise). "invert-resnet" is unconditional."""
+    (hidden 128 for mlp, 64 otherwise). "invert-resnet" and "biggan" are unconditional;
+    `attention`: resolutions of BigGAN's self-attention blocks."""
     _check_arch(arch)
     width = width or _DEFAULT_WIDTH[arch]
+    if arch == "biggan":
+        if n_classes:
+            raise UsageError("architecture 'biggan' here is BigGAN's unconditional model")
+        return ResNetGenerator(z_dim, img_size, channels, width, init="n02", spectral_norm=True,
+                               z_cond=True, attention=attention, arch="biggan")
     if arch == "mlp":
         return MLP(z_dim, _mlp_dim(img_size, channels), hidden=width, n_classes=n_classes, cond="input")
     if arch == "dcgan":
@@ -2573,7 +2643,7 @@ def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0):
 
 
 def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_classes=0, conv_bias=False,
-                        mlp_act="relu"):
+                        mlp_act="relu", attention=()):
     """D for `arch`. forward(x, y=None) -> (B, out_dim); conditional D without y -> (B, n_classes,
     out_dim). "invert-resnet" uses the SNGAN ResNet D (InvertGAN A.2 gives no D table).
     conv_bias: biases in the DCGAN D's convs (see DCGANDiscriminator; the other Ds always have them).
@@ -2585,6 +2655,11 @@ def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_class
                    act=mlp_act)
     if arch == "dcgan":
         return DCGANDiscriminator(img_size, channels, width, out_dim, n_classes, conv_bias=conv_bias)
+    if arch == "biggan":
+        if n_classes:
+            raise UsageError("architecture 'biggan' here is BigGAN's unconditional model")
+        return ResNetDiscriminator(img_size, channels, width, out_dim, init="n02", attention=attention,
+                                   arch="biggan")
     return ResNetDiscriminator(img_size, channels, width, out_dim, n_classes)
 
 

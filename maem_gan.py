@@ -117,6 +117,25 @@ PRESETS = {
                  dlle_noise=0.05, iso_weight=1.0, dlle_weight=1.0, width=128, eval_samples=100_000, log_every=500,
                  sample_every=5000, ckpt_every=5000),
 }
+# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
+# `--arch stylegan2`, these replace the dataset preset's values (flags given still win). The MaEM
+# terms keep the dataset's values (m, sigma, lambda, F); the rest is the backbone's own recipe.
+BACKBONE_PRESETS = {
+    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50, 4 D steps per G step, lr 2e-4
+    # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
+    # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
+    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
+                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
+                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
+}
+# StyleGAN2 (Table 7): FFHQ at 256 by default (1024 with --img-size 1024), also CelebA / AnimeFace.
+# Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256' below 512 pixels, 'stylegan2'
+# (config F) from 512 up; see common.STYLEGAN2_CONFIGS and stylegan2_preset.
+for _name in ("ffhq", "celeba", "animeface"):
+    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=256, z_dim=512,
+                                                  n_critic=1, loss="ns", lr_decay=1.0, beta1=0.0,
+                                                  beta2=0.99, style_mixing=0.9, pl_every=4, r1_every=16,
+                                                  width=64)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
@@ -128,6 +147,7 @@ PRESET_SOURCES = {
     "ring": "ours: MLPs (SN on D), z 2, m 16, sigma 5e-2 (not in the paper)",
     "grid": "ours: MLPs (SN on D), z 2, m 16, sigma 5e-2 (not in the paper)",
 }
+ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
 VARIANTS = ("paper", "official")
 DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
@@ -138,6 +158,14 @@ OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_
 RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 
 
+def stylegan2_preset(img_size):
+    """StyleGAN2's recipe at `img_size` from common.STYLEGAN2_CONFIGS: 'paper256' below 512 pixels,
+    'stylegan2' (config F) from 512. The EMA decay per G step from its half-life in kimg."""
+    cfg = common.STYLEGAN2_CONFIGS["paper256" if img_size < 512 else "stylegan2"]
+    return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], r1_gamma=cfg["gamma"],
+                     pl_weight=cfg["pl_weight"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in each flag's help, and the presets epilog printed as written."""
 
@@ -145,7 +173,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def parse_args(argv=None):
     epilog = "presets (flags left unset take these values):\n" + "\n".join(
         f"  {name}: {PRESET_SOURCES[name]}\n    " + ", ".join(f"{k}={v}" for k, v in sorted(PRESETS[name].items()))
-        for name in sorted(PRESETS))
+        for name in sorted(PRESETS)) + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + \
+        "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in sorted(vals.items()))
+                  for (d, a), vals in sorted(BACKBONE_PRESETS.items())) + \
+        "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'stylegan2' (config F) from 512"
     p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                          formatter_class=_HelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
@@ -161,8 +192,27 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
     g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
-    g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet"],
-                   help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace)")
+    g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2"],
+                   help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
+                        "biggan on cifar10, stylegan2 on ffhq / celeba / animeface, each with its own "
+                        "recipe, see BACKBONE_PRESETS)")
+    g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
+                   help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
+                        "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
+    g.add_argument("--ema", type=float, default=None,
+                   help="decay of an EMA of G's weights used for samples and metrics, 0 = none "
+                        "(paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
+    g.add_argument("--ema-start", type=int, default=None, help="G step from which the EMA averages (BigGAN: 1000)")
+    g.add_argument("--attn-res", type=int, nargs="*", default=None,
+                   help="biggan: resolutions with a self-attention block (launch_cifar_ema.sh: none)")
+    g = p.add_argument_group("StyleGAN2 regularisers (--arch stylegan2; official: stylegan2-ada-pytorch)")
+    g.add_argument("--r1-gamma", type=float, default=None,
+                   help="R1 weight gamma on real images (official: 1 at 256 paper256, 10 config F; 0 = off)")
+    g.add_argument("--r1-every", type=int, default=None, help="lazy R1: every N D steps (official: 16)")
+    g.add_argument("--pl-weight", type=float, default=None,
+                   help="path-length regularisation weight (official: 2; 0 = off)")
+    g.add_argument("--pl-every", type=int, default=None, help="lazy path length: every N G steps (official: 4)")
+    g.add_argument("--style-mixing", type=float, default=None, help="style-mixing probability (official: 0.9)")
     g.add_argument("--width", type=int, default=None, help="base channels (64 = the paper's 512-256-128) / MLP units")
     g.add_argument("--img-size", type=int, default=None, help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace)")
     g.add_argument("--z-dim", type=int, default=None, help="noise dimension (Suppl.: 64 CIFAR-10, 128 CelebA/AnimeFace)")
@@ -222,12 +272,29 @@ def parse_args(argv=None):
     args.hflip = bool(args.hflip)
     if args.authors_buffer and args.variant != "official":
         p.error("--authors-buffer reproduces the official code's buffer: use it with --variant official")
+    preset = dict(preset, **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
+    if args.arch in ("biggan", "stylegan2") and (args.dataset, args.arch) not in BACKBONE_PRESETS:
+        keys = sorted(f"{d} --arch {a}" for d, a in BACKBONE_PRESETS if a == args.arch)
+        p.error(f"--arch {args.arch} has presets for: {', '.join(keys)}")
+    if args.arch == "stylegan2":
+        cfg, values = stylegan2_preset(args.img_size or preset["img_size"])
+        preset.update(values)
+        if args.ema is None:        # Official code: the EMA's half-life is ema_kimg thousand images
+            args.ema = 0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000))
+    preset = dict(dict(loss="maf", ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
+                       pl_every=1, style_mixing=0.0, attn_res=[]), **preset)
     common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
     args.data_name, args.split = preset["data"], preset["split"]
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
-                                       "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples"),
+                                       "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples",
+                                       "r1_every", "pl_every"),
                        nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
-                                    "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight"))
+                                    "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight", "ema",
+                                    "ema_start", "r1_gamma", "pl_weight", "style_mixing"))
+    if args.ema >= 1 or args.style_mixing > 1:
+        p.error("--ema must be < 1 and --style-mixing at most 1")
+    if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
+        p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
     if args.no_dlle:
         args.dlle_transform = "none"
     return args
@@ -262,6 +329,40 @@ def maf_loss_d(v_real, v_fake):
 def maf_loss_g(v_fake):
     """Eq. 7 for G, which maximises L_MaF: min_G -E[(1/m) sum_k D_k(G(z))]."""
     return -v_fake.mean()
+
+
+# With BigGAN and StyleGAN2 the paper "adds the proposed learning objective to their methods"
+# (Sec. 4, Tables 6-7) without saying what becomes of L_MaF. Ours: the backbone keeps its own
+# adversarial loss, applied to the realness r(x) = (1/m) sum_k V_k(x) that Eq. 7 reads from the code
+# (the scalar a plain D outputs), and DIsoMap, DLLE and RB-MaEM are added unchanged. --loss maf
+# keeps Eq. 7 with either backbone.
+
+def adv_loss_d(v_real, v_fake, kind="maf"):
+    """D's adversarial loss on the codes (B, m). maf: L_MaF (Eq. 7). hinge (BigGAN):
+    E[relu(1 - r(x))] + E[relu(1 + r(G(z)))]. ns (StyleGAN2's logistic loss):
+    E[softplus(r(G(z)))] + E[softplus(-r(x))]."""
+    if kind == "maf":
+        return maf_loss_d(v_real, v_fake)
+    r_real, r_fake = v_real.mean(1), v_fake.mean(1)                        # (B,) realness
+    if kind == "hinge":
+        return F_nn.relu(1 - r_real).mean() + F_nn.relu(1 + r_fake).mean()
+    return F_nn.softplus(r_fake).mean() + F_nn.softplus(-r_real).mean()
+
+
+def adv_loss_g(v_fake, kind="maf"):
+    """G's adversarial loss: -E[r(G(z))] for maf (Eq. 7) and hinge (BigGAN's G loss);
+    E[softplus(-r(G(z)))] for ns (StyleGAN2's non-saturating loss)."""
+    if kind == "ns":
+        return F_nn.softplus(-v_fake.mean(1)).mean()
+    return maf_loss_g(v_fake)
+
+
+def r1_loss(D, x):
+    """StyleGAN2's R1 (Mescheder et al. 2018): E ||grad_x r(x)||^2 on real images, with the realness
+    r read from mu = E[V] (ours: the re-parameterisation noise has mean zero, and a penalty on a
+    random draw would be a noisy one). The caller weights it by gamma / 2 and the lazy interval."""
+    x = x.detach().requires_grad_(True)
+    return common.r1_penalty(embed(D, x, sample=False).mean(1), x)
 
 
 # ==================================================================================================
@@ -544,7 +645,8 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # sees the generated-code term, so D cannot lower it for G.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
-    """D's loss: L_MaF (Eq. 7) + DIsoMap (Eq. 14) + DLLE (Eq. 12) + sigma (L_ent + lambda ||V0||)
+    """D's loss: L_MaF (Eq. 7; --loss hinge / ns: the backbone's loss) + DIsoMap (Eq. 14) + DLLE
+    (Eq. 12) + sigma (L_ent + lambda ||V0||)
     (Eq. 8) on real codes. Unit weights on the first three: the paper states none, the authors'
     train.py sums them unweighted.
 
@@ -566,8 +668,9 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
     v, mu = embed(D, torch.cat(parts), with_mu=True)                           # (k B, m), k = 2..5
     chunks = list(v.split(B))
     v_real, v_fake = chunks[0], chunks[1]
-    terms = {"maf": maf_loss_d(v_real, v_fake)}
-    weights = {"maf": 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight}
+    adv = "maf" if args.loss == "maf" else "adv"
+    terms = {adv: adv_loss_d(v_real, v_fake, args.loss)}
+    weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight}
     if use_iso:
         terms["iso"] = isomap_loss(chunks[2], v_real, v_fake, a, variant)
     if use_dlle:
@@ -589,13 +692,14 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
 
 
 def g_step_loss(D_plain, fake, args, buffers, ent_w):
-    """G's loss: -L_MaF (Eq. 7) + sigma * L_ent (Eq. 8, no lambda term) on the codes of its samples,
+    """G's loss: -L_MaF (Eq. 7; or --loss's) + sigma * L_ent (Eq. 8, no lambda term) on the codes of its samples,
     which pushes each new sample away from its nearest buffered generated code in D's space
     (maximises the entropy of P_g, Eq. 6). D_plain is the unwrapped D: its gradients here are never
     applied (zeroed before D's next step). Returns (total, terms incl. health figures, not summed)."""
     v_fake, mu = embed(D_plain, fake, with_mu=True)
-    terms = {"g_maf": maf_loss_g(v_fake)}
-    total = terms["g_maf"]
+    adv = "g_maf" if args.loss == "maf" else "g_adv"
+    terms = {adv: adv_loss_g(v_fake, args.loss)}
+    total = terms[adv]
     figures = health(v_fake, mu, buffers["fake"])
     if not args.no_entropy:
         terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
@@ -629,9 +733,20 @@ def make_buffers(args, per_rank_batch, device):
 # ==================================================================================================
 
 def build_networks(args, channels):
-    """G: z -> x and the generalised D: x -> (mu, logvar) in R^{2m} (split by `embed`)."""
-    G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width)
-    D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width, out_dim=2 * args.m)
+    """G: z -> x and the generalised D: x -> (mu, logvar) in R^{2m} (split by `embed`).
+    stylegan2: the official config's channel_base and minibatch-std group, scaled by width / 64."""
+    if args.arch == "stylegan2":
+        cfg, _ = stylegan2_preset(args.img_size)
+        base, top = cfg["channel_base"] * args.width // 64, 512 * args.width // 64
+        G = common.StyleGAN2Generator(args.z_dim, args.img_size, channels, channel_base=base,
+                                      channel_max=top, n_mapping=cfg["map"], style_mixing=args.style_mixing)
+        D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=2 * args.m, channel_base=base,
+                                          channel_max=top, mbstd_group=cfg["mbstd"])
+        return G, D
+    attn = tuple(getattr(args, "attn_res", None) or ())
+    G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width, attention=attn)
+    D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width,
+                                   out_dim=2 * args.m, attention=attn)
     if args.arch == "mlp":
         common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
     return G, D
@@ -690,7 +805,8 @@ def save_samples(G, args, device, z_fixed, real_points, path):
     G = common.unwrap(G)
     mode = G.training
     G.eval()
-    fake = G(z_fixed.to(device)).float().cpu()
+    # StyleGAN2's noise inputs fixed too (a draw would move the training RNG)
+    fake = G(z_fixed.to(device), **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
     G.train(mode)
     if args.arch == "mlp":
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
@@ -708,7 +824,7 @@ def load_sampler(ckpt_path, device="cpu"):
     args = argparse.Namespace(**ckpt["args"])
     channels = common.DATASETS[args.data_name]["channels"]
     G, _ = build_networks(args, channels)
-    common.load_state(G, ckpt["G"], "generator", ckpt_path)
+    common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
     G = G.to(device).eval()
 
     def sample(n):
@@ -754,15 +870,20 @@ def train(args, rt, dataset):
     common.seed_rank(rt, args.seed)
     G, D = rt.wrap(G), rt.wrap(D)
     D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
-    betas = (args.beta1, args.beta2)
-    opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
+    # Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied every k steps scales
+    # Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one.
+    c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
+    c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
+    opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
+    opt_d = common.adam(D.parameters(), lr=args.lr * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
     per_rank = args.batch_size // rt.world_size
     buffers = make_buffers(args, per_rank, rt.device)
+    ema = common.EMA(G, args.ema).to(rt.device) if args.ema > 0 else None
+    pl_mean = torch.zeros((), device=rt.device)         # path-length running mean (per process)
 
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    nets, opts = {"G": G, "D": D}, {"opt_g": opt_g, "opt_d": opt_d}
+    nets, opts = {"G": G, "D": D, "G_ema": ema}, {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume:
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
@@ -774,6 +895,7 @@ def train(args, rt, dataset):
         if len(saved) == rt.world_size:
             for name, buf in buffers.items():
                 buf.load_state_dict(saved[rt.rank][name])
+            pl_mean.copy_(ckpt["pl_mean"][rt.rank])
         elif rt.is_main:
             print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
                   f"{rt.world_size}: the buffers start afresh")
@@ -784,7 +906,8 @@ def train(args, rt, dataset):
                                  ("RB-MaEM", args.no_entropy)) if not off]
     log.info(f"MaEM-GAN ({args.variant}) on {args.dataset}: {args.steps} steps, global batch "
              f"{args.batch_size} on {rt.world_size} process(es), {rt.device}, m={args.m}, "
-             f"terms: L_MaF {' '.join(terms_on)}, sigma={args.sigma}, lambda={args.lambda_norm}, "
+             f"{args.arch}, terms: {ADV_NAMES[args.loss]} {' '.join(terms_on)}, sigma={args.sigma}, "
+             f"lambda={args.lambda_norm}, EMA {args.ema}, R1 {args.r1_gamma}, path length {args.pl_weight}, "
              f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
              f"G {common.count_params(G)} / D {common.count_params(D)} params")
     z_fixed = torch.randn(64 if not is_points else 2000, args.z_dim,
@@ -800,13 +923,13 @@ def train(args, rt, dataset):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch)
-        for opt in (opt_g, opt_d):
+        for opt, c in ((opt_g, c_g), (opt_d, c_d)):
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * c
         ent_w = entropy_weight(args, epoch)
 
         # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma (L_ent(real) + lambda ||V0||) (G fixed).
-        for _ in range(args.n_critic):
+        for i in range(args.n_critic):
             x, _ = next(stream)
             if args.hflip and x.dim() == 4:
                 # Official code: transform_train's RandomHorizontalFlip, one coin per image.
@@ -819,6 +942,13 @@ def train(args, rt, dataset):
                 d_loss, d_terms = d_step_loss(D, D_plain, x, fake, args, buffers, ent_w)
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
+            if args.r1_gamma > 0 and (step * args.n_critic + i) % args.r1_every == 0:
+                # Official code (stylegan2-ada-pytorch loss.py, 'Dreg'): its own step, weight gamma/2 x k.
+                with rt.autocast():
+                    r1 = r1_loss(D, x)
+                opt_d.zero_grad(set_to_none=True)
+                rt.backward_step(r1 * (args.r1_gamma / 2 * args.r1_every), opt_d)
+                d_terms["r1"] = r1.detach()
 
         # ---- G step: min_G -L_MaF + sigma L_ent(generated). Official code: G steps after the first
         # D step of every n_critic and reuses that step's z; we step G after the n_critic D steps,
@@ -830,24 +960,35 @@ def train(args, rt, dataset):
             g_loss, g_terms = g_step_loss(D_plain, fake, args, buffers, ent_w)
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
+        if args.pl_weight > 0 and step % args.pl_every == 0:
+            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k.
+            z_pl = torch.randn(max(per_rank // 2, 1), args.z_dim, device=rt.device)
+            with rt.autocast():
+                pl, g_terms["pl_length"] = common.path_length_penalty(G, z_pl, pl_mean)
+            opt_g.zero_grad(set_to_none=True)
+            rt.backward_step(pl * (args.pl_weight * args.pl_every), opt_g)
+            g_terms["pl"] = pl.detach()
         step += 1
+        if ema is not None:
+            ema.step(G, step, args.ema_start)       # a copy until ema_start, the average after
         meter.add(d_loss=d_loss, g_loss=g_loss, **d_terms, **g_terms)
 
         # ---- logging / checks / pictures / checkpoint (main process writes)
         if step % args.log_every == 0 or step == args.steps:
             common.log_step(meter, log, step, ckpt_path, lr=lr, ent_w=ent_w)
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
-            save_samples(G, args, rt.device, z_fixed, real_points,
+            save_samples(ema.shadow if ema is not None else G, args, rt.device, z_fixed, real_points,
                          os.path.join(args.out, "samples", f"step_{step:07d}.png"))
         if run.checkpoint_due(step):                           # collective: every rank calls it
             rng_states = common.gather_rng_states(rt)
             buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
+            pl_means = common.gather_per_rank(rt, pl_mean.cpu())
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, common.training_state(
                     METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
-                    **run.state()))
+                    pl_mean=pl_means, **run.state()))
     run.end(step)
-    return G, D
+    return (ema.shadow if ema is not None else G), D
 
 
 @torch.no_grad()
