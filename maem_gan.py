@@ -199,6 +199,9 @@ def parse_args(argv=None):
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
                    help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
                         "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
+    g.add_argument("--scalar-head", action="store_true",
+                   help="D outputs one number, no m-dim code: with --no-entropy --no-dlle --no-disomap "
+                        "the backbone's own baseline (Tables 6-7's first rows)")
     g.add_argument("--ema", type=float, default=None,
                    help="decay of an EMA of G's weights used for samples and metrics, 0 = none "
                         "(paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
@@ -297,6 +300,8 @@ def parse_args(argv=None):
         p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
     if args.no_dlle:
         args.dlle_transform = "none"
+    if args.scalar_head:
+        args.m = 1                      # the code is the one output (buffers, Figure 3)
     return args
 
 
@@ -312,8 +317,12 @@ def embed(D, x, sample=True, with_mu=False):
     Official code: its forward always samples; only its `embedding()` (called nowhere in the
     repository; presumably Figure 3's) returns mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
     with_mu=True returns (V, mu) (the health figures read mu's directions).
+    A D with one output (--scalar-head, the backbones' own baselines) returns it as is, (B, 1).
     """
-    mu, logvar = D(x).float().chunk(2, dim=1)             # (B, m) each
+    out = D(x).float()
+    if out.shape[1] == 1:               # --scalar-head: a plain D's realness, no code to sample
+        return (out, out) if with_mu else out
+    mu, logvar = out.chunk(2, dim=1)                       # (B, m) each
     if not sample:
         return mu
     v = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -735,18 +744,19 @@ def make_buffers(args, per_rank_batch, device):
 def build_networks(args, channels):
     """G: z -> x and the generalised D: x -> (mu, logvar) in R^{2m} (split by `embed`).
     stylegan2: the official config's channel_base and minibatch-std group, scaled by width / 64."""
+    d_out = 1 if getattr(args, "scalar_head", False) else 2 * args.m
     if args.arch == "stylegan2":
         cfg, _ = stylegan2_preset(args.img_size)
         base, top = cfg["channel_base"] * args.width // 64, 512 * args.width // 64
         G = common.StyleGAN2Generator(args.z_dim, args.img_size, channels, channel_base=base,
                                       channel_max=top, n_mapping=cfg["map"], style_mixing=args.style_mixing)
-        D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=2 * args.m, channel_base=base,
+        D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=d_out, channel_base=base,
                                           channel_max=top, mbstd_group=cfg["mbstd"])
         return G, D
     attn = tuple(getattr(args, "attn_res", None) or ())
     G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width, attention=attn)
     D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width,
-                                   out_dim=2 * args.m, attention=attn)
+                                   out_dim=d_out, attention=attn)
     if args.arch == "mlp":
         common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
     return G, D

@@ -127,7 +127,7 @@ BIGGAN_TINY = ["--dataset", "cifar10", "--arch", "biggan", "--width", "2", "--ba
                "--device", "cpu"]
 
 
-@pytest.mark.parametrize("terms", [[], ["--no-entropy", "--no-dlle", "--no-disomap"]])
+@pytest.mark.parametrize("terms", [[], ["--no-entropy", "--no-dlle", "--no-disomap", "--scalar-head"]])
 def test_biggan_two_steps_with_and_without_the_maem_terms(tmp_path, monkeypatch, terms):
     write_cifar(str(tmp_path / "data"), "cifar10", n=12)
     monkeypatch.setattr(maem_gan, "final_metrics", lambda *a: {})
@@ -138,6 +138,9 @@ def test_biggan_two_steps_with_and_without_the_maem_terms(tmp_path, monkeypatch,
     last = log_lines(out)[-1]
     assert "adv" in last and "g_adv" in last and "maf" not in last
     assert ("ent" in last and "iso" in last and "dlle" in last) != bool(terms)
+    # the baseline's D is BigGAN's: one output, its realness used as is (no code, no noise)
+    D = maem_gan.build_networks(argparse_ns(args), 3)[1]
+    assert D.head.shared.out_features == (1 if terms else 8)
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
     # the EMA is a copy at step 1 and an average from step 2: it differs from G, and samples use it
     differs = [k for k in ckpt["G"] if ckpt["G"][k].is_floating_point() and not torch.equal(ckpt["G"][k], ckpt["G_ema"][k])]
