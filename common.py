@@ -2666,8 +2666,8 @@ class EqualConv2d(nn.Module):
 
 class MappingNetwork(nn.Module):
     """z -> w: normalise z by its second moment (eps 1e-8), then n_layers EqualLinear (all width
-    w_dim, lr_mult 0.01: paper Appendix B, "100x lower learning rate for the mapping network"),
-    each followed by the sqrt(2)-gain leaky ReLU, the last one included. Keeps `w_avg`, a moving
+    w_dim, lr_mult 0.01: StyleGAN 1's 100x lower mapping learning rate), each followed by the
+    sqrt(2)-gain leaky ReLU, the last one included. Keeps `w_avg`, a moving
     average of w (beta 0.995) updated in training mode, the centre of the truncation trick.
     Official code: training/networks.py (MappingNetwork, normalize_2nd_moment, w_avg_beta)."""
 
@@ -2684,7 +2684,7 @@ class MappingNetwork(nn.Module):
             x = _lrelu(layer(x))
         if self.training and update_w_avg:
             with torch.no_grad():
-                self.w_avg.copy_(torch.lerp(x.detach().mean(0), self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(torch.lerp(x.detach().float().mean(0), self.w_avg, self.w_avg_beta))
         return x
 
 
@@ -2771,9 +2771,9 @@ class StyleGAN2Generator(nn.Module):
     (N(0, 1) init) goes through one styled conv at 4x4, then per resolution r = 8 .. img_size two
     styled convs (the first upsamples). Every resolution has a ToRGB; the image is the sum of the
     ToRGB outputs, each earlier one upsampled x2 (bilinear, ours) per step. Channels at r:
-    min(channel_base // r, channel_max). num_ws = 2 log2(img_size) - 2 w vectors: conv k and the
-    ToRGB after it share w k+1 (the official slicing: each block reads its convs' ws and the next
-    one for its ToRGB). No tanh: StyleGAN2 has none. `y` is accepted and ignored.
+    min(channel_base // r, channel_max). num_ws = 2 log2(img_size) - 2 w vectors: ws[k] drives
+    styled conv k and the ToRGB after conv k reads ws[k + 1] (the official slicing: a block reads
+    its convs' ws and the next one). No tanh: StyleGAN2 has none. `y` is accepted and ignored.
     Official code: training/networks.py (SynthesisBlock, SynthesisNetwork, Generator)."""
 
     def __init__(self, z_dim, img_size, channels=3, w_dim=None, channel_base=32768, channel_max=512,
@@ -2804,7 +2804,7 @@ class StyleGAN2Generator(nn.Module):
             ws2 = self.mapping_net(torch.randn_like(z), update_w_avg=False)
             ws = torch.cat([ws[:, :cutoff], ws2[:, None].expand(-1, self.num_ws - cutoff, -1)], dim=1)
         if truncation != 1:
-            ws = torch.lerp(self.mapping_net.w_avg, ws, truncation)
+            ws = torch.lerp(self.mapping_net.w_avg.to(ws.dtype), ws, truncation)
         return ws
 
     def synthesis(self, ws, noise_mode="random"):  # (B, num_ws, w_dim) -> (B, channels, S, S)
@@ -2921,7 +2921,7 @@ def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
         noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
     (g,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)  # (B, num_ws, w_dim)
     lengths = g.square().sum(2).mean(1).sqrt()  # (B,)
-    avg = torch.lerp(pl_mean, lengths.mean(), decay)
+    avg = torch.lerp(pl_mean, lengths.mean().to(pl_mean.dtype), decay)
     with torch.no_grad():
         pl_mean.copy_(avg.detach())
     return (lengths - avg).square().mean(), lengths.mean().detach()

@@ -108,6 +108,16 @@ def test_minibatch_std_matches_hand_computation(group_size, batch, n_channels):
     torch.testing.assert_close(out, _mbstd_by_hand(x, group_size, n_channels))
 
 
+def test_minibatch_std_eps_keeps_identical_samples_finite():
+    """A group of identical samples has std sqrt(1e-8) = 1e-4, not 0, and a finite gradient
+    (the official eps inside the square root)."""
+    x = torch.ones(4, 2, 3, 3, requires_grad=True)
+    out = common.MinibatchStd(4, 1)(x)
+    torch.testing.assert_close(out[:, 2:].detach(), torch.full((4, 1, 3, 3), 1e-4), rtol=1e-3, atol=0)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("lr_mult", [1.0, 0.01])
 def test_equal_linear_scales_at_run_time(lr_mult):
     """Effective weight = stored * lr_mult / sqrt(in_f), bias = stored * lr_mult; stored N(0, 1) /
@@ -131,6 +141,20 @@ def test_equal_conv_scales_at_run_time_and_downsamples():
     ref = F.conv2d(F.avg_pool2d(x, 2), conv.weight / math.sqrt(4 * 9), conv.bias, padding=1)
     torch.testing.assert_close(conv(x), ref)
     assert common.EqualConv2d(4, 6, 1, bias=False).bias is None
+
+
+def test_mapping_network_normalises_z_and_keeps_scale():
+    """w does not depend on the scale of z (2nd-moment normalisation) and its second moment stays
+    O(1) through 8 layers (sqrt(2)-gain leaky ReLU: x1.04 per layer; without the gain x0.52, so
+    ~0.005 after 8). Also the 8 layers and the 0.01 learning-rate multiplier."""
+    torch.manual_seed(0)
+    net = common.MappingNetwork(64, 64).eval()
+    assert len(net.layers) == 8 and all(layer.lr_mult == 0.01 for layer in net.layers)
+    z = torch.randn(256, 64)
+    with torch.no_grad():
+        w = net(z)
+        torch.testing.assert_close(net(5.0 * z), w, rtol=1e-4, atol=1e-5)
+    assert w.shape == (256, 64) and 0.7 < w.square().mean().item() < 2.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +194,40 @@ def test_parameter_counts_match_the_official_networks():
         D = common.StyleGAN2Discriminator(1024)
     assert common.count_params(G) == 30_370_060
     assert common.count_params(D) == 29_012_513
+
+
+def test_init_follows_the_official_code():
+    """Equalised-lr weights N(0, 1) (mapping: N(0, 1) / 0.01), biases 0, style affine biases 1,
+    noise strengths 0, ToRGB without demodulation and every styled conv with it."""
+    G, D = _gen(16), common.StyleGAN2Discriminator(16, **SMALL)
+    layers = [m for net in (G, D) for m in net.modules()
+              if isinstance(m, (common.EqualLinear, common.EqualConv2d, common.ModulatedConv2d))]
+    affines = {id(m.affine) for m in layers if isinstance(m, common.ModulatedConv2d)}
+    for m in layers:
+        if id(m) in affines:
+            assert torch.equal(m.bias, torch.ones_like(m.bias))
+        elif getattr(m, "bias", None) is not None:
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    weights = [m.weight.detach().flatten() * getattr(m, "lr_mult", 1.0) for m in layers]
+    w = torch.cat(weights)  # (all weights,), ~28k numbers
+    assert abs(w.mean().item()) < 0.02 and abs(w.std().item() - 1.0) < 0.02
+    assert all(not t.conv.demodulate for t in G.to_rgbs) and all(c.conv.demodulate for c in G.convs)
+    assert all(c.noise.strength.item() == 0.0 for c in G.convs)
+
+
+def test_discriminator_sees_its_minibatch_std_group():
+    """mbstd_group=2, batch 4: sample 0's group is {0, 2} (official strided split), so D(x)[0]
+    changes when x[2] changes and not when x[1] or x[3] do. Catches a D without the layer and
+    contiguous groups."""
+    torch.manual_seed(0)
+    D = common.StyleGAN2Discriminator(8, mbstd_group=2, **SMALL)
+    x = torch.randn(B, 3, 8, 8)
+    with torch.no_grad():
+        ref = D(x)[0]
+        for j, changes in ((1, False), (2, True), (3, False)):
+            x2 = x.clone()
+            x2[j] += 1.0
+            assert (not torch.allclose(D(x2)[0], ref)) == changes, j
 
 
 def _mixing_cutoffs(ws):
