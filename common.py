@@ -2609,8 +2609,9 @@ def build_encoder(arch, img_size, channels, out_dim, width=None):
 # length regularisation, Sec. 4 / Fig. 7: skip G, residual D), written for reading rather than speed.
 # What the paper leaves out is read from the official PyTorch port, NVlabs/stylegan2-ada-pytorch
 # (training/networks.py, training/loss.py, train.py); comments cite the file. Where we differ (ours):
-#   * resampling: bilinear x2 upsampling before the 3x3 conv in G and 2x2 average pooling before the
-#     conv in D, simpler than the official transposed / strided conv with the [1,3,3,1] FIR filter;
+#   * resampling: bilinear x2 upsampling before the 3x3 conv and of the ToRGB skip image in G, 2x2
+#     average pooling before the conv in D; simpler than the official transposed / strided convs
+#     with the [1,3,3,1] FIR filter;
 #   * no fp16 layers and no activation clamp (the official `stylegan2` config clamps at 256 only
 #     because its 4 highest resolutions run in fp16);
 #   * no class conditioning; always the fused (grouped-conv) modulation.
@@ -2839,6 +2840,8 @@ class MinibatchStd(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, C + n_channels, H, W)
         B, C, H, W = x.shape
         G, n = min(self.group_size, B), self.n_channels
+        if B % G:
+            raise UsageError(f"the minibatch-std group size {G} must divide the (per-GPU) batch {B}")
         y = x.reshape(G, -1, n, C // n, H, W)  # (G, B/G, n, C/n, H, W)
         y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B/G, n, C/n, H, W)
         y = y.mean(dim=(2, 3, 4))  # (B/G, n)

@@ -108,6 +108,11 @@ def test_minibatch_std_matches_hand_computation(group_size, batch, n_channels):
     torch.testing.assert_close(out, _mbstd_by_hand(x, group_size, n_channels))
 
 
+def test_minibatch_std_batch_not_divisible_is_a_usage_error():
+    with pytest.raises(common.UsageError, match="must divide"):
+        common.MinibatchStd(4)(torch.randn(6, 2, 3, 3))
+
+
 def test_minibatch_std_eps_keeps_identical_samples_finite():
     """A group of identical samples has std sqrt(1e-8) = 1e-4, not 0, and a finite gradient
     (the official eps inside the square root)."""
