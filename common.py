@@ -2049,6 +2049,8 @@ def clustering_metrics(pred, labels, k):
 #                            (LMescheder/GAN_stability, resnet2.py), so we take the details the tables
 #                            leave out (LeakyReLU 0.2 pre-activation, residual scaled by 0.1, no
 #                            normalisation, nearest upsampling, PyTorch's default init) from there.
+#   StyleGAN2Generator/-D.   MaEM-GAN Table 7 (FFHQ): StyleGAN2 config F (Karras et al. 2020) with
+#                            details from NVlabs/stylegan2-ada-pytorch; its G has no tanh.
 #
 # Conventions shared by all of them:
 #   * G.forward(z, y=None) -> images in [-1, 1] (tanh), (B, channels, img_size, img_size); the MLP
@@ -2672,6 +2674,357 @@ def build_encoder(arch, img_size, channels, out_dim, width=None):
     if arch == "invert-resnet":
         return ResNetEncoder(img_size, channels, out_dim, width)
     raise UsageError(f"no encoder for architecture '{arch}'; use 'mlp' or 'invert-resnet'")
+
+
+# ------------------------------------------------------------------------------------------------
+# StyleGAN2 (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN"): compact, for reading
+# ------------------------------------------------------------------------------------------------
+
+# Config F of the paper (Sec. 2.2 weight demodulation, Sec. 3.1 lazy regularisation, Sec. 3.2 path
+# length regularisation, Sec. 4 / Fig. 7: skip G, residual D), written for reading rather than speed.
+# What the paper leaves out is read from the official PyTorch port, NVlabs/stylegan2-ada-pytorch
+# (training/networks.py, training/loss.py, train.py); comments cite the file. Where we differ (ours):
+#   * resampling: bilinear x2 upsampling before the 3x3 conv and of the ToRGB skip image in G, 2x2
+#     average pooling before the conv in D; simpler than the official transposed / strided convs
+#     with the [1,3,3,1] FIR filter;
+#   * no fp16 layers and no activation clamp (the official `stylegan2` config clamps at 256 only
+#     because its 4 highest resolutions run in fp16);
+#   * no class conditioning; always the fused (grouped-conv) modulation.
+# Init as the official code: every equalised-lr weight N(0, 1) (divided by lr_mult), biases 0,
+# except the style affines whose bias starts at 1 (so styles start near 1); noise strengths 0.
+# G has no tanh (neither has StyleGAN2): its images are unbounded, near [-1, 1] once trained.
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def _lrelu(x, bias=None):
+    """Biased leaky ReLU (slope 0.2) times sqrt(2), which keeps the second moment of N(0, 1)
+    inputs near 1 (He et al. 2015). Official code: torch_utils/ops/bias_act.py ('lrelu', def_gain)."""
+    if bias is not None:
+        x = x + (bias.view(1, -1, 1, 1) if x.dim() == 4 else bias)
+    return F.leaky_relu(x, 0.2) * _SQRT2
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate (Karras et al. 2018, ProGAN Sec. 4.1): the weight
+    is stored N(0, 1) / lr_mult and scaled at run time by lr_mult / sqrt(in_f), the bias stored as
+    bias_init and scaled by lr_mult, so Adam's step is lr_mult times smaller in effective units.
+    Official code: stylegan2-ada-pytorch training/networks.py (FullyConnectedLayer)."""
+
+    def __init__(self, in_f, out_f, bias=True, lr_mult=1.0, bias_init=0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_f, in_f) / lr_mult)
+        self.bias = nn.Parameter(torch.full((out_f,), float(bias_init))) if bias else None
+        self.weight_gain, self.lr_mult = lr_mult / math.sqrt(in_f), lr_mult
+
+    def forward(self, x):  # (B, in_f) -> (B, out_f)
+        bias = self.bias * self.lr_mult if self.bias is not None else None
+        return F.linear(x, self.weight * self.weight_gain, bias)
+
+
+class EqualConv2d(nn.Module):
+    """Conv (stride 1, 'same' padding) with equalised learning rate: weight N(0, 1) scaled by
+    1 / sqrt(c_in * k * k) at run time, bias 0. down=True halves the resolution by a 2x2 average
+    pool *before* the conv (ours, simpler than the official FIR filter + stride-2 conv; the pool
+    is the low-pass, as the official blur is). Official code: training/networks.py (Conv2dLayer)."""
+
+    def __init__(self, c_in, c_out, k, bias=True, down=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.weight_gain, self.down = 1.0 / math.sqrt(c_in * k * k), down
+
+    def forward(self, x):  # (B, c_in, H, W) -> (B, c_out, H, W), or H/2, W/2 with down
+        if self.down:
+            x = F.avg_pool2d(x, 2)
+        return F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+
+
+class MappingNetwork(nn.Module):
+    """z -> w: normalise z by its second moment (eps 1e-8), then n_layers EqualLinear (all width
+    w_dim, lr_mult 0.01: StyleGAN 1's 100x lower mapping learning rate), each followed by the
+    sqrt(2)-gain leaky ReLU, the last one included. Keeps `w_avg`, a moving
+    average of w (beta 0.995) updated in training mode, the centre of the truncation trick.
+    Official code: training/networks.py (MappingNetwork, normalize_2nd_moment, w_avg_beta)."""
+
+    def __init__(self, z_dim, w_dim, n_layers=8, lr_mult=0.01):
+        super().__init__()
+        dims = [z_dim] + [w_dim] * n_layers
+        self.layers = nn.ModuleList([EqualLinear(a, b, lr_mult=lr_mult) for a, b in zip(dims[:-1], dims[1:])])
+        self.register_buffer("w_avg", torch.zeros(w_dim))
+        self.w_avg_beta = 0.995
+
+    def forward(self, z, update_w_avg=True):  # (B, z_dim) -> (B, w_dim)
+        x = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+        for layer in self.layers:
+            x = _lrelu(layer(x))
+        if self.training and update_w_avg:
+            with torch.no_grad():
+                self.w_avg.copy_(torch.lerp(x.detach().float().mean(0), self.w_avg, self.w_avg_beta))
+        return x
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's modulated conv (paper Sec. 2.2, Eq. 1 and 3), no bias. Per sample b:
+        s = affine(w)                               style, (B, c_in); affine bias starts at 1
+        w'[b, o, i, :, :] = s[b, i] * W[o, i, :, :] modulation (W = stored weight / sqrt(c_in k k))
+        w''[b, o] = w'[b, o] / sqrt(sum_{i,k,k} w'[b, o]^2 + 1e-8)   demodulation (if demodulate)
+    then one grouped conv (groups = B) applies each sample's own weights. The 1/sqrt(fan_in)
+    factor cancels under demodulation; ToRGB (demodulate=False) needs it, as the official code
+    puts it on the styles there. up=True: bilinear x2 upsampling before the conv (ours, simpler
+    than the official transposed conv + FIR filter). Official code: training/networks.py
+    (modulated_conv2d, SynthesisLayer, ToRGBLayer)."""
+
+    def __init__(self, c_in, c_out, k, w_dim, demodulate=True, up=False):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.weight_gain, self.demodulate, self.up = 1.0 / math.sqrt(c_in * k * k), demodulate, up
+
+    def forward(self, x, w):  # x (B, c_in, H, W), w (B, w_dim) -> (B, c_out, H', W')
+        B, c_in, _, _ = x.shape
+        s = self.affine(w)  # (B, c_in)
+        weight = self.weight[None] * self.weight_gain * s[:, None, :, None, None]  # (B, c_out, c_in, k, k)
+        if self.demodulate:
+            weight = weight * (weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        k = weight.shape[-1]
+        out = F.conv2d(x.reshape(1, B * c_in, *x.shape[2:]), weight.reshape(-1, c_in, k, k),
+                       padding=k // 2, groups=B)  # (1, B * c_out, H', W')
+        return out.reshape(B, -1, *out.shape[2:])
+
+
+class NoiseInjection(nn.Module):
+    """Adds per-pixel noise, the same for all channels, times a learned scalar strength that
+    starts at 0 (paper Fig. 2c). noise_mode: "random" (fresh N(0, 1) per sample), "const" (a fixed
+    N(0, 1) map drawn at construction, a buffer) or "none". Official code: training/networks.py
+    (SynthesisLayer: noise_const, noise_strength)."""
+
+    def __init__(self, res):
+        super().__init__()
+        self.strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn(res, res))
+
+    def forward(self, x, noise_mode="random"):  # (B, C, H, W) -> same
+        if noise_mode == "random":
+            return x + torch.randn_like(x[:, :1]) * self.strength
+        if noise_mode == "const":
+            return x + self.noise_const * self.strength
+        if noise_mode == "none":
+            return x
+        raise ValueError(f"unknown noise_mode {noise_mode!r}")
+
+
+class StyledConv(nn.Module):
+    """One synthesis layer: modulated 3x3 conv (optionally upsampling) -> noise -> bias -> leaky
+    ReLU with gain sqrt(2). Official code: training/networks.py (SynthesisLayer)."""
+
+    def __init__(self, c_in, c_out, w_dim, res, up=False):
+        super().__init__()
+        self.conv = ModulatedConv2d(c_in, c_out, 3, w_dim, up=up)
+        self.noise = NoiseInjection(res)
+        self.bias = nn.Parameter(torch.zeros(c_out))
+
+    def forward(self, x, w, noise_mode="random"):  # (B, c_in, r or r/2, .) -> (B, c_out, r, r)
+        return _lrelu(self.noise(self.conv(x, w), noise_mode), self.bias)
+
+
+class ToRGB(nn.Module):
+    """Modulated 1x1 conv to image channels, no demodulation, plus bias, linear (paper Fig. 7b)."""
+
+    def __init__(self, c_in, channels, w_dim):
+        super().__init__()
+        self.conv = ModulatedConv2d(c_in, channels, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, w):  # (B, c_in, r, r) -> (B, channels, r, r)
+        return self.conv(x, w) + self.bias.view(1, -1, 1, 1)
+
+
+class StyleGAN2Generator(nn.Module):
+    """StyleGAN2 G, 'skip' architecture (paper Fig. 7b, config F). A learned constant (c_4, 4, 4)
+    (N(0, 1) init) goes through one styled conv at 4x4, then per resolution r = 8 .. img_size two
+    styled convs (the first upsamples). Every resolution has a ToRGB; the image is the sum of the
+    ToRGB outputs, each earlier one upsampled x2 (bilinear, ours) per step. Channels at r:
+    min(channel_base // r, channel_max). num_ws = 2 log2(img_size) - 2 w vectors: ws[k] drives
+    styled conv k and the ToRGB after conv k reads ws[k + 1] (the official slicing: a block reads
+    its convs' ws and the next one). No tanh: StyleGAN2 has none. `y` is accepted and ignored.
+    Official code: training/networks.py (SynthesisBlock, SynthesisNetwork, Generator)."""
+
+    def __init__(self, z_dim, img_size, channels=3, w_dim=None, channel_base=32768, channel_max=512,
+                 n_mapping=8, style_mixing=0.0):
+        super().__init__()
+        if img_size < 4 or img_size & (img_size - 1):
+            raise UsageError(f"StyleGAN2 needs img_size a power of two >= 4; got {img_size}")
+        w_dim = w_dim or z_dim
+        self.z_dim, self.w_dim, self.img_size, self.style_mixing = z_dim, w_dim, img_size, style_mixing
+        res = [2 ** i for i in range(2, int(math.log2(img_size)) + 1)]  # 4, 8, ..., img_size
+        ch = {r: min(channel_base // r, channel_max) for r in res}
+        self.mapping_net = MappingNetwork(z_dim, w_dim, n_mapping)
+        self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
+        self.convs = nn.ModuleList([StyledConv(ch[4], ch[4], w_dim, 4)])
+        for r in res[1:]:
+            self.convs.extend([StyledConv(ch[r // 2], ch[r], w_dim, r, up=True), StyledConv(ch[r], ch[r], w_dim, r)])
+        self.to_rgbs = nn.ModuleList([ToRGB(ch[r], channels, w_dim) for r in res])
+        self.num_ws = len(self.convs) + 1
+
+    def mapping(self, z, truncation=1.0):
+        """z (B, z_dim) -> ws (B, num_ws, w_dim). In training mode: updates w_avg and, with
+        probability style_mixing, replaces ws[:, cutoff:] by those of a second z, one coin flip
+        and one cutoff ~ U{1, .., num_ws - 1} for the whole batch (official code: training/loss.py,
+        StyleGAN2Loss.run_G; the second z does not update w_avg). truncation psi: w_avg + psi (w - w_avg)."""
+        ws = self.mapping_net(z)[:, None].repeat(1, self.num_ws, 1)  # (B, num_ws, w_dim)
+        if self.training and self.style_mixing > 0 and torch.rand([]).item() < self.style_mixing:
+            cutoff = int(torch.randint(1, self.num_ws, []))
+            ws2 = self.mapping_net(torch.randn_like(z), update_w_avg=False)
+            ws = torch.cat([ws[:, :cutoff], ws2[:, None].expand(-1, self.num_ws - cutoff, -1)], dim=1)
+        if truncation != 1:
+            ws = torch.lerp(self.mapping_net.w_avg.to(ws.dtype), ws, truncation)
+        return ws
+
+    def synthesis(self, ws, noise_mode="random"):  # (B, num_ws, w_dim) -> (B, channels, S, S)
+        x = self.const[None].repeat(ws.shape[0], 1, 1, 1)  # (B, c_4, 4, 4)
+        x = self.convs[0](x, ws[:, 0], noise_mode)
+        img = self.to_rgbs[0](x, ws[:, 1])  # (B, channels, 4, 4)
+        for i, to_rgb in enumerate(self.to_rgbs[1:]):
+            x = self.convs[2 * i + 1](x, ws[:, 2 * i + 1], noise_mode)  # (B, c_r, r, r), upsampled
+            x = self.convs[2 * i + 2](x, ws[:, 2 * i + 2], noise_mode)
+            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False)  # ours
+            img = img + to_rgb(x, ws[:, 2 * i + 3])  # (B, channels, r, r)
+        return img
+
+    def forward(self, z, y=None, return_ws=False, truncation=1.0, noise_mode="random"):
+        ws = self.mapping(z, truncation)
+        img = self.synthesis(ws, noise_mode)  # (B, channels, img_size, img_size)
+        return (img, ws) if return_ws else img
+
+
+class MinibatchStd(nn.Module):
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN Sec. 3), official StyleGAN2
+    semantics: groups of G = min(group_size, B) samples, sample b in group b mod (B / G) (the
+    batch is split as (G, B / G), so a group is strided, not contiguous); channels split into
+    n_channels groups; std over the group (biased, eps 1e-8), averaged over channels and pixels;
+    each sample gets its group's n_channels values as extra constant channels. B must be a
+    multiple of G. Official code: training/networks.py (MinibatchStdLayer)."""
+
+    def __init__(self, group_size, n_channels=1):
+        super().__init__()
+        self.group_size, self.n_channels = group_size, n_channels
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C + n_channels, H, W)
+        B, C, H, W = x.shape
+        G, n = min(self.group_size, B), self.n_channels
+        if B % G:
+            raise UsageError(f"the minibatch-std group size {G} must divide the (per-GPU) batch {B}")
+        y = x.reshape(G, -1, n, C // n, H, W)  # (G, B/G, n, C/n, H, W)
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()  # (B/G, n, C/n, H, W)
+        y = y.mean(dim=(2, 3, 4))  # (B/G, n)
+        y = y[:, :, None, None].repeat(G, 1, H, W)  # (B, n, H, W)
+        return torch.cat([x, y], dim=1)
+
+
+class StyleGAN2DBlock(nn.Module):
+    """Residual D block (paper Fig. 7c): conv3x3 - lrelu - conv3x3 (down) - lrelu, plus a bias-free
+    1x1 skip (down), the sum times 1/sqrt(2). Official code: training/networks.py (DiscriminatorBlock,
+    architecture 'resnet', gain sqrt(0.5) on both paths)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv0 = EqualConv2d(c_in, c_in, 3)
+        self.conv1 = EqualConv2d(c_in, c_out, 3, down=True)
+        self.skip = EqualConv2d(c_in, c_out, 1, bias=False, down=True)
+
+    def forward(self, x):  # (B, c_in, r, r) -> (B, c_out, r/2, r/2)
+        h = _lrelu(self.conv1(_lrelu(self.conv0(x))))
+        return (h + self.skip(x)) / _SQRT2
+
+
+class StyleGAN2Discriminator(nn.Module):
+    """StyleGAN2 D, 'resnet' architecture (paper Fig. 7c, config F): FromRGB (1x1 conv + lrelu) at
+    full resolution, one StyleGAN2DBlock per resolution img_size .. 8 (channels min(channel_base // r,
+    channel_max) at r, halving to r / 2), then the 4x4 epilogue: MinibatchStd -> conv3x3 + lrelu
+    -> flatten -> EqualLinear(16 c_4 -> c_4) + lrelu -> EqualLinear(c_4 -> out_dim).
+    forward(x, y=None) -> (B, out_dim); y is accepted and ignored. Official code: training/networks.py
+    (Discriminator, DiscriminatorEpilogue)."""
+
+    def __init__(self, img_size, channels=3, out_dim=1, channel_base=32768, channel_max=512,
+                 mbstd_group=4, mbstd_channels=1):
+        super().__init__()
+        if img_size < 4 or img_size & (img_size - 1):
+            raise UsageError(f"StyleGAN2 needs img_size a power of two >= 4; got {img_size}")
+        res = [2 ** i for i in range(int(math.log2(img_size)), 1, -1)]  # img_size, ..., 4
+        ch = {r: min(channel_base // r, channel_max) for r in res}
+        self.from_rgb = EqualConv2d(channels, ch[img_size], 1)
+        self.blocks = nn.ModuleList([StyleGAN2DBlock(ch[r], ch[r // 2]) for r in res[:-1]])
+        self.mbstd = MinibatchStd(mbstd_group, mbstd_channels)
+        self.conv = EqualConv2d(ch[4] + mbstd_channels, ch[4], 3)
+        self.fc = EqualLinear(ch[4] * 16, ch[4])
+        self.out = EqualLinear(ch[4], out_dim)
+
+    def forward(self, x, y=None):  # (B, channels, S, S) -> (B, out_dim)
+        h = _lrelu(self.from_rgb(x))  # (B, c_S, S, S)
+        for block in self.blocks:
+            h = block(h)  # (B, c_{r/2}, r/2, r/2)
+        h = _lrelu(self.conv(self.mbstd(h)))  # (B, c_4, 4, 4)
+        return self.out(_lrelu(self.fc(h.flatten(1))))
+
+
+def r1_penalty(scores, x_real):
+    """R1 (Mescheder et al. 2018): mean over the batch of ||d sum(scores) / d x_real||^2, the squared
+    gradient norm summed over C, H, W. x_real must require grad and `scores` come from it;
+    create_graph=True so the penalty can be backpropagated into D. The caller multiplies by gamma / 2
+    (and by the lazy interval, paper Sec. 3.1). Official code: training/loss.py (Dr1)."""
+    (grad,) = torch.autograd.grad(scores.sum(), x_real, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
+def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
+    """Path length regulariser (paper Sec. 3.2, Eq. 4), as the official code computes it:
+        ws = G.mapping(z), img = G.synthesis(ws)   (style mixing and noise as in training)
+        y ~ N(0, I) / sqrt(H W)                     (`noise` overrides the draw, for tests)
+        g = d sum(img * y) / d ws                   (B, num_ws, w_dim), create_graph=True
+        lengths = sqrt(mean over num_ws of sum over w_dim of g^2)     (B,)
+        a = lerp(pl_mean, mean(lengths), decay);  pl_mean <- a (in place, detached)
+        penalty = mean((lengths - a)^2)             (a not detached, as the official code)
+    pl_mean is a 0-dim float tensor kept by the caller. Returns (penalty, lengths.mean().detach());
+    the caller multiplies by pl_weight and the lazy interval and uses batch / pl_batch_shrink
+    samples (STYLEGAN2_CONFIGS). Pass the plain G (no DDP wrapper: it needs G.mapping).
+    Official code: training/loss.py (Gpl)."""
+    ws = G.mapping(z)
+    if not ws.requires_grad:  # G frozen: still differentiate w.r.t. ws
+        ws.requires_grad_(True)
+    img = G.synthesis(ws)  # (B, C, H, W)
+    if noise is None:
+        noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
+    (g,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)  # (B, num_ws, w_dim)
+    lengths = g.square().sum(2).mean(1).sqrt()  # (B,)
+    avg = torch.lerp(pl_mean, lengths.mean().to(pl_mean.dtype), decay)
+    with torch.no_grad():
+        pl_mean.copy_(avg.detach())
+    return (lengths - avg).square().mean(), lengths.mean().detach()
+
+
+# The official training configurations (NVlabs/stylegan2-ada-pytorch, train.py: cfg_specs and the
+# lines after it; loss defaults from training/loss.py StyleGAN2Loss; lazy intervals from
+# training/training_loop.py). 'stylegan2' = StyleGAN2 config F, FFHQ 1024; 'paper256' = the ADA
+# paper's FFHQ / LSUN Cat 256 setup. Notes for the training loop (same files):
+#   * channel_base = fmaps * 32768, channel_max 512, z_dim = w_dim = 512;
+#   * lazy regularisation: the Adam of each net uses lr * c and betas ** c, c = every / (every + 1),
+#     and the regulariser's loss is multiplied by `every` (training_loop.py);
+#   * G EMA: beta = 0.5 ** (batch / (ema_kimg * 1000)), no ramp-up in these two configs;
+#   * path length on batch // pl_batch_shrink samples; style mixing also in the D step's fakes;
+#   * the ada-pytorch 'stylegan2' config runs its 4 highest resolutions in fp16 with conv_clamp 256
+#     (train.py comment: "Uses mixed-precision, unlike the original StyleGAN2"); we use neither.
+_SG2_COMMON = dict(z_dim=512, w_dim=512, channel_max=512, n_mapping=8, betas=(0.0, 0.99), eps=1e-8,
+                   d_reg_every=16, g_reg_every=4, pl_weight=2.0, pl_batch_shrink=2, pl_decay=0.01,
+                   style_mixing=0.9, kimg=25000)
+STYLEGAN2_CONFIGS = {
+    "stylegan2": dict(_SG2_COMMON, img_size=1024, channel_base=32768, mbstd_group=4, batch=32, lr=0.002,
+                      r1_gamma=10.0, ema_kimg=10),
+    "paper256": dict(_SG2_COMMON, img_size=256, channel_base=16384, mbstd_group=8, batch=64, lr=0.0025,
+                     r1_gamma=1.0, ema_kimg=20),
+}
 
 
 # ------------------------------------------------------------------------------------------------
