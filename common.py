@@ -1684,9 +1684,9 @@ class BatchStream:
 
 
 # ==================================================================================================
-# 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
-#     batched mapping over a dataset, a progress line, presets in --help, --resume of stage files,
-#     an operator-norm-bounded layer)
+# 5b. Representation learning and clustering helpers (SimCLR views, loss and pretext stage, kNN graph,
+#     clustering metrics, batched mapping over a dataset, a progress line, presets in --help, --resume
+#     of stage files, an operator-norm-bounded layer)
 # ==================================================================================================
 
 class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1964,6 +1964,88 @@ def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
         y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < gray, mono, y)
     return y * 2 - 1
 
+
+
+def nt_xent(h1, h2, tau):
+    """PGMGAN's Eq. 4 (NT-Xent, SimCLR), as a loss to minimise, averaged over the 2N anchors:
+
+        -1/2N sum_(i,j) log exp(sim(h_i, h_j)/tau) / sum_{k != i} exp(sim(h_i, h_k)/tau)
+
+    h1, h2: (N, d) embeddings of two views of the same N images; (i, i+N) are the positive pairs,
+    every other image of the 2N is a negative; sim is the cosine similarity.
+    """
+    n = h1.shape[0]
+    z = F.normalize(torch.cat([h1, h2]).float(), dim=1)          # (2N, d)
+    sim = z @ z.T / tau                                          # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def train_simclr(make_net, args, rt, dataset, method):
+    """The SimCLR pretext stage: make_net() (a PretextNet, same weights on every rank) trained
+    with nt_xent on two augmented views (simclr_augment) for --pretext-steps steps of
+    --pretext-batch-size; its training state is args.out/pretext.pt (stage "pretext"), its log
+    args.out/pretext/. A pretext.pt that stopped before --pretext-steps continues bit-for-bit with
+    --resume; a finished one is left as it is.
+
+    Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
+    across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
+    """
+    path = os.path.join(args.out, "pretext.pt")
+    resumed = load_checkpoint(path, method=method) if args.resume and os.path.isfile(path) else None
+    if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
+        return                                       # the stage is done
+    net = make_net()
+    seed_rank(rt, args.seed)
+    net = rt.wrap(net)
+    # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
+    # lr * 0.1^3 (SCAN steps it per epoch, we per step).
+    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
+                                                       eta_min=args.pretext_lr * 1e-3)
+
+    def views(x):                                    # one SimCLR view of each image
+        return simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p, args.aug_gray)
+    stream = BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed, num_workers=args.num_workers)
+    nets = {"phi": unwrap(net).phi, "head": unwrap(net).head}
+    opts = {"opt": opt, "sched": sched}
+    step = 0 if resumed is None else restore_training_state(resumed, nets, opts, rt, stream, args.seed, path)
+    os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
+    log = Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
+    meter = LossMeter(rt)
+    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
+             f"(--pretext-steps, --pretext-batch-size), phi_0 {count_params(nets['phi'])} params")
+    line = ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
+
+    def save(step):                                  # collective: every rank calls it
+        rng_states = gather_rng_states(rt)
+        if rt.is_main:
+            save_checkpoint(path, training_state(method, args, step, nets, opts, rt, stream, rng_states,
+                                                 stage="pretext", **run.state()))
+    run = RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
+                     stage="pretext", shorten="--pretext-steps", early=False)
+    while run.going(step):
+        step += 1
+        x, _ = next(stream)
+        with rt.autocast():
+            # Both views in one forward (one DDP reduction, one power-iteration step).
+            h = net(torch.cat([views(x), views(x)]))          # (2B, proj_dim)
+        loss = nt_xent(*h.float().chunk(2), args.temperature)
+        opt.zero_grad(set_to_none=True)
+        rt.backward_step(loss, opt)
+        sched.step()
+        meter.add(nt_xent=loss)
+        line.add()
+        if step % args.log_every == 0 or step == args.pretext_steps:
+            log_step(meter, log, step, path, lr=sched.get_last_lr()[0])
+        if run.checkpoint_due(step):
+            save(step)
+    if resumed is None and step == 0:                # --pretext-steps 0: the network as initialised
+        run.checkpoint_due(step)
+        save(step)
+    run.end(step)
+    rt.barrier()
 
 @torch.no_grad()
 def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None, progress=None):

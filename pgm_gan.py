@@ -39,7 +39,7 @@ Launch:
 Map of the paper to this file:
     Eq. 2   per-partition GAN objective V(D_i, G_i, A_i)  -> d_loss_fn / g_loss_fn (`--loss standard`)
             (default: hinge loss, as the official code)
-    Eq. 4   NT-Xent contrastive loss (SimCLR)             -> nt_xent, run_pretext
+    Eq. 4   NT-Xent contrastive loss (SimCLR)             -> run_pretext (common.nt_xent, train_simclr)
     Eq. 5   partitioner objective on the kNN graph        -> partition_loss, run_partition (common.knn_graph)
     Sec. 4.1 S_init = softmax(W_0 phi_0(x)) from pretext  -> Partitioner, run_partition
     Eq. 6   guide R_i(x) = sum_c (f_c(x) - f_i(x))_+      -> guide
@@ -311,27 +311,7 @@ def uses_partitioner(args):
 
 
 # ==================================================================================================
-# 2. Pretext: SimCLR (Eq. 4)
-# ==================================================================================================
-
-def nt_xent(h1, h2, tau):
-    """Eq. 4 (NT-Xent), as a loss to minimise, averaged over the 2N anchors:
-
-        -1/2N sum_(i,j) log exp(sim(h_i, h_j)/tau) / sum_{k != i} exp(sim(h_i, h_k)/tau)
-
-    h1, h2: (N, d) embeddings of two views of the same N images; (i, i+N) are the positive pairs,
-    every other image of the 2N is a negative; sim is the cosine similarity.
-    """
-    n = h1.shape[0]
-    z = F.normalize(torch.cat([h1, h2]).float(), dim=1)          # (2N, d)
-    sim = z @ z.T / tau                                          # (2N, 2N)
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, target)
-
-
-# ==================================================================================================
-# 3. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
+# 2. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
 # ==================================================================================================
 # Theorem 3: if c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of R_i is global,
 # ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2: blocks B(x) = x + psi(x),
@@ -429,7 +409,7 @@ def build_partitioner(args, channels):
 
 
 # ==================================================================================================
-# 4. The kNN graph and the partition loss (Eq. 5)
+# 3. The kNN graph and the partition loss (Eq. 5)
 # ==================================================================================================
 
 def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
@@ -465,7 +445,7 @@ def partition_objective(probs, nbrs, alpha, beta, chunk=4096):
 
 
 # ==================================================================================================
-# 5. The GAN: losses (Eq. 2), guide (Eq. 6-8), sampling with rejection
+# 4. The GAN: losses (Eq. 2), guide (Eq. 6-8), sampling with rejection
 # ==================================================================================================
 
 def d_loss_fn(real, fake, kind):
@@ -582,7 +562,7 @@ def build_gan(args, channels):
 
 
 # ==================================================================================================
-# 6. Pictures (Figures 3 and 4) and final metrics
+# 5. Pictures (Figures 3 and 4) and final metrics
 # ==================================================================================================
 
 @torch.no_grad()
@@ -698,7 +678,7 @@ def load_sampler(ckpt_path, device="cpu"):
 
 
 # ==================================================================================================
-# 7. Stage 1: pretext (SimCLR)
+# 6. Stage 1: pretext (SimCLR)
 # ==================================================================================================
 
 def stage_path(args, name):
@@ -706,77 +686,19 @@ def stage_path(args, name):
 
 
 def run_pretext(args, rt, dataset, channels):
-    """Train phi_0 + projection head with Eq. 4 on two augmented views; save pretext.pt.
+    """Train phi_0 + projection head with Eq. 4 on two augmented views (common.train_simclr: SCAN's
+    SimCLR, resumable); save pretext.pt, phi_0 and the head for the partition stage."""
 
-    Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
-    across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
-    """
-    # pretext.pt: the stage's training state (phi_0 and the head for the partition stage); one
-    # that stopped before --pretext-steps continues with --resume.
-    path = stage_path(args, "pretext.pt")
-    resumed = common.load_checkpoint(path, method=METHOD) if args.resume and os.path.isfile(path) else None
-    if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
-        return                                       # the stage is done
-    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
-    phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
-    phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
-    net = common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
-    common.seed_rank(rt, args.seed)
-    net = rt.wrap(net)
-    # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
-    # lr * 0.1^3 (SCAN steps it per epoch, we per step).
-    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
-                                                       eta_min=args.pretext_lr * 1e-3)
-
-    def views(x):                                    # one SimCLR view of each image
-        return common.simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
-                                     args.aug_gray)
-    stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
-                                num_workers=args.num_workers)
-    nets = {"phi": common.unwrap(net).phi, "head": common.unwrap(net).head}
-    opts = {"opt": opt, "sched": sched}
-    step = 0 if resumed is None else common.restore_training_state(resumed, nets, opts, rt, stream,
-                                                                   args.seed, path)
-    os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
-    log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
-    meter = common.LossMeter(rt)
-    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
-             f"(--pretext-steps, --pretext-batch-size), phi_0 {common.count_params(phi)} params")
-    line = common.ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
-
-    def save(step):                                  # collective: every rank calls it
-        rng_states = common.gather_rng_states(rt)
-        if rt.is_main:
-            common.save_checkpoint(path, common.training_state(METHOD, args, step, nets, opts, rt, stream,
-                                                               rng_states, stage="pretext", **run.state()))
-    run = common.RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
-                            stage="pretext", shorten="--pretext-steps", early=False)
-    while run.going(step):
-        step += 1
-        x, _ = next(stream)
-        with rt.autocast():
-            # Both views in one forward (one DDP reduction, one power-iteration step).
-            h = net(torch.cat([views(x), views(x)]))          # (2B, proj_dim)
-        loss = nt_xent(*h.float().chunk(2), args.temperature)
-        opt.zero_grad(set_to_none=True)
-        rt.backward_step(loss, opt)
-        sched.step()
-        meter.add(nt_xent=loss)
-        line.add()
-        if step % args.log_every == 0 or step == args.pretext_steps:
-            common.log_step(meter, log, step, path, lr=sched.get_last_lr()[0])
-        if run.checkpoint_due(step):
-            save(step)
-    if resumed is None and step == 0:                # --pretext-steps 0: phi_0 as initialised
-        run.checkpoint_due(step)
-        save(step)
-    run.end(step)
-    rt.barrier()
+    def pretext_net():
+        torch.manual_seed(args.seed)                     # same weights on every rank / invocation
+        phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
+        phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
+        return common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
+    common.train_simclr(pretext_net, args, rt, dataset, METHOD)
 
 
 # ==================================================================================================
-# 8. Stage 2: partition (kNN graph + Eq. 5)
+# 7. Stage 2: partition (kNN graph + Eq. 5)
 # ==================================================================================================
 
 def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
@@ -930,7 +852,7 @@ def run_partition(args, rt, dataset, channels):
 
 
 # ==================================================================================================
-# 9. Stage 3: the mixture of GANs (Eq. 2, 8)
+# 8. Stage 3: the mixture of GANs (Eq. 2, 8)
 # ==================================================================================================
 
 def run_gan(args, rt, dataset, channels):
@@ -1082,7 +1004,7 @@ def save_samples(G, ema, S, pi, fixed_real, args, device, step):
 
 
 # ==================================================================================================
-# 10. main: the stages in order
+# 9. main: the stages in order
 # ==================================================================================================
 
 STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckpt.pt"}
