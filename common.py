@@ -706,7 +706,7 @@ class LossMeter:
 
 
 class Logger:
-    """log.jsonl (one JSON object per log step) and a console line; main process only.
+    """out/log.jsonl (out is made; one JSON object per log step) and a console line; main process only.
 
     Console: `step 1200/24000 | d_loss 1.3412 | g_loss 0.7021 | 85.3 it/s | eta 0:04:27`.
     On --resume, lines of log.jsonl beyond the checkpoint's step (written after the last
@@ -716,6 +716,7 @@ class Logger:
     def __init__(self, out, is_main, total_steps, start_step=0):
         self.is_main = is_main
         self.total = total_steps
+        os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "log.jsonl")
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.start_time, self.start_step = self.last_time, start_step
@@ -838,9 +839,13 @@ def finish_run(rt, args, metrics, start_time):
         seconds = rt.train_seconds if rt.train_seconds is not None else time.perf_counter() - start_time
         metrics = dict(metrics, train_seconds=round(seconds, 1))
         write_json(os.path.join(args.out, "metrics.json"), metrics)
-        print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in metrics.items()), flush=True)
+        print("metrics: " + format_metrics(metrics), flush=True)
         print(results_line(args.out), flush=True)
+
+
+def format_metrics(metrics):
+    """`name value, ...` on one line, floats to 4 significant digits."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def saved_seconds(ckpt):
@@ -1885,6 +1890,14 @@ def fetch_batch(dataset, idx):
     return torch.stack([dataset[int(i)][0] for i in idx])
 
 
+
+def seeded_subset(total, n=None, seed=0):
+    """torch.arange(total), or (n given) the first n of a random permutation of it drawn with
+    `seed`, in that random order."""
+    if not n:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
 def dataset_labels(dataset):
     labels = getattr(dataset, "labels", None)
     return None if labels is None else torch.as_tensor(labels).long()
@@ -2011,7 +2024,6 @@ def train_simclr(make_net, args, rt, dataset, method):
     nets = {"phi": unwrap(net).phi, "head": unwrap(net).head}
     opts = {"opt": opt, "sched": sched}
     step = 0 if resumed is None else restore_training_state(resumed, nets, opts, rt, stream, args.seed, path)
-    os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
     log = Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
     meter = LossMeter(rt)
     log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "

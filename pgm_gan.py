@@ -53,7 +53,7 @@ Map of the paper to this file:
 """
 
 import argparse
-import math
+import collections
 import os
 import sys
 import time
@@ -519,28 +519,24 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
     Official code (seeded_sampler.py, SeededRejectionSampler): the same with 21 redraws. Their
     training-time evaluator (gan_training/eval.py) instead takes y = argmax S of real batches and
     never rejects."""
-    check = rejection and S is not None
-    stats = {"drawn": 0, "returned": 0, "forced": 0}
+    tries = reject_tries if rejection and S is not None else 0
+    stats = collections.Counter(drawn=0, returned=0, forced=0)
+
+    def outside(x, y, idx):                     # the rows idx whose x is not in A_y: R_y(x) > 0
+        return idx[S(x[idx]).argmax(1) != y[idx]] if tries else idx[:0]
 
     @torch.no_grad()
     def sample(n):
-        y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # (n,)
-        x = G(torch.randn(n, z_dim, device=device), y).float()
-        bad = S(x).argmax(1) != y if check else torch.zeros(n, dtype=torch.bool, device=device)
-        drawn = n
-        for _ in range(reject_tries if check else 0):
-            redo = bad.nonzero().squeeze(1)
-            if len(redo) == 0:
-                break
-            x[redo] = G(torch.randn(len(redo), z_dim, device=device), y[redo]).float()
-            bad[redo] = S(x[redo]).argmax(1) != y[redo]
-            drawn += len(redo)
-        if bad.any() and strict:
-            raise RuntimeError(f"rejection sampling: {int(bad.sum())} of {n} samples still rejected "
+        y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # y ~ pi: (n,)
+        x = G(torch.randn(n, z_dim, device=device), y).float()                       # x = G_y(z)
+        bad, drawn, redraws = outside(x, y, torch.arange(n, device=device)), n, 0
+        while len(bad) and redraws < tries:     # redraw z (same y) for the rejected ones
+            x[bad] = G(torch.randn(len(bad), z_dim, device=device), y[bad]).float()
+            bad, drawn, redraws = outside(x, y, bad), drawn + len(bad), redraws + 1
+        if len(bad) and strict:
+            raise RuntimeError(f"rejection sampling: {len(bad)} of {n} samples still rejected "
                                f"after {reject_tries} redraws; use --no-rejection")
-        stats["forced"] += int(bad.sum())
-        stats["drawn"] += drawn
-        stats["returned"] += n
+        stats.update(drawn=drawn, returned=n, forced=len(bad))
         return x.cpu(), n / drawn
 
     sample.stats = stats
@@ -789,66 +785,64 @@ def fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log):
 
 
 def run_partition(args, rt, dataset, channels):
-    """Partition ids of the training data and, for a learned partition, S; saves partition.pt.
-    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5,
-    then pi (partition sizes) and the partition metrics from S's labels of --pi-samples points.
+    """Partition ids of the training data and, for a learned partition, S; saves partition.pt with
+    pi (partition sizes) and the partition metrics of the ids. The ids: all 0 (k = 1), a fixed
+    random id per point (random), or S's labels (learned, learn_partition).
 
     Under torchrun every rank computes the same features, graph and final labels (deterministic,
     redundant work, no communication); the S training steps are data-parallel through DDP, each
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
-    n_all = len(dataset)
     start = time.perf_counter()
-    os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
-    # One log over all restarts: restart r's step t is logged as r * part_steps + t.
+    # One log (partition/) over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
-    state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
-    lab = torch.arange(n_all)                        # the points whose ids give pi and the metrics
-    if args.k == 1:
-        pred = torch.zeros(n_all, dtype=torch.long)
-    elif args.partition == "random":
-        # Baseline 'Random Partition ID' (Sec. 5.2): a fixed uniformly random id per training point.
-        pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
-        state["random_ids"] = pred
-    else:
-        sub = torch.arange(n_all)                   # the points of the graph (official 2-D: 10K)
-        if args.part_samples:
-            sub = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed))[:args.part_samples]
-        kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
-                else f"residual blocks, L={args.lipschitz}")
-        log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
-                 + ("" if is_points(args) else "embed them with the pretext network, ")
-                 + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
-                 f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
-                 f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
-        feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
-        t0 = time.perf_counter()
-        nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
-                                progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
-        log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
-        S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
-        if args.pi_samples:
-            lab = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed + 1))[:args.pi_samples]
-        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
-                                  progress="partition: labelling" if rt.is_main else None).long()
-        state["S"] = S.state_dict()
-        if is_points(args) and rt.is_main:
-            show = torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))[:5000]
-            figure3(S, dataset.points[lab[show]], pred[show], args,
-                    os.path.join(args.out, "partition", "figure3.png"))
+    S, random_ids, lab = None, None, torch.arange(len(dataset))    # lab: the points given ids
+    if uses_partitioner(args):
+        S, lab, pred = learn_partition(args, rt, dataset, channels, log)
+    else:   # baseline 'Random Partition ID' (Sec. 5.2): a fixed uniformly random id per point; k = 1: 0
+        pred = torch.randint(args.k, (len(dataset),), generator=torch.Generator().manual_seed(args.seed))
+        random_ids = pred if args.k > 1 else None
     labels = common.dataset_labels(dataset)
     metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[lab], args.k)
     # train_seconds so far: the pretext stage's (in pretext.pt) and this one's.
     before = common.saved_seconds(common.load_checkpoint(stage_path(args, "pretext.pt"))) \
         if uses_pretext(args) else 0.0
     rt.train_seconds = before + time.perf_counter() - start
-    state.update(sizes=sizes, metrics=metrics, run={"train_seconds": rt.train_seconds})
-    log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in metrics.items()))
+    log.info("partition: " + common.format_metrics(metrics))
     if rt.is_main:
-        common.save_checkpoint(stage_path(args, "partition.pt"), state)
+        common.save_checkpoint(stage_path(args, "partition.pt"), dict(
+            method=METHOD, stage="partition", args=vars(args), S=None if S is None else S.state_dict(),
+            random_ids=random_ids, sizes=sizes, metrics=metrics, run={"train_seconds": rt.train_seconds}))
     rt.barrier()
     return metrics
+
+
+def learn_partition(args, rt, dataset, channels, log):
+    """--part-samples training points (all by default), their kNN graph, S fit with Eq. 5, and S's labels
+    of --pi-samples points (default all; Fig. 3 on 2-D data). Returns (S, labelled points, their ids)."""
+    n_all = len(dataset)
+    sub = common.seeded_subset(n_all, args.part_samples, args.seed)   # graph points (official 2-D: 10K)
+    kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
+            else f"residual blocks, L={args.lipschitz}")
+    log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
+             + ("" if is_points(args) else "embed them with the pretext network, ")
+             + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
+             f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
+             f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
+    feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
+    t0 = time.perf_counter()
+    nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
+                            progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
+    log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
+    S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
+    lab = common.seeded_subset(n_all, args.pi_samples, args.seed + 1)
+    pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
+                              progress="partition: labelling" if rt.is_main else None).long()
+    if is_points(args) and rt.is_main:
+        show = common.seeded_subset(len(lab), 5000, seed=0)
+        figure3(S, dataset.points[lab[show]], pred[show], args,
+                os.path.join(args.out, "partition", "figure3.png"))
+    return S, lab, pred
 
 
 # ==================================================================================================
@@ -916,8 +910,7 @@ def run_gan(args, rt, dataset, channels):
     line = common.ProgressLine("gan", args.steps - step, "G steps", every=30, show=rt.is_main)
     D_plain = common.unwrap(D)       # D inside G's loss: no DDP gradient sync (common.Runtime.wrap)
     per_rank = args.batch_size // rt.world_size
-    fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
-        if is_points(args) else None
+    fixed_real = dataset.points[common.seeded_subset(len(dataset), 2500, seed=0)] if is_points(args) else None
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; the time of
     # the stages before (partition.pt) counts in train_seconds.
