@@ -1129,6 +1129,23 @@ def plot_heatmap(values, extent, size=480, title=None):
     return img
 
 
+
+def plane_grid(extent, res):
+    """(res * res, 2) points of a res x res grid over the plane `extent`, row by row from the bottom
+    (row = y): the layout plot_heatmap draws after a reshape(res, res)."""
+    xs = torch.linspace(extent[0], extent[1], res)
+    ys = torch.linspace(extent[2], extent[3], res)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")                      # row = y (bottom first)
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+
+
+@torch.no_grad()
+def class_rows(G, classes, z_dim, device, path, per_row=8):
+    """One row of per_row samples G(z, y) of a class-conditional G for each class y of `classes`."""
+    y = classes.repeat_interleave(per_row).to(device)
+    z = torch.randn(len(y), z_dim, device=device)
+    save_image_grid(G(z, y), path, nrow=per_row)
+
 def hconcat(images, path=None):
     """Paste PIL images side by side (top-aligned); save to `path` if given."""
     from PIL import Image
@@ -3369,6 +3386,12 @@ def kid(feat_fake, feat_real, n_subsets=100, subset_size=1000, seed=0, device="c
         vals.append(float(off(kxx) + off(kyy) - 2 * kxy.mean()))
     return float(np.mean(vals)), float(np.std(vals))
 
+
+
+def in_chunks(sample, n, chunk):
+    """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
+    for i in range(0, n, chunk):
+        yield sample(min(chunk, n - i))
 
 def _kth_radius(x, k, chunk=1024):
     # Distance of each row to its k-th nearest *other* row (the row itself is the 1st, at 0).

@@ -408,6 +408,15 @@ def build_partitioner(args, channels):
     return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
 
 
+def load_partitioner(args, channels, state, path, device):
+    """The trained S of a state dict (None: no partitioner), frozen; eval mode: stored sigmas."""
+    if state is None:
+        return None
+    S = build_partitioner(args, channels)
+    common.load_state(S, state, "partitioner", path)
+    return S.to(device).eval().requires_grad_(False)
+
+
 # ==================================================================================================
 # 3. The kNN graph and the partition loss (Eq. 5)
 # ==================================================================================================
@@ -569,10 +578,7 @@ def figure3(S, points, labels, args, path, res=160):
     corner = torch.tensor([[-4.0, -4.0]]) if args.dataset == "grid" else torch.tensor([[2.0, 0.0]])
     dev = next(S.parameters()).device
     i = int(S(corner.to(dev)).argmax(1))
-    xs = torch.linspace(extent[0], extent[1], res)
-    ys = torch.linspace(extent[2], extent[3], res)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")                      # row = y (bottom first)
-    plane = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(dev)   # (res*res, 2)
+    plane = common.plane_grid(extent, res).to(dev)                     # (res*res, 2)
     r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce)
     r = r.reshape(res, res).cpu()
     # Shown as -log(1 + R_i): same order and the same zero set as -R_i, but the flat top on A_i
@@ -594,48 +600,31 @@ def figure4(sample_fn, real, args, path, n=2500):
     common.hconcat([panel], path)
 
 
-@torch.no_grad()
-def image_rows(G, pi, args, device, path, rows=10, per_row=8):
-    """One row of samples per partition (the `rows` largest partitions), Figure 1 style."""
-    ids = torch.argsort(pi, descending=True)[:min(rows, args.k)]
-    y = ids.repeat_interleave(per_row).to(device)
-    z = torch.randn(len(y), args.z_dim, device=device)
-    common.save_image_grid(G(z, y), path, nrow=per_row)
-
-
 def final_metrics(sample_fn, args, device):
     """metrics.json: Table 1 mode metrics for 2-D and stacked data, IS/FID for other images; every
     kind also carries the sampler's acceptance rate and its count of forced (rejected but kept)
     samples."""
     if args.eval_samples == 0:
         return {}
-    inner, progress = sample_fn, common.ProgressLine("evaluation", args.eval_samples, "samples")
+    n, stats = args.eval_samples, sample_fn.stats
+    progress = common.ProgressLine("evaluation", n, "samples")
 
-    def sample_fn(n):                           # the sampler, with a progress line
-        out = inner(n)
-        progress.add(n)
-        return out
-    stats = sample_fn.stats = inner.stats
+    def draw(m):                                # m samples, with a progress line
+        x, _ = sample_fn(m)
+        progress.add(m)
+        return x
     if is_points(args):
-        x, acc = sample_fn(args.eval_samples)
-        out = common.mode_metrics_2d(x.numpy(), args.dataset, args.data_std)
+        out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
         if not args.classifier:
             return {"skipped": "no --classifier for the stacked-dataset mode count"}
         classifier = common.load_mode_classifier(args.classifier, device)
-
-        def batches(bs=500):
-            for i in range(0, args.eval_samples, bs):
-                x, acc = sample_fn(min(bs, args.eval_samples - i))
-                yield x
-        out = dict(common.stacked_mode_metrics(batches(), classifier, device))
+        out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, 500), classifier, device))
     else:
         try:
             real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
                                           img_size=args.img_size)
-            batches = (sample_fn(min(100, args.eval_samples - i))[0]
-                       for i in range(0, args.eval_samples, 100))
-            out = common.image_metrics(batches, args.eval_samples, ["fid", "is"], real, device,
+            out = common.image_metrics(common.in_chunks(draw, n, 100), n, ["fid", "is"], real, device,
                                        inception_weights=args.inception_weights)
         except common.UsageError as err:            # no Inception weights offline: training still counts
             print(f"note: image metrics skipped: {err}", flush=True)
@@ -652,11 +641,7 @@ def load_sampler(ckpt_path, device="cpu"):
     G, _ = build_gan(args, channels)
     common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
     G = G.to(device).eval()
-    S = None
-    if ckpt.get("S") is not None:
-        S = build_partitioner(args, channels)
-        common.load_state(S, ckpt["S"], "partitioner", ckpt_path)
-        S = S.to(device).eval()
+    S = load_partitioner(args, channels, ckpt.get("S"), ckpt_path, device)
     draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device,
                         rejection=not args.no_rejection, reject_tries=args.reject_tries, strict=False)
 
@@ -861,11 +846,7 @@ def run_gan(args, rt, dataset, channels):
                                 f"{args.partition}")
     device = rt.device
     pi = part["sizes"].double() / part["sizes"].sum()              # pi_i = p_data(A_i)
-    S = None
-    if part["S"] is not None:
-        S = build_partitioner(args, channels)
-        common.load_state(S, part["S"], "partitioner", stage_path(args, "partition.pt"))
-        S = S.to(device).eval().requires_grad_(False)            # frozen; eval: stored sigmas
+    S = load_partitioner(args, channels, part["S"], stage_path(args, "partition.pt"), device)
     random_ids = part["random_ids"]
     data = common.IndexedDataset(dataset) if random_ids is not None else dataset
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
@@ -992,7 +973,8 @@ def save_samples(G, ema, S, pi, fixed_real, args, device, step):
                                    reject_tries=args.reject_tries, strict=False)
             figure4(sampler, fixed_real, args, path)
         else:
-            image_rows(net, pi, args, device, path)
+            ids = torch.argsort(pi, descending=True)[:min(10, args.k)]       # the 10 largest partitions
+            common.class_rows(net, ids, args.z_dim, device, path)              # a row each, Figure 1 style
     net.train(was_training)
 
 
