@@ -1779,6 +1779,16 @@ def restore_args(args, out_files, method, run_control):
     raise UsageError(f"--resume: nothing to resume in {args.out} (no {', '.join(out_files)})")
 
 
+
+def check_made_with(path, made, args, names):
+    """A usage error if the stage file `path`, made with the flags `made` (its saved args), differs
+    from this run in any of the flags `names`."""
+    def flags(value):
+        return " ".join(f"--{name.replace('_', '-')} {value(name)}" for name in names)
+    if any(made[name] != getattr(args, name) for name in names):
+        raise UsageError(f"{path} was made with {flags(made.get)}; this run has "
+                         f"{flags(lambda name: getattr(args, name))}")
+
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head h = W2 relu(W1 features) on flattened features: (B, ...) -> (B, out_dim)."""
 
@@ -2075,6 +2085,20 @@ def train_simclr(make_net, args, rt, dataset, method):
         save(step)
     run.end(step)
     rt.barrier()
+
+
+def load_simclr(net, args, method, device):
+    """The finished pretext stage of train_simclr: args.out/pretext.pt loaded into `net` (a
+    PretextNet), in eval mode on `device`; returns (net, the file's state). A pretext.pt that
+    stopped before its --pretext-steps is a usage error (finish it with --resume)."""
+    path = os.path.join(args.out, "pretext.pt")
+    pre = load_checkpoint(path, method=method)
+    if pre.get("step", pre["args"]["pretext_steps"]) < pre["args"]["pretext_steps"]:
+        raise UsageError(f"{path} is a pretext stage stopped at step {pre['step']} of "
+                         f"{pre['args']['pretext_steps']}: finish it with --resume")
+    load_state(net.phi, pre["phi"], "pretext network", path)
+    load_state(net.head, pre["head"], "pretext head", path)
+    return net.to(device).eval(), pre
 
 @torch.no_grad()
 def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None, progress=None):

@@ -666,16 +666,18 @@ def stage_path(args, name):
     return os.path.join(args.out, name)
 
 
+def pretext_net(args, channels):
+    """phi_0 + projection head, the same weights on every rank / invocation."""
+    torch.manual_seed(args.seed)
+    phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
+    phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
+    return common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
+
+
 def run_pretext(args, rt, dataset, channels):
     """Train phi_0 + projection head with Eq. 4 on two augmented views (common.train_simclr: SCAN's
     SimCLR, resumable); save pretext.pt, phi_0 and the head for the partition stage."""
-
-    def pretext_net():
-        torch.manual_seed(args.seed)                     # same weights on every rank / invocation
-        phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
-        phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
-        return common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
-    common.train_simclr(pretext_net, args, rt, dataset, METHOD)
+    common.train_simclr(lambda: pretext_net(args, channels), args, rt, dataset, METHOD)
 
 
 # ==================================================================================================
@@ -731,17 +733,8 @@ def graph_features(args, rt, dataset, channels, sub):
         # Official code (2d_mix, toy_guide_clusterer): S is fit by cross-entropy to k-means labels
         # of 10K points; we train the Thm. 3 network with Eq. 5 as for images.
         return common.fetch_batch(dataset, sub), "euclidean", None
-    path = stage_path(args, "pretext.pt")
-    pre = common.load_checkpoint(path, method=METHOD)
-    if pre.get("step", pre["args"]["pretext_steps"]) < pre["args"]["pretext_steps"]:
-        raise common.UsageError(f"{path} is a pretext stage stopped at step {pre['step']} of "
-                                f"{pre['args']['pretext_steps']}: finish it with --resume")
-    phi0 = build_partitioner(args, channels)
-    head = common.ProjectionHead(phi0.feat_dim, args.proj_dim)
-    common.load_state(phi0, pre["phi"], "pretext network", path)
-    common.load_state(head, pre["head"], "pretext head", path)
-    phi0, head = phi0.to(rt.device).eval(), head.to(rt.device).eval()
-    feats = common.map_batches(lambda b: head(phi0.features(b)), dataset, rt.device, batch=500, idx=sub,
+    net, pre = common.load_simclr(pretext_net(args, channels), args, METHOD, rt.device)   # a finished one
+    feats = common.map_batches(net, dataset, rt.device, batch=500, idx=sub,
                                progress="partition: embedding" if rt.is_main else None)
     return feats, "cosine", {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
 
@@ -837,16 +830,11 @@ def learn_partition(args, rt, dataset, channels, log):
 def run_gan(args, rt, dataset, channels):
     """Train the mixture (one conditional G/D pair, class = partition id) with the frozen S of
     partition.pt; returns the sampler of the trained mixture and the partition metrics."""
-    part = common.load_checkpoint(stage_path(args, "partition.pt"), method=METHOD)
-    made = part["args"]
-    if (made["dataset"], made["k"], made["partition"]) != (args.dataset, args.k, args.partition):
-        raise common.UsageError(f"{stage_path(args, 'partition.pt')} was made with --dataset "
-                                f"{made['dataset']} --k {made['k']} --partition {made['partition']}; "
-                                f"this run has --dataset {args.dataset} --k {args.k} --partition "
-                                f"{args.partition}")
-    device = rt.device
+    part_path, device = stage_path(args, "partition.pt"), rt.device
+    part = common.load_checkpoint(part_path, method=METHOD)
+    common.check_made_with(part_path, part["args"], args, ("dataset", "k", "partition"))
     pi = part["sizes"].double() / part["sizes"].sum()              # pi_i = p_data(A_i)
-    S = load_partitioner(args, channels, part["S"], stage_path(args, "partition.pt"), device)
+    S = load_partitioner(args, channels, part["S"], part_path, device)
     random_ids = part["random_ids"]
     data = common.IndexedDataset(dataset) if random_ids is not None else dataset
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
