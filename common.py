@@ -519,6 +519,11 @@ def load_checkpoint(path, method=None):
     return ckpt
 
 
+def resume_checkpoint(path, args, method):
+    """With --resume, the checkpoint at `path` if there is one, to continue from; else None."""
+    return load_checkpoint(path, method=method) if args.resume and os.path.isfile(path) else None
+
+
 def load_state(module, state_dict, what, path=""):
     """`module.load_state_dict(state_dict)`, with a shape/key mismatch reported as one line."""
     try:
@@ -1128,6 +1133,18 @@ def plot_heatmap(values, extent, size=480, title=None):
         draw.text((4, 4), title, fill=(0, 0, 0))
     return img
 
+
+
+@contextlib.contextmanager
+def drawing(net, device, seed):
+    """For a picture during training: `net` in eval mode and the RNG forked and seeded with `seed`,
+    so the picture never shifts the training noise; net's mode is restored after."""
+    was_training = net.training
+    net.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield net
+    net.train(was_training)
 
 
 def plane_grid(extent, res):
@@ -2033,7 +2050,7 @@ def train_simclr(make_net, args, rt, dataset, method):
     across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
     """
     path = os.path.join(args.out, "pretext.pt")
-    resumed = load_checkpoint(path, method=method) if args.resume and os.path.isfile(path) else None
+    resumed = resume_checkpoint(path, args, method)
     if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
         return                                       # the stage is done
     net = make_net()

@@ -851,14 +851,12 @@ def run_gan(args, rt, dataset, channels):
     opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
 
-    step = 0
-    rng_states, ckpt = None, None
-    ckpt_path = stage_path(args, "ckpt.pt")
+    rng_states, ckpt_path = None, stage_path(args, "ckpt.pt")
     nets = {"G": G, "D": D, "G_ema": ema}
     opts = {"opt_g": opt_g, "opt_d": opt_d}
-    if args.resume and os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
+    ckpt = common.resume_checkpoint(ckpt_path, args, METHOD)
+    step = 0 if ckpt is None else common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed,
+                                                                ckpt_path)
 
     def state():
         # Method state besides the training state: the frozen partitioner and the priors pi,
@@ -939,23 +937,18 @@ def run_gan(args, rt, dataset, channels):
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, state())
     run.end(step)
-    G_eval = ema.shadow if ema is not None else common.unwrap(G).eval()
-    G_eval.eval()
+    G_eval = (ema.shadow if ema is not None else common.unwrap(G)).eval()
     sample_fn = make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
                              reject_tries=args.reject_tries, strict=False)
     return sample_fn, part["metrics"]
 
 
 def save_samples(G, ema, S, pi, fixed_real, args, device, step):
-    """The picture of this step. Its noise comes from a forked RNG, so that drawing pictures (which
-    a run that stops at this step does and an uninterrupted run may not) never shifts the training
-    noise: a resumed run stays bit-identical."""
+    """The picture of this step. Its noise comes from a forked RNG (common.drawing), so that drawing
+    pictures (which a run that stops at this step does and an uninterrupted run may not) never shifts
+    the training noise: a resumed run stays bit-identical."""
     path = os.path.join(args.out, "samples", f"step_{step:07d}.png")
-    net = ema.shadow if ema is not None else common.unwrap(G)
-    was_training = net.training
-    net.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(step)
+    with common.drawing(ema.shadow if ema is not None else common.unwrap(G), device, seed=step) as net:
         if fixed_real is not None:
             sampler = make_sampler(net, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
                                    reject_tries=args.reject_tries, strict=False)
@@ -963,7 +956,6 @@ def save_samples(G, ema, S, pi, fixed_real, args, device, step):
         else:
             ids = torch.argsort(pi, descending=True)[:min(10, args.k)]       # the 10 largest partitions
             common.class_rows(net, ids, args.z_dim, device, path)              # a row each, Figure 1 style
-    net.train(was_training)
 
 
 # ==================================================================================================
