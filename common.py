@@ -610,6 +610,14 @@ def gather_per_rank(rt, obj):
     return everyone
 
 
+def save_training_state(path, method, args, step, nets, opts, rt, stream, **extra):
+    """training_state with every rank's RNG states, written to `path` by the main process.
+    Collective: every rank calls it."""
+    rng_states = gather_rng_states(rt)
+    if rt.is_main:
+        save_checkpoint(path, training_state(method, args, step, nets, opts, rt, stream, rng_states, **extra))
+
+
 def gather_rng_states(rt):
     """RNG states of all ranks, gathered on every rank (rank 0 saves them in the checkpoint).
 
@@ -645,10 +653,15 @@ def prepare_out_dir(out, args, resume, is_main):
     if not resume and os.path.isfile(ckpt):
         raise UsageError(f"{out} already holds a run (ckpt.pt): pass --resume to continue it "
                          f"or choose another --out")
+    write_run_args(out, args, is_main)
+    return ckpt
+
+
+def write_run_args(out, args, is_main):
+    """out/samples/ and out/args.json (main process only)."""
     if is_main:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         write_json(os.path.join(out, "args.json"), vars(args) if not isinstance(args, dict) else args)
-    return ckpt
 
 
 def write_json(path, obj):
@@ -791,6 +804,17 @@ def check_flags(args, positive=(), nonnegative=()):
                 continue
             if not math.isfinite(value) or not ok(value):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number {what}, got {value}")
+
+
+def check_in(args, name, interval, why=None):
+    """A one-line error unless the flag `name` lies in `interval`, written as in the message:
+    "[0, 1]", "(0, 1)", "(0, 1]" (a bracket includes its end, a parenthesis does not)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    value = getattr(args, name)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    if not (above and below):
+        raise UsageError(f"--{name.replace('_', '-')} must be in {interval}" + (f" ({why})" if why else ""))
 
 
 def restore_saved_args(args, method, run_control):
@@ -1755,8 +1779,7 @@ def add_simclr_args(group):
 
 def check_simclr_args(args):
     check_flags(args, nonnegative=("aug_flip", "aug_color", "aug_color_p", "aug_gray"))
-    if not 0 < args.aug_crop <= 1:
-        raise UsageError("--aug-crop must be in (0, 1]")
+    check_in(args, "aug_crop", "(0, 1]")
 
 
 def plan_stages(out, resume, wanted, files, needs, resumable=()):
@@ -2075,10 +2098,7 @@ def train_simclr(make_net, args, rt, dataset, method):
     line = ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
 
     def save(step):                                  # collective: every rank calls it
-        rng_states = gather_rng_states(rt)
-        if rt.is_main:
-            save_checkpoint(path, training_state(method, args, step, nets, opts, rt, stream, rng_states,
-                                                 stage="pretext", **run.state()))
+        save_training_state(path, method, args, step, nets, opts, rt, stream, stage="pretext", **run.state())
     run = RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
                      stage="pretext", shorten="--pretext-steps", early=False)
     while run.going(step):
@@ -3428,12 +3448,6 @@ def kid(feat_fake, feat_real, n_subsets=100, subset_size=1000, seed=0, device="c
     return float(np.mean(vals)), float(np.std(vals))
 
 
-
-def in_chunks(sample, n, chunk):
-    """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
-    for i in range(0, n, chunk):
-        yield sample(min(chunk, n - i))
-
 def _kth_radius(x, k, chunk=1024):
     # Distance of each row to its k-th nearest *other* row (the row itself is the 1st, at 0).
     out = []
@@ -3775,6 +3789,22 @@ def image_metrics(batches, n, metrics, real, device="cpu", inception=None, incep
         used["prd"] = f"inception pool3, {m} generated vs {m} real, 20 clusters, 10 runs x 10 inits"
     out["protocol"] = used
     return out
+
+
+def in_chunks(sample, n, chunk):
+    """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
+    for i in range(0, n, chunk):
+        yield sample(min(chunk, n - i))
+
+
+def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):
+    """image_metrics, or {"skipped": why} after a note where they cannot run (no Inception weights
+    offline): a finished training still counts."""
+    try:
+        return image_metrics(batches, n, metrics, real, device, **kwargs)
+    except UsageError as err:
+        print(f"note: image metrics skipped: {err}", flush=True)
+        return {"skipped": str(err)}
 
 
 # --- 7f. Mode coverage ------------------------------------------------------------------------

@@ -84,7 +84,7 @@ RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
 _TOY = dict(
     # Official code 2d_mix/train.py: batch 100, z 2, width 200, d_iter 1, standard loss, maxout D
     # (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU), lr 1e-3
-    # decaying over the second half, maxout kept (our ReLU D went dead once), k = one partition
+    # decaying over the second half, maxout kept (README: a ReLU D went dead), k = one partition
     # per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
@@ -272,8 +272,7 @@ def parse_args(argv=None):
         raise common.UsageError("2-D data needs --arch mlp")
     if args.d_act is not None and args.arch != "mlp":
         raise common.UsageError(f"--d-act sets the mlp D of 2-D data; --arch {args.arch} has its own activations")
-    if not 0 <= args.lr_decay_from <= 1:
-        raise common.UsageError("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
+    common.check_in(args, "lr_decay_from", "[0, 1]", "a fraction of --steps")
     common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
                                        "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
@@ -282,8 +281,7 @@ def parse_args(argv=None):
                                     "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
                                     "part_levels"))
     common.check_simclr_args(args)
-    if not 0 < args.lipschitz < 1:
-        raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
+    common.check_in(args, "lipschitz", "(0, 1)", "Thm. 3 needs L < 1")
     if args.partitioner == "unconstrained" and not points:
         raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
     if not args.ema < 1:
@@ -579,8 +577,7 @@ def figure3(S, points, labels, args, path, res=160):
     dev = next(S.parameters()).device
     i = int(S(corner.to(dev)).argmax(1))
     plane = common.plane_grid(extent, res).to(dev)                     # (res*res, 2)
-    r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce)
-    r = r.reshape(res, res).cpu()
+    r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce).reshape(res, res).cpu()
     # Shown as -log(1 + R_i): same order and the same zero set as -R_i, but the flat top on A_i
     # stays visible beside values in the hundreds far away (a linear map paints it all yellow).
     panels = [common.plot_heatmap((-torch.log1p(r)).numpy(), extent, size=320,
@@ -594,10 +591,9 @@ def figure3(S, points, labels, args, path, res=160):
 def figure4(sample_fn, real, args, path, n=2500):
     """Figure 4: real (grey) and generated (red) points."""
     fake, _ = sample_fn(n)
-    panel = common.plot_points([(real[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
-                               common.extent_for(args.dataset), size=320,
-                               title="data (grey) and samples (red), Fig. 4")
-    common.hconcat([panel], path)
+    common.plot_points([(real[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
+                       common.extent_for(args.dataset), size=320,
+                       title="data (grey) and samples (red), Fig. 4").save(path)
 
 
 def final_metrics(sample_fn, args, device):
@@ -606,6 +602,8 @@ def final_metrics(sample_fn, args, device):
     samples."""
     if args.eval_samples == 0:
         return {}
+    if args.dataset.startswith("stacked") and not args.classifier:
+        return {"skipped": "no --classifier for the stacked-dataset mode count"}
     n, stats = args.eval_samples, sample_fn.stats
     progress = common.ProgressLine("evaluation", n, "samples")
 
@@ -616,19 +614,15 @@ def final_metrics(sample_fn, args, device):
     if is_points(args):
         out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
-        if not args.classifier:
-            return {"skipped": "no --classifier for the stacked-dataset mode count"}
         classifier = common.load_mode_classifier(args.classifier, device)
         out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, 500), classifier, device))
     else:
-        try:
-            real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
-                                          img_size=args.img_size)
-            out = common.image_metrics(common.in_chunks(draw, n, 100), n, ["fid", "is"], real, device,
-                                       inception_weights=args.inception_weights)
-        except common.UsageError as err:            # no Inception weights offline: training still counts
-            print(f"note: image metrics skipped: {err}", flush=True)
-            return {"skipped": str(err)}
+        real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
+                                      img_size=args.img_size)
+        out = common.image_metrics_or_skip(common.in_chunks(draw, n, 100), n, ["fid", "is"], real, device,
+                                           inception_weights=args.inception_weights)
+        if "skipped" in out:                    # no Inception weights offline: training still counts
+            return out
     return dict(out, acceptance=stats["returned"] / max(stats["drawn"], 1), forced=stats["forced"])
 
 
@@ -842,29 +836,19 @@ def run_gan(args, rt, dataset, channels):
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
     torch.manual_seed(args.seed)
     G, D = build_gan(args, channels)
-    ema = common.EMA(G, args.ema) if args.ema > 0 else None
+    ema = common.EMA(G, args.ema).to(device) if args.ema > 0 else None
     common.seed_rank(rt, args.seed)
     G, D = rt.wrap(G), rt.wrap(D)
-    if ema is not None:
-        ema.to(device)
     betas = (args.beta1, args.beta2)
     opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
 
-    rng_states, ckpt_path = None, stage_path(args, "ckpt.pt")
+    ckpt_path = stage_path(args, "ckpt.pt")
     nets = {"G": G, "D": D, "G_ema": ema}
     opts = {"opt_g": opt_g, "opt_d": opt_d}
     ckpt = common.resume_checkpoint(ckpt_path, args, METHOD)
     step = 0 if ckpt is None else common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed,
                                                                 ckpt_path)
-
-    def state():
-        # Method state besides the training state: the frozen partitioner and the priors pi,
-        # so that load_sampler needs nothing but this file.
-        return common.training_state(METHOD, args, step, nets, opts, rt, stream, rng_states,
-                                     stage="gan", S=part["S"], pi=pi.float(),
-                                     partition_metrics=part["metrics"], **run.state())
-
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
     log.info(f"plan: PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
@@ -933,14 +917,15 @@ def run_gan(args, rt, dataset, channels):
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G, ema, S, pi, fixed_real, args, device, step)
         if run.checkpoint_due(step):                             # collective: every rank calls it
-            rng_states = common.gather_rng_states(rt)
-            if rt.is_main:
-                common.save_checkpoint(ckpt_path, state())
+            # Besides the training state: the frozen partitioner and the priors pi, so that
+            # load_sampler needs nothing but this file.
+            common.save_training_state(ckpt_path, METHOD, args, step, nets, opts, rt, stream, stage="gan",
+                                       S=part["S"], pi=pi.float(), partition_metrics=part["metrics"],
+                                       **run.state())
     run.end(step)
     G_eval = (ema.shadow if ema is not None else common.unwrap(G)).eval()
-    sample_fn = make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
-                             reject_tries=args.reject_tries, strict=False)
-    return sample_fn, part["metrics"]
+    return make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
+                        reject_tries=args.reject_tries, strict=False), part["metrics"]
 
 
 def save_samples(G, ema, S, pi, fixed_real, args, device, step):
@@ -991,9 +976,7 @@ def main(argv=None):
     dataset = common.build_dataset(data_name(args), root=args.data_root, split="train",
                                    img_size=None if is_points(args) else args.img_size,
                                    download=args.download, data_std=args.data_std, seed=0)
-    if rt.is_main:
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        common.write_json(os.path.join(args.out, "args.json"), vars(args))
+    common.write_run_args(args.out, args, rt.is_main)
     start = time.perf_counter()
     metrics = {}
     if "pretext" in todo:
