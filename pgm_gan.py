@@ -84,8 +84,8 @@ RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
 _TOY = dict(
     # Official code 2d_mix/train.py: batch 100, z 2, width 200, d_iter 1, standard loss, maxout D
     # (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU), lr 1e-3
-    # decaying over the second half, maxout kept (README: a ReLU D went dead), k = one partition
-    # per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
+    # decaying over the second half, maxout kept (README, "How the 2-D defaults were chosen"),
+    # k = one partition per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
     # Guide: ours. Their reg_guide defaults to 0 and 2d_mix/run.sh passes none; their R is the
@@ -557,8 +557,8 @@ def build_gan(args, channels):
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
     # Official code: D's per-partition output (biggan.py `linear_c`) has a bias; ours
     # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
-    # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with
-    # the hinge loss (see common.DCGANDiscriminator). The ResNet and MLP Ds have biases anyway.
+    # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with the
+    # hinge loss (README, "PGMGAN on stacked-Fashion-MNIST"). The ResNet and MLP Ds have biases anyway.
     D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
                                    conv_bias=True, mlp_act=getattr(args, "d_act", None) or "relu")
     return G, D
