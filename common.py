@@ -2086,7 +2086,8 @@ def train_simclr(make_net, args, rt, dataset, method):
                                                        eta_min=args.pretext_lr * 1e-3)
 
     def views(x):                                    # one SimCLR view of each image
-        return simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p, args.aug_gray)
+        return simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
+                              args.aug_gray)
     stream = BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed, num_workers=args.num_workers)
     nets = {"phi": unwrap(net).phi, "head": unwrap(net).head}
     opts = {"opt": opt, "sched": sched}
