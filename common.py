@@ -519,6 +519,11 @@ def load_checkpoint(path, method=None):
     return ckpt
 
 
+def resume_checkpoint(path, args, method):
+    """With --resume, the checkpoint at `path` if there is one, to continue from; else None."""
+    return load_checkpoint(path, method=method) if args.resume and os.path.isfile(path) else None
+
+
 def load_state(module, state_dict, what, path=""):
     """`module.load_state_dict(state_dict)`, with a shape/key mismatch reported as one line."""
     try:
@@ -605,6 +610,14 @@ def gather_per_rank(rt, obj):
     return everyone
 
 
+def save_training_state(path, method, args, step, nets, opts, rt, stream, **extra):
+    """training_state with every rank's RNG states, written to `path` by the main process.
+    Collective: every rank calls it."""
+    rng_states = gather_rng_states(rt)
+    if rt.is_main:
+        save_checkpoint(path, training_state(method, args, step, nets, opts, rt, stream, rng_states, **extra))
+
+
 def gather_rng_states(rt):
     """RNG states of all ranks, gathered on every rank (rank 0 saves them in the checkpoint).
 
@@ -640,10 +653,15 @@ def prepare_out_dir(out, args, resume, is_main):
     if not resume and os.path.isfile(ckpt):
         raise UsageError(f"{out} already holds a run (ckpt.pt): pass --resume to continue it "
                          f"or choose another --out")
+    write_run_args(out, args, is_main)
+    return ckpt
+
+
+def write_run_args(out, args, is_main):
+    """out/samples/ and out/args.json (main process only)."""
     if is_main:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         write_json(os.path.join(out, "args.json"), vars(args) if not isinstance(args, dict) else args)
-    return ckpt
 
 
 def write_json(path, obj):
@@ -706,7 +724,7 @@ class LossMeter:
 
 
 class Logger:
-    """log.jsonl (one JSON object per log step) and a console line; main process only.
+    """out/log.jsonl (out is made; one JSON object per log step) and a console line; main process only.
 
     Console: `step 1200/24000 | d_loss 1.3412 | g_loss 0.7021 | 85.3 it/s | eta 0:04:27`.
     On --resume, lines of log.jsonl beyond the checkpoint's step (written after the last
@@ -716,6 +734,7 @@ class Logger:
     def __init__(self, out, is_main, total_steps, start_step=0):
         self.is_main = is_main
         self.total = total_steps
+        os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "log.jsonl")
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.start_time, self.start_step = self.last_time, start_step
@@ -787,6 +806,17 @@ def check_flags(args, positive=(), nonnegative=()):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number {what}, got {value}")
 
 
+def check_in(args, name, interval, why=None):
+    """A one-line error unless the flag `name` lies in `interval`, written as in the message:
+    "[0, 1]", "(0, 1)", "(0, 1]" (a bracket includes its end, a parenthesis does not)."""
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    value = getattr(args, name)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    if not (above and below):
+        raise UsageError(f"--{name.replace('_', '-')} must be in {interval}" + (f" ({why})" if why else ""))
+
+
 def restore_saved_args(args, method, run_control):
     """On --resume, every flag except the run-control ones (steps, out, device, logging, ...) is
     taken from the checkpoint, so a resumed run is the same experiment."""
@@ -838,9 +868,13 @@ def finish_run(rt, args, metrics, start_time):
         seconds = rt.train_seconds if rt.train_seconds is not None else time.perf_counter() - start_time
         metrics = dict(metrics, train_seconds=round(seconds, 1))
         write_json(os.path.join(args.out, "metrics.json"), metrics)
-        print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in metrics.items()), flush=True)
+        print("metrics: " + format_metrics(metrics), flush=True)
         print(results_line(args.out), flush=True)
+
+
+def format_metrics(metrics):
+    """`name value, ...` on one line, floats to 4 significant digits."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def saved_seconds(ckpt):
@@ -1123,6 +1157,35 @@ def plot_heatmap(values, extent, size=480, title=None):
         draw.text((4, 4), title, fill=(0, 0, 0))
     return img
 
+
+
+@contextlib.contextmanager
+def drawing(net, device, seed):
+    """For a picture during training: `net` in eval mode and the RNG forked and seeded with `seed`,
+    so the picture never shifts the training noise; net's mode is restored after."""
+    was_training = net.training
+    net.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield net
+    net.train(was_training)
+
+
+def plane_grid(extent, res):
+    """(res * res, 2) points of a res x res grid over the plane `extent`, row by row from the bottom
+    (row = y): the layout plot_heatmap draws after a reshape(res, res)."""
+    xs = torch.linspace(extent[0], extent[1], res)
+    ys = torch.linspace(extent[2], extent[3], res)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")                      # row = y (bottom first)
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+
+
+@torch.no_grad()
+def class_rows(G, classes, z_dim, device, path, per_row=8):
+    """One row of per_row samples G(z, y) of a class-conditional G for each class y of `classes`."""
+    y = classes.repeat_interleave(per_row).to(device)
+    z = torch.randn(len(y), z_dim, device=device)
+    save_image_grid(G(z, y), path, nrow=per_row)
 
 def hconcat(images, path=None):
     """Paste PIL images side by side (top-aligned); save to `path` if given."""
@@ -1684,9 +1747,9 @@ class BatchStream:
 
 
 # ==================================================================================================
-# 5b. Representation learning and clustering helpers (SimCLR views, kNN graph, clustering metrics,
-#     batched mapping over a dataset, a progress line, presets in --help, --resume of stage files,
-#     an operator-norm-bounded layer)
+# 5b. Representation learning and clustering helpers (SimCLR views, loss and pretext stage, kNN graph,
+#     clustering metrics, batched mapping over a dataset, a progress line, presets in --help, --resume
+#     of stage files, an operator-norm-bounded layer)
 # ==================================================================================================
 
 class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -1716,8 +1779,7 @@ def add_simclr_args(group):
 
 def check_simclr_args(args):
     check_flags(args, nonnegative=("aug_flip", "aug_color", "aug_color_p", "aug_gray"))
-    if not 0 < args.aug_crop <= 1:
-        raise UsageError("--aug-crop must be in (0, 1]")
+    check_in(args, "aug_crop", "(0, 1]")
 
 
 def plan_stages(out, resume, wanted, files, needs, resumable=()):
@@ -1756,6 +1818,16 @@ def restore_args(args, out_files, method, run_control):
             return args
     raise UsageError(f"--resume: nothing to resume in {args.out} (no {', '.join(out_files)})")
 
+
+
+def check_made_with(path, made, args, names):
+    """A usage error if the stage file `path`, made with the flags `made` (its saved args), differs
+    from this run in any of the flags `names`."""
+    def flags(value):
+        return " ".join(f"--{name.replace('_', '-')} {value(name)}" for name in names)
+    if any(made[name] != getattr(args, name) for name in names):
+        raise UsageError(f"{path} was made with {flags(made.get)}; this run has "
+                         f"{flags(lambda name: getattr(args, name))}")
 
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head h = W2 relu(W1 features) on flattened features: (B, ...) -> (B, out_dim)."""
@@ -1885,6 +1957,14 @@ def fetch_batch(dataset, idx):
     return torch.stack([dataset[int(i)][0] for i in idx])
 
 
+
+def seeded_subset(total, n=None, seed=0):
+    """torch.arange(total), or (n given) the first n of a random permutation of it drawn with
+    `seed`, in that random order."""
+    if not n:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
 def dataset_labels(dataset):
     labels = getattr(dataset, "labels", None)
     return None if labels is None else torch.as_tensor(labels).long()
@@ -1964,6 +2044,99 @@ def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
         y = torch.where(torch.rand(b, 1, 1, 1, device=dev) < gray, mono, y)
     return y * 2 - 1
 
+
+
+def nt_xent(h1, h2, tau):
+    """PGMGAN's Eq. 4 (NT-Xent, SimCLR), as a loss to minimise, averaged over the 2N anchors:
+
+        -1/2N sum_(i,j) log exp(sim(h_i, h_j)/tau) / sum_{k != i} exp(sim(h_i, h_k)/tau)
+
+    h1, h2: (N, d) embeddings of two views of the same N images; (i, i+N) are the positive pairs,
+    every other image of the 2N is a negative; sim is the cosine similarity.
+    """
+    n = h1.shape[0]
+    z = F.normalize(torch.cat([h1, h2]).float(), dim=1)          # (2N, d)
+    sim = z @ z.T / tau                                          # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def train_simclr(make_net, args, rt, dataset, method):
+    """The SimCLR pretext stage: make_net() (a PretextNet, same weights on every rank) trained
+    with nt_xent on two augmented views (simclr_augment) for --pretext-steps steps of
+    --pretext-batch-size; its training state is args.out/pretext.pt (stage "pretext"), its log
+    args.out/pretext/. A pretext.pt that stopped before --pretext-steps continues bit-for-bit with
+    --resume; a finished one is left as it is.
+
+    Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
+    across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
+    """
+    path = os.path.join(args.out, "pretext.pt")
+    resumed = resume_checkpoint(path, args, method)
+    if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
+        return                                       # the stage is done
+    net = make_net()
+    seed_rank(rt, args.seed)
+    net = rt.wrap(net)
+    # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
+    # lr * 0.1^3 (SCAN steps it per epoch, we per step).
+    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
+                                                       eta_min=args.pretext_lr * 1e-3)
+
+    def views(x):                                    # one SimCLR view of each image
+        return simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
+                              args.aug_gray)
+    stream = BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed, num_workers=args.num_workers)
+    nets = {"phi": unwrap(net).phi, "head": unwrap(net).head}
+    opts = {"opt": opt, "sched": sched}
+    step = 0 if resumed is None else restore_training_state(resumed, nets, opts, rt, stream, args.seed, path)
+    log = Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
+    meter = LossMeter(rt)
+    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
+             f"(--pretext-steps, --pretext-batch-size), phi_0 {count_params(nets['phi'])} params")
+    line = ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
+
+    def save(step):                                  # collective: every rank calls it
+        save_training_state(path, method, args, step, nets, opts, rt, stream, stage="pretext", **run.state())
+    run = RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
+                     stage="pretext", shorten="--pretext-steps", early=False)
+    while run.going(step):
+        step += 1
+        x, _ = next(stream)
+        with rt.autocast():
+            # Both views in one forward (one DDP reduction, one power-iteration step).
+            h = net(torch.cat([views(x), views(x)]))          # (2B, proj_dim)
+        loss = nt_xent(*h.float().chunk(2), args.temperature)
+        opt.zero_grad(set_to_none=True)
+        rt.backward_step(loss, opt)
+        sched.step()
+        meter.add(nt_xent=loss)
+        line.add()
+        if step % args.log_every == 0 or step == args.pretext_steps:
+            log_step(meter, log, step, path, lr=sched.get_last_lr()[0])
+        if run.checkpoint_due(step):
+            save(step)
+    if resumed is None and step == 0:                # --pretext-steps 0: the network as initialised
+        run.checkpoint_due(step)
+        save(step)
+    run.end(step)
+    rt.barrier()
+
+
+def load_simclr(net, args, method, device):
+    """The finished pretext stage of train_simclr: args.out/pretext.pt loaded into `net` (a
+    PretextNet), in eval mode on `device`; returns (net, the file's state). A pretext.pt that
+    stopped before its --pretext-steps is a usage error (finish it with --resume)."""
+    path = os.path.join(args.out, "pretext.pt")
+    pre = load_checkpoint(path, method=method)
+    if pre.get("step", pre["args"]["pretext_steps"]) < pre["args"]["pretext_steps"]:
+        raise UsageError(f"{path} is a pretext stage stopped at step {pre['step']} of "
+                         f"{pre['args']['pretext_steps']}: finish it with --resume")
+    load_state(net.phi, pre["phi"], "pretext network", path)
+    load_state(net.head, pre["head"], "pretext head", path)
+    return net.to(device).eval(), pre
 
 @torch.no_grad()
 def knn_graph(feats, k, metric="cosine", chunk_mb=256.0, device=None, progress=None):
@@ -4045,6 +4218,22 @@ def image_metrics(batches, n, metrics, real, device="cpu", inception=None, incep
         used["prd"] = f"inception pool3, {m} generated vs {m} real, 20 clusters, 10 runs x 10 inits"
     out["protocol"] = used
     return out
+
+
+def in_chunks(sample, n, chunk):
+    """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
+    for i in range(0, n, chunk):
+        yield sample(min(chunk, n - i))
+
+
+def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):
+    """image_metrics, or {"skipped": why} after a note where they cannot run (no Inception weights
+    offline): a finished training still counts."""
+    try:
+        return image_metrics(batches, n, metrics, real, device, **kwargs)
+    except UsageError as err:
+        print(f"note: image metrics skipped: {err}", flush=True)
+        return {"skipped": str(err)}
 
 
 # --- 7f. Mode coverage ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ Launch:
 Map of the paper to this file:
     Eq. 2   per-partition GAN objective V(D_i, G_i, A_i)  -> d_loss_fn / g_loss_fn (`--loss standard`)
             (default: hinge loss, as the official code)
-    Eq. 4   NT-Xent contrastive loss (SimCLR)             -> nt_xent, run_pretext
+    Eq. 4   NT-Xent contrastive loss (SimCLR)             -> run_pretext (common.nt_xent, train_simclr)
     Eq. 5   partitioner objective on the kNN graph        -> partition_loss, run_partition (common.knn_graph)
     Sec. 4.1 S_init = softmax(W_0 phi_0(x)) from pretext  -> Partitioner, run_partition
     Eq. 6   guide R_i(x) = sum_c (f_c(x) - f_i(x))_+      -> guide
@@ -53,7 +53,7 @@ Map of the paper to this file:
 """
 
 import argparse
-import math
+import collections
 import os
 import sys
 import time
@@ -84,8 +84,8 @@ RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
 _TOY = dict(
     # Official code 2d_mix/train.py: batch 100, z 2, width 200, d_iter 1, standard loss, maxout D
     # (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU), lr 1e-3
-    # decaying over the second half, maxout kept (our ReLU D went dead once), k = one partition
-    # per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
+    # decaying over the second half, maxout kept (README, "How the 2-D defaults were chosen"),
+    # k = one partition per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
     # Guide: ours. Their reg_guide defaults to 0 and 2d_mix/run.sh passes none; their R is the
@@ -272,8 +272,7 @@ def parse_args(argv=None):
         raise common.UsageError("2-D data needs --arch mlp")
     if args.d_act is not None and args.arch != "mlp":
         raise common.UsageError(f"--d-act sets the mlp D of 2-D data; --arch {args.arch} has its own activations")
-    if not 0 <= args.lr_decay_from <= 1:
-        raise common.UsageError("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
+    common.check_in(args, "lr_decay_from", "[0, 1]", "a fraction of --steps")
     common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
                                        "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
@@ -282,8 +281,7 @@ def parse_args(argv=None):
                                     "guide_min", "ema", "ema_start", "eval_samples", "pretext_steps",
                                     "part_levels"))
     common.check_simclr_args(args)
-    if not 0 < args.lipschitz < 1:
-        raise common.UsageError("--lipschitz must be in (0, 1) (Thm. 3 needs L < 1)")
+    common.check_in(args, "lipschitz", "(0, 1)", "Thm. 3 needs L < 1")
     if args.partitioner == "unconstrained" and not points:
         raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
     if not args.ema < 1:
@@ -311,27 +309,7 @@ def uses_partitioner(args):
 
 
 # ==================================================================================================
-# 2. Pretext: SimCLR (Eq. 4)
-# ==================================================================================================
-
-def nt_xent(h1, h2, tau):
-    """Eq. 4 (NT-Xent), as a loss to minimise, averaged over the 2N anchors:
-
-        -1/2N sum_(i,j) log exp(sim(h_i, h_j)/tau) / sum_{k != i} exp(sim(h_i, h_k)/tau)
-
-    h1, h2: (N, d) embeddings of two views of the same N images; (i, i+N) are the positive pairs,
-    every other image of the 2N is a negative; sim is the cosine similarity.
-    """
-    n = h1.shape[0]
-    z = F.normalize(torch.cat([h1, h2]).float(), dim=1)          # (2N, d)
-    sim = z @ z.T / tau                                          # (2N, 2N)
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, target)
-
-
-# ==================================================================================================
-# 3. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
+# 2. The Lipschitz-bounded partitioner (Sec. 4.2, Theorem 3)
 # ==================================================================================================
 # Theorem 3: if c0 ||x - y|| <= ||phi(x) - phi(y)|| (c0 > 0), every local optimum of R_i is global,
 # ||grad R_i|| >= b0 > 0 outside A_i, and every A_i is connected. Sec. 4.2: blocks B(x) = x + psi(x),
@@ -428,8 +406,17 @@ def build_partitioner(args, channels):
     return Partitioner(shape, args.k, args.part_blocks, args.part_width, args.lipschitz, levels)
 
 
+def load_partitioner(args, channels, state, path, device):
+    """The trained S of a state dict (None: no partitioner), frozen; eval mode: stored sigmas."""
+    if state is None:
+        return None
+    S = build_partitioner(args, channels)
+    common.load_state(S, state, "partitioner", path)
+    return S.to(device).eval().requires_grad_(False)
+
+
 # ==================================================================================================
-# 4. The kNN graph and the partition loss (Eq. 5)
+# 3. The kNN graph and the partition loss (Eq. 5)
 # ==================================================================================================
 
 def partition_loss(p_anchor, p_neighbor, alpha, beta, eps=1e-8):
@@ -465,7 +452,7 @@ def partition_objective(probs, nbrs, alpha, beta, chunk=4096):
 
 
 # ==================================================================================================
-# 5. The GAN: losses (Eq. 2), guide (Eq. 6-8), sampling with rejection
+# 4. The GAN: losses (Eq. 2), guide (Eq. 6-8), sampling with rejection
 # ==================================================================================================
 
 def d_loss_fn(real, fake, kind):
@@ -539,28 +526,24 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
     Official code (seeded_sampler.py, SeededRejectionSampler): the same with 21 redraws. Their
     training-time evaluator (gan_training/eval.py) instead takes y = argmax S of real batches and
     never rejects."""
-    check = rejection and S is not None
-    stats = {"drawn": 0, "returned": 0, "forced": 0}
+    tries = reject_tries if rejection and S is not None else 0
+    stats = collections.Counter(drawn=0, returned=0, forced=0)
+
+    def outside(x, y, idx):                     # the rows idx whose x is not in A_y: R_y(x) > 0
+        return idx[S(x[idx]).argmax(1) != y[idx]] if tries else idx[:0]
 
     @torch.no_grad()
     def sample(n):
-        y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # (n,)
-        x = G(torch.randn(n, z_dim, device=device), y).float()
-        bad = S(x).argmax(1) != y if check else torch.zeros(n, dtype=torch.bool, device=device)
-        drawn = n
-        for _ in range(reject_tries if check else 0):
-            redo = bad.nonzero().squeeze(1)
-            if len(redo) == 0:
-                break
-            x[redo] = G(torch.randn(len(redo), z_dim, device=device), y[redo]).float()
-            bad[redo] = S(x[redo]).argmax(1) != y[redo]
-            drawn += len(redo)
-        if bad.any() and strict:
-            raise RuntimeError(f"rejection sampling: {int(bad.sum())} of {n} samples still rejected "
+        y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # y ~ pi: (n,)
+        x = G(torch.randn(n, z_dim, device=device), y).float()                       # x = G_y(z)
+        bad, drawn, redraws = outside(x, y, torch.arange(n, device=device)), n, 0
+        while len(bad) and redraws < tries:     # redraw z (same y) for the rejected ones
+            x[bad] = G(torch.randn(len(bad), z_dim, device=device), y[bad]).float()
+            bad, drawn, redraws = outside(x, y, bad), drawn + len(bad), redraws + 1
+        if len(bad) and strict:
+            raise RuntimeError(f"rejection sampling: {len(bad)} of {n} samples still rejected "
                                f"after {reject_tries} redraws; use --no-rejection")
-        stats["forced"] += int(bad.sum())
-        stats["drawn"] += drawn
-        stats["returned"] += n
+        stats.update(drawn=drawn, returned=n, forced=len(bad))
         return x.cpu(), n / drawn
 
     sample.stats = stats
@@ -574,15 +557,15 @@ def build_gan(args, channels):
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
     # Official code: D's per-partition output (biggan.py `linear_c`) has a bias; ours
     # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
-    # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with
-    # the hinge loss (see common.DCGANDiscriminator). The ResNet and MLP Ds have biases anyway.
+    # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with the
+    # hinge loss (README, "PGMGAN on stacked-Fashion-MNIST"). The ResNet and MLP Ds have biases anyway.
     D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
                                    conv_bias=True, mlp_act=getattr(args, "d_act", None) or "relu")
     return G, D
 
 
 # ==================================================================================================
-# 6. Pictures (Figures 3 and 4) and final metrics
+# 5. Pictures (Figures 3 and 4) and final metrics
 # ==================================================================================================
 
 @torch.no_grad()
@@ -593,12 +576,8 @@ def figure3(S, points, labels, args, path, res=160):
     corner = torch.tensor([[-4.0, -4.0]]) if args.dataset == "grid" else torch.tensor([[2.0, 0.0]])
     dev = next(S.parameters()).device
     i = int(S(corner.to(dev)).argmax(1))
-    xs = torch.linspace(extent[0], extent[1], res)
-    ys = torch.linspace(extent[2], extent[3], res)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")                      # row = y (bottom first)
-    plane = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1).to(dev)   # (res*res, 2)
-    r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce)
-    r = r.reshape(res, res).cpu()
+    plane = common.plane_grid(extent, res).to(dev)                     # (res*res, 2)
+    r = guide(S(plane), torch.full((len(plane),), i, device=dev), args.guide_reduce).reshape(res, res).cpu()
     # Shown as -log(1 + R_i): same order and the same zero set as -R_i, but the flat top on A_i
     # stays visible beside values in the hundreds far away (a linear map paints it all yellow).
     panels = [common.plot_heatmap((-torch.log1p(r)).numpy(), extent, size=320,
@@ -612,19 +591,9 @@ def figure3(S, points, labels, args, path, res=160):
 def figure4(sample_fn, real, args, path, n=2500):
     """Figure 4: real (grey) and generated (red) points."""
     fake, _ = sample_fn(n)
-    panel = common.plot_points([(real[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
-                               common.extent_for(args.dataset), size=320,
-                               title="data (grey) and samples (red), Fig. 4")
-    common.hconcat([panel], path)
-
-
-@torch.no_grad()
-def image_rows(G, pi, args, device, path, rows=10, per_row=8):
-    """One row of samples per partition (the `rows` largest partitions), Figure 1 style."""
-    ids = torch.argsort(pi, descending=True)[:min(rows, args.k)]
-    y = ids.repeat_interleave(per_row).to(device)
-    z = torch.randn(len(y), args.z_dim, device=device)
-    common.save_image_grid(G(z, y), path, nrow=per_row)
+    common.plot_points([(real[:n].numpy(), common.REAL_COLOR), (fake.numpy(), common.FAKE_COLOR)],
+                       common.extent_for(args.dataset), size=320,
+                       title="data (grey) and samples (red), Fig. 4").save(path)
 
 
 def final_metrics(sample_fn, args, device):
@@ -633,37 +602,27 @@ def final_metrics(sample_fn, args, device):
     samples."""
     if args.eval_samples == 0:
         return {}
-    inner, progress = sample_fn, common.ProgressLine("evaluation", args.eval_samples, "samples")
+    if args.dataset.startswith("stacked") and not args.classifier:
+        return {"skipped": "no --classifier for the stacked-dataset mode count"}
+    n, stats = args.eval_samples, sample_fn.stats
+    progress = common.ProgressLine("evaluation", n, "samples")
 
-    def sample_fn(n):                           # the sampler, with a progress line
-        out = inner(n)
-        progress.add(n)
-        return out
-    stats = sample_fn.stats = inner.stats
+    def draw(m):                                # m samples, with a progress line
+        x, _ = sample_fn(m)
+        progress.add(m)
+        return x
     if is_points(args):
-        x, acc = sample_fn(args.eval_samples)
-        out = common.mode_metrics_2d(x.numpy(), args.dataset, args.data_std)
+        out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
-        if not args.classifier:
-            return {"skipped": "no --classifier for the stacked-dataset mode count"}
         classifier = common.load_mode_classifier(args.classifier, device)
-
-        def batches(bs=500):
-            for i in range(0, args.eval_samples, bs):
-                x, acc = sample_fn(min(bs, args.eval_samples - i))
-                yield x
-        out = dict(common.stacked_mode_metrics(batches(), classifier, device))
+        out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, 500), classifier, device))
     else:
-        try:
-            real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
-                                          img_size=args.img_size)
-            batches = (sample_fn(min(100, args.eval_samples - i))[0]
-                       for i in range(0, args.eval_samples, 100))
-            out = common.image_metrics(batches, args.eval_samples, ["fid", "is"], real, device,
-                                       inception_weights=args.inception_weights)
-        except common.UsageError as err:            # no Inception weights offline: training still counts
-            print(f"note: image metrics skipped: {err}", flush=True)
-            return {"skipped": str(err)}
+        real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
+                                      img_size=args.img_size)
+        out = common.image_metrics_or_skip(common.in_chunks(draw, n, 100), n, ["fid", "is"], real, device,
+                                           inception_weights=args.inception_weights)
+        if "skipped" in out:                    # no Inception weights offline: training still counts
+            return out
     return dict(out, acceptance=stats["returned"] / max(stats["drawn"], 1), forced=stats["forced"])
 
 
@@ -676,11 +635,7 @@ def load_sampler(ckpt_path, device="cpu"):
     G, _ = build_gan(args, channels)
     common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
     G = G.to(device).eval()
-    S = None
-    if ckpt.get("S") is not None:
-        S = build_partitioner(args, channels)
-        common.load_state(S, ckpt["S"], "partitioner", ckpt_path)
-        S = S.to(device).eval()
+    S = load_partitioner(args, channels, ckpt.get("S"), ckpt_path, device)
     draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device,
                         rejection=not args.no_rejection, reject_tries=args.reject_tries, strict=False)
 
@@ -698,85 +653,29 @@ def load_sampler(ckpt_path, device="cpu"):
 
 
 # ==================================================================================================
-# 7. Stage 1: pretext (SimCLR)
+# 6. Stage 1: pretext (SimCLR)
 # ==================================================================================================
 
 def stage_path(args, name):
     return os.path.join(args.out, name)
 
 
-def run_pretext(args, rt, dataset, channels):
-    """Train phi_0 + projection head with Eq. 4 on two augmented views; save pretext.pt.
-
-    Under torchrun each rank contrasts its own share of the batch (negatives are not gathered
-    across ranks, unlike SimCLR's large-batch TPU runs); gradients are averaged by DDP.
-    """
-    # pretext.pt: the stage's training state (phi_0 and the head for the partition stage); one
-    # that stopped before --pretext-steps continues with --resume.
-    path = stage_path(args, "pretext.pt")
-    resumed = common.load_checkpoint(path, method=METHOD) if args.resume and os.path.isfile(path) else None
-    if resumed is not None and resumed.get("step", args.pretext_steps) >= args.pretext_steps:
-        return                                       # the stage is done
-    torch.manual_seed(args.seed)                     # same weights on every rank / invocation
+def pretext_net(args, channels):
+    """phi_0 + projection head, the same weights on every rank / invocation."""
+    torch.manual_seed(args.seed)
     phi = build_partitioner(args, channels)          # phi_0 (its W is unused here)
     phi.head.requires_grad_(False)                   # so DDP waits for no gradient of W
-    net = common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
-    common.seed_rank(rt, args.seed)
-    net = rt.wrap(net)
-    # SCAN simclr_*.yml: SGD momentum 0.9, no Nesterov, weight decay 1e-4; cosine from lr to
-    # lr * 0.1^3 (SCAN steps it per epoch, we per step).
-    opt = torch.optim.SGD(net.parameters(), lr=args.pretext_lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.pretext_steps, 1),
-                                                       eta_min=args.pretext_lr * 1e-3)
+    return common.PretextNet(phi, common.ProjectionHead(phi.feat_dim, args.proj_dim))
 
-    def views(x):                                    # one SimCLR view of each image
-        return common.simclr_augment(x, args.aug_crop, args.aug_flip, args.aug_color, args.aug_color_p,
-                                     args.aug_gray)
-    stream = common.BatchStream(dataset, args.pretext_batch_size, rt, seed=args.seed,
-                                num_workers=args.num_workers)
-    nets = {"phi": common.unwrap(net).phi, "head": common.unwrap(net).head}
-    opts = {"opt": opt, "sched": sched}
-    step = 0 if resumed is None else common.restore_training_state(resumed, nets, opts, rt, stream,
-                                                                   args.seed, path)
-    os.makedirs(os.path.join(args.out, "pretext"), exist_ok=True)
-    log = common.Logger(os.path.join(args.out, "pretext"), rt.is_main, args.pretext_steps, start_step=step)
-    meter = common.LossMeter(rt)
-    log.info(f"plan: pretext (SimCLR, Eq. 4) {args.pretext_steps} steps x batch {args.pretext_batch_size} "
-             f"(--pretext-steps, --pretext-batch-size), phi_0 {common.count_params(phi)} params")
-    line = common.ProgressLine("pretext", args.pretext_steps - step, "steps", every=30, show=rt.is_main)
 
-    def save(step):                                  # collective: every rank calls it
-        rng_states = common.gather_rng_states(rt)
-        if rt.is_main:
-            common.save_checkpoint(path, common.training_state(METHOD, args, step, nets, opts, rt, stream,
-                                                               rng_states, stage="pretext", **run.state()))
-    run = common.RunControl(rt, args, step, meter, resumed, total=args.pretext_steps, path="pretext.pt",
-                            stage="pretext", shorten="--pretext-steps", early=False)
-    while run.going(step):
-        step += 1
-        x, _ = next(stream)
-        with rt.autocast():
-            # Both views in one forward (one DDP reduction, one power-iteration step).
-            h = net(torch.cat([views(x), views(x)]))          # (2B, proj_dim)
-        loss = nt_xent(*h.float().chunk(2), args.temperature)
-        opt.zero_grad(set_to_none=True)
-        rt.backward_step(loss, opt)
-        sched.step()
-        meter.add(nt_xent=loss)
-        line.add()
-        if step % args.log_every == 0 or step == args.pretext_steps:
-            common.log_step(meter, log, step, path, lr=sched.get_last_lr()[0])
-        if run.checkpoint_due(step):
-            save(step)
-    if resumed is None and step == 0:                # --pretext-steps 0: phi_0 as initialised
-        run.checkpoint_due(step)
-        save(step)
-    run.end(step)
-    rt.barrier()
+def run_pretext(args, rt, dataset, channels):
+    """Train phi_0 + projection head with Eq. 4 on two augmented views (common.train_simclr: SCAN's
+    SimCLR, resumable); save pretext.pt, phi_0 and the head for the partition stage."""
+    common.train_simclr(lambda: pretext_net(args, channels), args, rt, dataset, METHOD)
 
 
 # ==================================================================================================
-# 8. Stage 2: partition (kNN graph + Eq. 5)
+# 7. Stage 2: partition (kNN graph + Eq. 5)
 # ==================================================================================================
 
 def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
@@ -828,17 +727,8 @@ def graph_features(args, rt, dataset, channels, sub):
         # Official code (2d_mix, toy_guide_clusterer): S is fit by cross-entropy to k-means labels
         # of 10K points; we train the Thm. 3 network with Eq. 5 as for images.
         return common.fetch_batch(dataset, sub), "euclidean", None
-    path = stage_path(args, "pretext.pt")
-    pre = common.load_checkpoint(path, method=METHOD)
-    if pre.get("step", pre["args"]["pretext_steps"]) < pre["args"]["pretext_steps"]:
-        raise common.UsageError(f"{path} is a pretext stage stopped at step {pre['step']} of "
-                                f"{pre['args']['pretext_steps']}: finish it with --resume")
-    phi0 = build_partitioner(args, channels)
-    head = common.ProjectionHead(phi0.feat_dim, args.proj_dim)
-    common.load_state(phi0, pre["phi"], "pretext network", path)
-    common.load_state(head, pre["head"], "pretext head", path)
-    phi0, head = phi0.to(rt.device).eval(), head.to(rt.device).eval()
-    feats = common.map_batches(lambda b: head(phi0.features(b)), dataset, rt.device, batch=500, idx=sub,
+    net, pre = common.load_simclr(pretext_net(args, channels), args, METHOD, rt.device)   # a finished one
+    feats = common.map_batches(net, dataset, rt.device, batch=500, idx=sub,
                                progress="partition: embedding" if rt.is_main else None)
     return feats, "cosine", {k: v for k, v in pre["phi"].items() if not k.startswith("head.")}
 
@@ -867,89 +757,78 @@ def fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log):
 
 
 def run_partition(args, rt, dataset, channels):
-    """Partition ids of the training data and, for a learned partition, S; saves partition.pt.
-    Learned: --part-samples training points (all by default), their kNN graph, S fit with Eq. 5,
-    then pi (partition sizes) and the partition metrics from S's labels of --pi-samples points.
+    """Partition ids of the training data and, for a learned partition, S; saves partition.pt with
+    pi (partition sizes) and the partition metrics of the ids. The ids: all 0 (k = 1), a fixed
+    random id per point (random), or S's labels (learned, learn_partition).
 
     Under torchrun every rank computes the same features, graph and final labels (deterministic,
     redundant work, no communication); the S training steps are data-parallel through DDP, each
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
-    n_all = len(dataset)
     start = time.perf_counter()
-    os.makedirs(os.path.join(args.out, "partition"), exist_ok=True)
-    # One log over all restarts: restart r's step t is logged as r * part_steps + t.
+    # One log (partition/) over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
-    state = {"method": METHOD, "stage": "partition", "args": vars(args), "S": None, "random_ids": None}
-    lab = torch.arange(n_all)                        # the points whose ids give pi and the metrics
-    if args.k == 1:
-        pred = torch.zeros(n_all, dtype=torch.long)
-    elif args.partition == "random":
-        # Baseline 'Random Partition ID' (Sec. 5.2): a fixed uniformly random id per training point.
-        pred = torch.randint(args.k, (n_all,), generator=torch.Generator().manual_seed(args.seed))
-        state["random_ids"] = pred
-    else:
-        sub = torch.arange(n_all)                   # the points of the graph (official 2-D: 10K)
-        if args.part_samples:
-            sub = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed))[:args.part_samples]
-        kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
-                else f"residual blocks, L={args.lipschitz}")
-        log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
-                 + ("" if is_points(args) else "embed them with the pretext network, ")
-                 + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
-                 f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
-                 f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
-        feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
-        t0 = time.perf_counter()
-        nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
-                                progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
-        log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
-        S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
-        if args.pi_samples:
-            lab = torch.randperm(n_all, generator=torch.Generator().manual_seed(args.seed + 1))[:args.pi_samples]
-        pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
-                                  progress="partition: labelling" if rt.is_main else None).long()
-        state["S"] = S.state_dict()
-        if is_points(args) and rt.is_main:
-            show = torch.randperm(len(lab), generator=torch.Generator().manual_seed(0))[:5000]
-            figure3(S, dataset.points[lab[show]], pred[show], args,
-                    os.path.join(args.out, "partition", "figure3.png"))
+    S, random_ids, lab = None, None, torch.arange(len(dataset))    # lab: the points given ids
+    if uses_partitioner(args):
+        S, lab, pred = learn_partition(args, rt, dataset, channels, log)
+    else:   # baseline 'Random Partition ID' (Sec. 5.2): a fixed uniformly random id per point; k = 1: 0
+        pred = torch.randint(args.k, (len(dataset),), generator=torch.Generator().manual_seed(args.seed))
+        random_ids = pred if args.k > 1 else None
     labels = common.dataset_labels(dataset)
     metrics, sizes = common.clustering_metrics(pred, None if labels is None else labels[lab], args.k)
     # train_seconds so far: the pretext stage's (in pretext.pt) and this one's.
     before = common.saved_seconds(common.load_checkpoint(stage_path(args, "pretext.pt"))) \
         if uses_pretext(args) else 0.0
     rt.train_seconds = before + time.perf_counter() - start
-    state.update(sizes=sizes, metrics=metrics, run={"train_seconds": rt.train_seconds})
-    log.info("partition: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in metrics.items()))
+    log.info("partition: " + common.format_metrics(metrics))
     if rt.is_main:
-        common.save_checkpoint(stage_path(args, "partition.pt"), state)
+        common.save_checkpoint(stage_path(args, "partition.pt"), dict(
+            method=METHOD, stage="partition", args=vars(args), S=None if S is None else S.state_dict(),
+            random_ids=random_ids, sizes=sizes, metrics=metrics, run={"train_seconds": rt.train_seconds}))
     rt.barrier()
     return metrics
 
 
+def learn_partition(args, rt, dataset, channels, log):
+    """--part-samples training points (all by default), their kNN graph, S fit with Eq. 5, and S's labels
+    of --pi-samples points (default all; Fig. 3 on 2-D data). Returns (S, labelled points, their ids)."""
+    n_all = len(dataset)
+    sub = common.seeded_subset(n_all, args.part_samples, args.seed)   # graph points (official 2-D: 10K)
+    kind = ("a ReLU MLP, unconstrained" if args.partitioner == "unconstrained"
+            else f"residual blocks, L={args.lipschitz}")
+    log.info(f"plan: partition on {len(sub)} of {n_all} training points (--part-samples): "
+             + ("" if is_points(args) else "embed them with the pretext network, ")
+             + f"kNN graph ({args.neighbors} neighbours), {args.part_restarts} x {args.part_steps} "
+             f"steps of batch {args.part_batch_size} (--part-steps, --part-batch-size) on S "
+             f"({args.part_blocks} {kind}), then label {args.pi_samples or n_all} points (--pi-samples)")
+    feats, metric, phi_state = graph_features(args, rt, dataset, channels, sub)
+    t0 = time.perf_counter()
+    nbrs = common.knn_graph(feats, args.neighbors, metric, args.knn_chunk_mb, rt.device,
+                            progress="partition: kNN graph" if rt.is_main else None)   # (n, neighbors)
+    log.info(f"partition: kNN graph of {len(sub)} points in {time.perf_counter() - t0:.1f}s")
+    S = fit_partitioner(args, rt, dataset, channels, sub, nbrs, phi_state, log)
+    lab = common.seeded_subset(n_all, args.pi_samples, args.seed + 1)
+    pred = common.map_batches(lambda b: S(b).argmax(1), dataset, rt.device, batch=500, idx=lab,
+                              progress="partition: labelling" if rt.is_main else None).long()
+    if is_points(args) and rt.is_main:
+        show = common.seeded_subset(len(lab), 5000, seed=0)
+        figure3(S, dataset.points[lab[show]], pred[show], args,
+                os.path.join(args.out, "partition", "figure3.png"))
+    return S, lab, pred
+
+
 # ==================================================================================================
-# 9. Stage 3: the mixture of GANs (Eq. 2, 8)
+# 8. Stage 3: the mixture of GANs (Eq. 2, 8)
 # ==================================================================================================
 
 def run_gan(args, rt, dataset, channels):
     """Train the mixture (one conditional G/D pair, class = partition id) with the frozen S of
     partition.pt; returns the sampler of the trained mixture and the partition metrics."""
-    part = common.load_checkpoint(stage_path(args, "partition.pt"), method=METHOD)
-    made = part["args"]
-    if (made["dataset"], made["k"], made["partition"]) != (args.dataset, args.k, args.partition):
-        raise common.UsageError(f"{stage_path(args, 'partition.pt')} was made with --dataset "
-                                f"{made['dataset']} --k {made['k']} --partition {made['partition']}; "
-                                f"this run has --dataset {args.dataset} --k {args.k} --partition "
-                                f"{args.partition}")
-    device = rt.device
+    part_path, device = stage_path(args, "partition.pt"), rt.device
+    part = common.load_checkpoint(part_path, method=METHOD)
+    common.check_made_with(part_path, part["args"], args, ("dataset", "k", "partition"))
     pi = part["sizes"].double() / part["sizes"].sum()              # pi_i = p_data(A_i)
-    S = None
-    if part["S"] is not None:
-        S = build_partitioner(args, channels)
-        common.load_state(S, part["S"], "partitioner", stage_path(args, "partition.pt"))
-        S = S.to(device).eval().requires_grad_(False)            # frozen; eval: stored sigmas
+    S = load_partitioner(args, channels, part["S"], part_path, device)
     random_ids = part["random_ids"]
     data = common.IndexedDataset(dataset) if random_ids is not None else dataset
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
@@ -957,31 +836,19 @@ def run_gan(args, rt, dataset, channels):
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
     torch.manual_seed(args.seed)
     G, D = build_gan(args, channels)
-    ema = common.EMA(G, args.ema) if args.ema > 0 else None
+    ema = common.EMA(G, args.ema).to(device) if args.ema > 0 else None
     common.seed_rank(rt, args.seed)
     G, D = rt.wrap(G), rt.wrap(D)
-    if ema is not None:
-        ema.to(device)
     betas = (args.beta1, args.beta2)
     opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
     opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
 
-    step = 0
-    rng_states, ckpt = None, None
     ckpt_path = stage_path(args, "ckpt.pt")
     nets = {"G": G, "D": D, "G_ema": ema}
     opts = {"opt_g": opt_g, "opt_d": opt_d}
-    if args.resume and os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
-
-    def state():
-        # Method state besides the training state: the frozen partitioner and the priors pi,
-        # so that load_sampler needs nothing but this file.
-        return common.training_state(METHOD, args, step, nets, opts, rt, stream, rng_states,
-                                     stage="gan", S=part["S"], pi=pi.float(),
-                                     partition_metrics=part["metrics"], **run.state())
-
+    ckpt = common.resume_checkpoint(ckpt_path, args, METHOD)
+    step = 0 if ckpt is None else common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed,
+                                                                ckpt_path)
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
     log.info(f"plan: PGMGAN on {args.dataset}: k={args.k} ({args.partition}), {args.steps} G steps x "
@@ -994,8 +861,7 @@ def run_gan(args, rt, dataset, channels):
     line = common.ProgressLine("gan", args.steps - step, "G steps", every=30, show=rt.is_main)
     D_plain = common.unwrap(D)       # D inside G's loss: no DDP gradient sync (common.Runtime.wrap)
     per_rank = args.batch_size // rt.world_size
-    fixed_real = dataset.points[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2500]] \
-        if is_points(args) else None
+    fixed_real = dataset.points[common.seeded_subset(len(dataset), 2500, seed=0)] if is_points(args) else None
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; the time of
     # the stages before (partition.pt) counts in train_seconds.
@@ -1051,38 +917,34 @@ def run_gan(args, rt, dataset, channels):
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G, ema, S, pi, fixed_real, args, device, step)
         if run.checkpoint_due(step):                             # collective: every rank calls it
-            rng_states = common.gather_rng_states(rt)
-            if rt.is_main:
-                common.save_checkpoint(ckpt_path, state())
+            # Besides the training state: the frozen partitioner and the priors pi, so that
+            # load_sampler needs nothing but this file.
+            common.save_training_state(ckpt_path, METHOD, args, step, nets, opts, rt, stream, stage="gan",
+                                       S=part["S"], pi=pi.float(), partition_metrics=part["metrics"],
+                                       **run.state())
     run.end(step)
-    G_eval = ema.shadow if ema is not None else common.unwrap(G).eval()
-    G_eval.eval()
-    sample_fn = make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
-                             reject_tries=args.reject_tries, strict=False)
-    return sample_fn, part["metrics"]
+    G_eval = (ema.shadow if ema is not None else common.unwrap(G)).eval()
+    return make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
+                        reject_tries=args.reject_tries, strict=False), part["metrics"]
 
 
 def save_samples(G, ema, S, pi, fixed_real, args, device, step):
-    """The picture of this step. Its noise comes from a forked RNG, so that drawing pictures (which
-    a run that stops at this step does and an uninterrupted run may not) never shifts the training
-    noise: a resumed run stays bit-identical."""
+    """The picture of this step. Its noise comes from a forked RNG (common.drawing), so that drawing
+    pictures (which a run that stops at this step does and an uninterrupted run may not) never shifts
+    the training noise: a resumed run stays bit-identical."""
     path = os.path.join(args.out, "samples", f"step_{step:07d}.png")
-    net = ema.shadow if ema is not None else common.unwrap(G)
-    was_training = net.training
-    net.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(step)
+    with common.drawing(ema.shadow if ema is not None else common.unwrap(G), device, seed=step) as net:
         if fixed_real is not None:
             sampler = make_sampler(net, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
                                    reject_tries=args.reject_tries, strict=False)
             figure4(sampler, fixed_real, args, path)
         else:
-            image_rows(net, pi, args, device, path)
-    net.train(was_training)
+            ids = torch.argsort(pi, descending=True)[:min(10, args.k)]       # the 10 largest partitions
+            common.class_rows(net, ids, args.z_dim, device, path)              # a row each, Figure 1 style
 
 
 # ==================================================================================================
-# 10. main: the stages in order
+# 9. main: the stages in order
 # ==================================================================================================
 
 STAGE_FILES = {"pretext": "pretext.pt", "partition": "partition.pt", "gan": "ckpt.pt"}
@@ -1114,9 +976,7 @@ def main(argv=None):
     dataset = common.build_dataset(data_name(args), root=args.data_root, split="train",
                                    img_size=None if is_points(args) else args.img_size,
                                    download=args.download, data_std=args.data_std, seed=0)
-    if rt.is_main:
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        common.write_json(os.path.join(args.out, "args.json"), vars(args))
+    common.write_run_args(args.out, args, rt.is_main)
     start = time.perf_counter()
     metrics = {}
     if "pretext" in todo:

@@ -220,7 +220,7 @@ def test_pgm_pretext_stop_resumes_and_a_stopped_partition_runs_again(tmp_path, m
              *without(IMG_FLAGS, "--pretext-steps", "--ckpt-every"), "--pretext-steps", "4",
              "--ckpt-every", "4", "--steps", "2"]
     pgm_gan.main([*flags, "--out", full, "--stage", "pretext"])
-    undo = stop_after(monkeypatch, pgm_gan, "nt_xent", 2, signal.SIGTERM)
+    undo = stop_after(monkeypatch, common, "nt_xent", 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         pgm_gan.main([*flags, "--out", part, "--stage", "pretext"])
     undo()
