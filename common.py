@@ -1698,7 +1698,7 @@ class BatchStream:
         if batch_size % rt.world_size:
             raise UsageError(f"--batch-size {batch_size} is not divisible by the world size "
                              f"{rt.world_size}")
-        self.dataset, self.rt, self.num_workers = dataset, rt, num_workers
+        self.dataset, self.rt, self.num_workers, self.seed = dataset, rt, num_workers, seed
         self.per_rank = batch_size // rt.world_size
         self.sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank,
                                           shuffle=shuffle, seed=seed, drop_last=True)
@@ -1716,9 +1716,13 @@ class BatchStream:
         if hasattr(self.dataset, "get_batch"):
             self._it = (self.dataset.get_batch(b) for b in batches)
         else:
+            # Its own generator: a DataLoader draws its workers' base seed when an epoch starts, from
+            # the global RNG otherwise, and a resumed run starts its epoch at another moment.
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rt.rank)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=batches.tolist(), num_workers=self.num_workers,
-                pin_memory=self.rt.device.type == "cuda", worker_init_fn=_worker_in_own_process_group)
+                pin_memory=self.rt.device.type == "cuda", worker_init_fn=_worker_in_own_process_group,
+                generator=gen)
             self._it = iter(loader)
 
     def __iter__(self):
@@ -3084,8 +3088,14 @@ class MinibatchStd(nn.Module):
     def __init__(self, group_size, n_channels=1):
         super().__init__()
         self.group_size, self.n_channels = group_size, n_channels
+        self.parts = 1      # > 1: the batch is that many independent sub-batches (minibatch_parts)
 
     def forward(self, x):  # (B, C, H, W) -> (B, C + n_channels, H, W)
+        if self.parts > 1:
+            return torch.cat([self._append_std(c) for c in x.chunk(self.parts)])
+        return self._append_std(x)
+
+    def _append_std(self, x):
         B, C, H, W = x.shape
         G, n = min(self.group_size, B), self.n_channels
         if B % G:
@@ -3095,6 +3105,21 @@ class MinibatchStd(nn.Module):
         y = y.mean(dim=(2, 3, 4))  # (B/G, n)
         y = y[:, :, None, None].repeat(G, 1, H, W)  # (B, n, H, W)
         return torch.cat([x, y], dim=1)
+
+
+@contextlib.contextmanager
+def minibatch_parts(model, parts):
+    """Inside the block, every MinibatchStd of `model` splits its batch into `parts` equal
+    sub-batches and groups samples within each: one D forward over a concatenation of real,
+    generated, mixed, ... images then gives each part the statistics a separate call would."""
+    layers = [m for m in unwrap(model).modules() if isinstance(m, MinibatchStd)]
+    for m in layers:
+        m.parts = parts
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.parts = 1
 
 
 class StyleGAN2DBlock(nn.Module):
@@ -3147,9 +3172,11 @@ def r1_penalty(scores, x_real):
     """R1 (Mescheder et al. 2018): mean over the batch of ||d sum(scores) / d x_real||^2, the squared
     gradient norm summed over C, H, W. x_real must require grad and `scores` come from it;
     create_graph=True so the penalty can be backpropagated into D. The caller multiplies by gamma / 2
-    (and by the lazy interval, paper Sec. 3.1). Official code: training/loss.py (Dr1)."""
+    (and by the lazy interval, paper Sec. 3.1). Official code: training/loss.py (Dr1), including
+    its `scores * 0` term: every parameter of D is then in the graph (a bias that the gradient
+    w.r.t. x does not see would otherwise leave DDP waiting for its gradient)."""
     (grad,) = torch.autograd.grad(scores.sum(), x_real, create_graph=True)
-    return grad.square().flatten(1).sum(1).mean()
+    return grad.square().flatten(1).sum(1).mean() + 0 * scores.sum()
 
 
 def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
@@ -3162,12 +3189,9 @@ def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
         penalty = mean((lengths - a)^2)             (a not detached, as the official code)
     pl_mean is a 0-dim float tensor kept by the caller. Returns (penalty, lengths.mean().detach());
     the caller multiplies by pl_weight and the lazy interval and uses batch / pl_batch_shrink
-    samples (STYLEGAN2_CONFIGS). Pass the plain G (no DDP wrapper: it needs G.mapping).
-    Official code: training/loss.py (Gpl)."""
-    ws = G.mapping(z)
-    if not ws.requires_grad:  # G frozen: still differentiate w.r.t. ws
-        ws.requires_grad_(True)
-    img = G.synthesis(ws)  # (B, C, H, W)
+    samples (STYLEGAN2_CONFIGS). G may be DDP-wrapped: one forward(z, return_ws=True), so the
+    gradients of the penalty are averaged like any other. Official code: training/loss.py (Gpl)."""
+    img, ws = G(z, return_ws=True)  # (B, C, H, W), (B, num_ws, w_dim)
     if noise is None:
         noise = torch.randn_like(img) / math.sqrt(img.shape[2] * img.shape[3])
     (g,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)  # (B, num_ws, w_dim)
@@ -3175,7 +3199,8 @@ def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
     avg = torch.lerp(pl_mean, lengths.mean().to(pl_mean.dtype), decay)
     with torch.no_grad():
         pl_mean.copy_(avg.detach())
-    return (lengths - avg).square().mean(), lengths.mean().detach()
+    # Official code: `gen_img[:, 0, 0, 0] * 0` puts every parameter of G in the graph (DDP)
+    return (lengths - avg).square().mean() + 0 * img[:, 0, 0, 0].sum(), lengths.mean().detach()
 
 
 # The official training configurations (NVlabs/stylegan2-ada-pytorch, train.py: cfg_specs and the

@@ -134,7 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--gauss-loss", default="pnorm", choices=GAUSS_LOSSES,
                    help="L_Gau on F(x): pnorm Eq. 9 (the paper's choice, Sec. 5.1), w2 Eq. 6, kl Eq. 7, "
                         "w2-1d Eq. 11 (1-D baseline), zdisc App. A.1, none")
-    p.add_argument("--p", type=float, default=2.0, help="p of the p-norm distance (Eq. 8-9; not stated in the paper, ours: 2)")
+    p.add_argument("--p", "--p-norm", dest="p", type=float, default=2.0,
+                   help="p of the p-norm distance (Eq. 8-9; not stated in the paper, ours: 2); under torchrun "
+                        "write --p-norm (torchrun's own parser rejects --p as an ambiguous abbreviation)")
     p.add_argument("--lambda-cons", type=float, default=1.0, help="weight of L_cons (Eq. 10: 1); 0 with --gauss-loss none = plain GAN")
     p.add_argument("--lambda-gauss", type=float, default=1.0, help="weight of L_Gau (Eq. 10: 1)")
     p.add_argument("--eig-eps", type=float, default=1e-6,

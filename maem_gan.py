@@ -132,10 +132,8 @@ BACKBONE_PRESETS = {
 # Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256' below 512 pixels, 'stylegan2'
 # (config F) from 512 up; see common.STYLEGAN2_CONFIGS and stylegan2_preset.
 for _name in ("ffhq", "celeba", "animeface"):
-    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=256, z_dim=512,
-                                                  n_critic=1, loss="ns", lr_decay=1.0, beta1=0.0,
-                                                  beta2=0.99, style_mixing=0.9, pl_every=4, r1_every=16,
-                                                  width=64)
+    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns",
+                                                  lr_decay=1.0, width=64)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
@@ -162,8 +160,10 @@ def stylegan2_preset(img_size):
     """StyleGAN2's recipe at `img_size` from common.STYLEGAN2_CONFIGS: 'paper256' below 512 pixels,
     'stylegan2' (config F) from 512. The EMA decay per G step from its half-life in kimg."""
     cfg = common.STYLEGAN2_CONFIGS["paper256" if img_size < 512 else "stylegan2"]
-    return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], r1_gamma=cfg["gamma"],
-                     pl_weight=cfg["pl_weight"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
+    return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], r1_gamma=cfg["r1_gamma"], z_dim=cfg["z_dim"],
+                     beta1=cfg["betas"][0], beta2=cfg["betas"][1], pl_weight=cfg["pl_weight"],
+                     pl_every=cfg["g_reg_every"], r1_every=cfg["d_reg_every"],
+                     style_mixing=cfg["style_mixing"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -219,7 +219,9 @@ def parse_args(argv=None):
     g.add_argument("--width", type=int, default=None, help="base channels (64 = the paper's 512-256-128) / MLP units")
     g.add_argument("--img-size", type=int, default=None, help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace)")
     g.add_argument("--z-dim", type=int, default=None, help="noise dimension (Suppl.: 64 CIFAR-10, 128 CelebA/AnimeFace)")
-    g.add_argument("--m", type=int, default=None, help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace)")
+    g.add_argument("--m", "--code-dim", dest="m", type=int, default=None,
+                   help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace); under torchrun "
+                        "write --code-dim (torchrun's own parser rejects --m as an ambiguous abbreviation)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D (Suppl.: 1e-4)")
     g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (Suppl.: 0.0)")
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
@@ -674,7 +676,8 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w):
         parts.append(x_mix)
     if use_dlle:
         parts += [dlle_transform(x, args, D_plain), dlle_transform(fake, args, D_plain)]
-    v, mu = embed(D, torch.cat(parts), with_mu=True)                           # (k B, m), k = 2..5
+    with common.minibatch_parts(D, len(parts)):      # StyleGAN2's minibatch std: per part
+        v, mu = embed(D, torch.cat(parts), with_mu=True)                       # (k B, m), k = 2..5
     chunks = list(v.split(B))
     v_real, v_fake = chunks[0], chunks[1]
     adv = "maf" if args.loss == "maf" else "adv"
@@ -749,9 +752,10 @@ def build_networks(args, channels):
         cfg, _ = stylegan2_preset(args.img_size)
         base, top = cfg["channel_base"] * args.width // 64, 512 * args.width // 64
         G = common.StyleGAN2Generator(args.z_dim, args.img_size, channels, channel_base=base,
-                                      channel_max=top, n_mapping=cfg["map"], style_mixing=args.style_mixing)
+                                      channel_max=top, n_mapping=cfg["n_mapping"],
+                                      style_mixing=args.style_mixing)
         D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=d_out, channel_base=base,
-                                          channel_max=top, mbstd_group=cfg["mbstd"])
+                                          channel_max=top, mbstd_group=cfg["mbstd_group"])
         return G, D
     attn = tuple(getattr(args, "attn_res", None) or ())
     G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width, attention=attn)
@@ -973,6 +977,7 @@ def train(args, rt, dataset):
         if args.pl_weight > 0 and step % args.pl_every == 0:
             # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k.
             z_pl = torch.randn(max(per_rank // 2, 1), args.z_dim, device=rt.device)
+            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged
             with rt.autocast():
                 pl, g_terms["pl_length"] = common.path_length_penalty(G, z_pl, pl_mean)
             opt_g.zero_grad(set_to_none=True)

@@ -232,6 +232,20 @@ def test_corrupt_image_stops_the_stream_with_its_name(tmp_path):
     assert "z.png" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_file_backed_stream_leaves_the_global_rng_alone(tmp_path):
+    # A DataLoader draws its workers' base seed from the global RNG at each epoch start unless it has
+    # its own generator; a resumed run starts its epoch at another moment, so it was not bit-exact.
+    for i in range(4):
+        write_png(str(tmp_path / f"{i}.png"), (40 * i, 2, 3))
+    rt = common.setup_runtime("cpu")
+    stream = common.BatchStream(common.build_dataset("folder", root=str(tmp_path), img_size=8), 2, rt)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    for _ in range(5):                                          # three epoch starts
+        next(stream)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ---------------------------------------------------------------- batch stream
 class FakeRT:
     """A Runtime stand-in for one rank of a 2-process job (no process group needed)."""

@@ -120,6 +120,21 @@ def test_hinge_and_non_saturating_losses_on_the_realness():
     assert maem_gan.adv_loss_d(v_real, v_fake, "maf").item() == pytest.approx(-0.5 - 0.5)
 
 
+def test_r1_reads_the_mean_code_without_the_noise():
+    class Linear(torch.nn.Module):                            # mu = x a_k, logvar large: noisy V
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor([[1.0, 3.0], [2.0, -1.0]]))   # (d, m)
+
+        def forward(self, x):
+            return torch.cat([x @ self.a, torch.full((x.shape[0], 2), 10.0)], 1)
+
+    x = torch.randn(5, 2)
+    # r = mean_k mu_k = x . mean(a, 1) = x . (2, 0.5): ||grad||^2 = 4.25 for every sample
+    r1 = maem_gan.r1_loss(Linear(), x)
+    assert r1.item() == pytest.approx(4.25, rel=1e-6)
+
+
 # ---------------------------------------------------------------- the script, tiny BigGAN
 BIGGAN_TINY = ["--dataset", "cifar10", "--arch", "biggan", "--width", "2", "--batch-size", "4",
                "--n-critic", "2", "--z-dim", "8", "--m", "4", "--log-every", "1", "--ckpt-every", "2",
@@ -188,3 +203,97 @@ def test_backbone_presets_need_their_dataset(capsys):
     with pytest.raises(SystemExit) as err:
         maem_gan.parse_args(["--dataset", "celeba", "--arch", "biggan"])
     assert err.value.code == 2 and "cifar10 --arch biggan" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the script, tiny StyleGAN2
+def write_faces(root, n=12):
+    from test_common import write_png
+
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        write_png(os.path.join(root, f"{i:02d}.png"), (20 * i, 100, 255 - 20 * i), size=(20, 20))
+
+
+SG2_TINY = ["--dataset", "ffhq", "--arch", "stylegan2", "--img-size", "16", "--width", "2", "--z-dim", "8",
+            "--m", "2", "--batch-size", "4", "--r1-every", "2", "--pl-every", "2", "--log-every", "1",
+            "--ckpt-every", "2", "--sample-every", "2", "--fig3-samples", "8", "--eval-samples", "8",
+            "--device", "cpu"]
+
+
+@pytest.mark.parametrize("terms", [[], ["--no-entropy", "--no-dlle", "--no-disomap", "--scalar-head"]])
+def test_stylegan2_steps_with_lazy_regularisers(tmp_path, monkeypatch, terms):
+    write_faces(str(tmp_path / "faces"))
+    monkeypatch.setattr(maem_gan, "final_metrics", lambda *a: {})
+    calls = {"r1": 0, "pl": []}
+    real_r1, real_pl = maem_gan.r1_loss, common.path_length_penalty
+
+    def r1_spy(D, x):
+        calls["r1"] += 1
+        return real_r1(D, x)
+
+    def pl_spy(G, z, pl_mean, **kw):
+        calls["pl"].append(z.shape[0])
+        return real_pl(G, z, pl_mean, **kw)
+
+    monkeypatch.setattr(maem_gan, "r1_loss", r1_spy)
+    monkeypatch.setattr(common, "path_length_penalty", pl_spy)
+    out = str(tmp_path / "run")
+    maem_gan.main([*SG2_TINY, "--data-root", str(tmp_path / "faces"), "--steps", "4", "--out", out, *terms])
+    args = json.load(open(os.path.join(out, "args.json")))
+    # paper256's recipe, EMA half-life 20 kimg at batch 4
+    assert (args["loss"], args["lr"], args["r1_gamma"], args["pl_weight"], args["style_mixing"]) == \
+        ("ns", 0.0025, 1.0, 2.0, 0.9)
+    assert args["ema"] == pytest.approx(0.5 ** (4 / 20_000))
+    # lazy: R1 after D steps 0 and 2, path length after G steps 0 and 2 on half the batch
+    assert calls["r1"] == 2 and calls["pl"] == [2, 2]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
+    c_d, c_g = 2 / 3, 2 / 3                                     # every / (every + 1)
+    group_d, group_g = ckpt["opt_d"]["param_groups"][0], ckpt["opt_g"]["param_groups"][0]
+    assert group_d["lr"] == pytest.approx(0.0025 * c_d) and group_g["lr"] == pytest.approx(0.0025 * c_g)
+    assert group_d["betas"][1] == pytest.approx(0.99 ** c_d) and group_g["betas"][1] == pytest.approx(0.99 ** c_g)
+    assert ckpt["pl_mean"][0] > 0                               # the running mean moved off 0
+    lines = log_lines(out)
+    assert "r1" in lines[0] and "pl" in lines[0] and "r1" not in lines[1]
+    assert ("ent" in lines[-1]) != bool(terms)
+
+
+def test_stylegan2_resume_is_bit_exact(tmp_path):
+    write_faces(str(tmp_path / "faces"))
+    flags = [*SG2_TINY, "--data-root", str(tmp_path / "faces"), "--seed", "1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    maem_gan.main([*flags, "--steps", "4", "--out", full])
+    maem_gan.main([*flags, "--steps", "2", "--out", part])
+    maem_gan.main([*flags, "--steps", "4", "--out", part, "--resume"])
+    a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
+    b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
+    for net in ("G", "D", "G_ema"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+    assert torch.equal(a["pl_mean"][0], b["pl_mean"][0])
+    assert [dict(x, it_s=0) for x in log_lines(full)] == [dict(x, it_s=0) for x in log_lines(part)]
+
+
+def test_one_d_forward_keeps_minibatch_std_within_each_part():
+    args = maem_gan.parse_args(["--dataset", "ffhq", "--arch", "stylegan2", "--img-size", "8", "--width", "2",
+                                "--z-dim", "8", "--scalar-head", "--no-entropy", "--no-dlle", "--no-disomap"])
+    _, D = maem_gan.build_networks(args, 3)
+    assert D.mbstd.group_size == 8                              # paper256: groups of 8
+    x, fake = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8) * 3
+    _, terms = maem_gan.d_step_loss(D, D, x, fake, args, maem_gan.make_buffers(args, 8, "cpu"), 0.0)
+    r_real, r_fake = D(x)[:, 0], D(fake)[:, 0]                  # separate calls, as the official code
+    expected = F.softplus(r_fake).mean() + F.softplus(-r_real).mean()
+    assert terms["adv"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_torchrun_stylegan2_with_r1_and_path_length(tmp_path):
+    from conftest import run_torchrun
+
+    write_faces(str(tmp_path / "faces"))
+    out = str(tmp_path / "ddp")
+    flags = [f if f != "--m" else "--code-dim" for f in SG2_TINY]     # torchrun reads --m as its own
+    proc = run_torchrun(2, ["maem_gan.py", *flags, "--data-root", str(tmp_path / "faces"), "--steps", "2",
+                            "--batch-size", "8", "--out", out], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
+    assert ckpt["step"] == 2 and len(ckpt["pl_mean"]) == 2
+    assert not torch.equal(ckpt["pl_mean"][0], ckpt["pl_mean"][1])      # per-rank running means
