@@ -2640,8 +2640,10 @@ class ResNetDiscriminator(nn.Module):
             blocks.append(DBlock(a, b, down, first=(i == 0)))
             res //= 2 if down else 1
             if res in attention:
+                # ours: once, after the first block at that resolution (BigGAN-PyTorch's D_arch[32]
+                # labels all four blocks 16, so its D_attn 16 adds one after every block)
                 blocks.append(SelfAttention(b))
-                attention = tuple(r for r in attention if r != res)     # once per resolution
+                attention = tuple(r for r in attention if r != res)
         self.blocks = nn.ModuleList(blocks)
         self.head = OutputHeads(ch[-1], out_dim, n_classes)
         init_weights(self, init)
@@ -2864,8 +2866,8 @@ def build_encoder(arch, img_size, channels, out_dim, width=None):
 #   * resampling: bilinear x2 upsampling before the 3x3 conv and of the ToRGB skip image in G, 2x2
 #     average pooling before the conv in D; simpler than the official transposed / strided convs
 #     with the [1,3,3,1] FIR filter;
-#   * no fp16 layers and no activation clamp (the official `stylegan2` config clamps at 256 only
-#     because its 4 highest resolutions run in fp16);
+#   * no fp16 layers and no activation clamp (every ada-pytorch config runs its 4 highest
+#     resolutions in fp16 and clamps at 256; the original StyleGAN2 did neither);
 #   * no class conditioning; always the fused (grouped-conv) modulation.
 # Init as the official code: every equalised-lr weight N(0, 1) (divided by lr_mult), biases 0,
 # except the style affines whose bias starts at 1 (so styles start near 1); noise strengths 0.
@@ -3212,8 +3214,9 @@ def path_length_penalty(G, z, pl_mean, decay=0.01, noise=None):
 #     and the regulariser's loss is multiplied by `every` (training_loop.py);
 #   * G EMA: beta = 0.5 ** (batch / (ema_kimg * 1000)), no ramp-up in these two configs;
 #   * path length on batch // pl_batch_shrink samples; style mixing also in the D step's fakes;
-#   * the ada-pytorch 'stylegan2' config runs its 4 highest resolutions in fp16 with conv_clamp 256
-#     (train.py comment: "Uses mixed-precision, unlike the original StyleGAN2"); we use neither.
+#   * every ada-pytorch config (paper256 too) runs its 4 highest resolutions in fp16 with conv_clamp
+#     256 (train.py; its comment on 'stylegan2': "Uses mixed-precision, unlike the original
+#     StyleGAN2"); we use neither, as the original StyleGAN2.
 _SG2_COMMON = dict(z_dim=512, w_dim=512, channel_max=512, n_mapping=8, betas=(0.0, 0.99), eps=1e-8,
                    d_reg_every=16, g_reg_every=4, pl_weight=2.0, pl_batch_shrink=2, pl_decay=0.01,
                    style_mixing=0.9, kimg=25000)
@@ -3222,6 +3225,8 @@ STYLEGAN2_CONFIGS = {
                       r1_gamma=10.0, ema_kimg=10),
     "paper256": dict(_SG2_COMMON, img_size=256, channel_base=16384, mbstd_group=8, batch=64, lr=0.0025,
                      r1_gamma=1.0, ema_kimg=20),
+    "paper512": dict(_SG2_COMMON, img_size=512, channel_base=32768, mbstd_group=8, batch=64, lr=0.0025,
+                     r1_gamma=0.5, ema_kimg=20),
 }
 
 
@@ -3246,6 +3251,24 @@ def unwrap(model):
 def count_params(model, trainable_only=False):
     """Number of parameters (all, or only those with requires_grad)."""
     return sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def batch_norm_from_batch(model):
+    """Inside the block, every BatchNorm of `model` normalises with the statistics of the batch it
+    sees (train-mode BN) while its running statistics and counters stay as they were: how
+    BigGAN-PyTorch samples its EMA generator by default."""
+    bns = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, {k: b.clone() for k, b in m.named_buffers()}) for m in bns]
+    for m in bns:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, (mode, buffers) in zip(bns, saved):
+            m.train(mode)
+            for k, b in m.named_buffers():
+                b.copy_(buffers[k])
 
 
 class EMA:

@@ -45,6 +45,7 @@ Map of the paper to this file:
 """
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -93,7 +94,8 @@ PRESETS = {
                       m=32, beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0,
                       dlle_transform="noise", eval_samples=50_000),
     # Suppl. "FFHQ": the paper plugs the loss into StyleGAN2 at 1024; "other hyper-parameters are
-    # similar to those of ANIMEFACE". We have no StyleGAN2: the SNGAN ResNet at 128 (ours).
+    # similar to those of ANIMEFACE". This preset: the SNGAN ResNet at 128 (ours, a small stand-in);
+    # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
                  beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
     # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
@@ -128,18 +130,18 @@ BACKBONE_PRESETS = {
                                 n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
                                 steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
 }
-# StyleGAN2 (Table 7): FFHQ at 256 by default (1024 with --img-size 1024), also CelebA / AnimeFace.
-# Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256' below 512 pixels, 'stylegan2'
-# (config F) from 512 up; see common.STYLEGAN2_CONFIGS and stylegan2_preset.
+# StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
+# AnimeFace at its 64 (Suppl.). Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256'
+# below 512 pixels (ours below 256), 'paper512', 'stylegan2' (config F) at 1024; see stylegan2_preset.
 for _name in ("ffhq", "celeba", "animeface"):
-    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns",
-                                                  lr_decay=1.0, width=64)
+    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=64 if _name == "animeface" else 256,
+                                                  n_critic=1, loss="ns", lr_decay=1.0, width=64)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
     "celeba": "Suppl. 'CelebA' (256, DCGAN, sigma 5e-2, noise F); lr x0.9 per 10 epochs (ours; paper: per epoch)",
     "animeface": "Suppl. 'ANIMEFACE' (64, ResNet, betas (0, 0.9), sigma 5e-4, lambda 5); image folder",
-    "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours); image folder",
+    "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours; the paper's: --arch stylegan2); image folder",
     "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
     "stacked-fashion-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
     "ring": "ours: MLPs (SN on D), z 2, m 16, sigma 5e-2 (not in the paper)",
@@ -157,9 +159,9 @@ RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 
 
 def stylegan2_preset(img_size):
-    """StyleGAN2's recipe at `img_size` from common.STYLEGAN2_CONFIGS: 'paper256' below 512 pixels,
-    'stylegan2' (config F) from 512. The EMA decay per G step from its half-life in kimg."""
-    cfg = common.STYLEGAN2_CONFIGS["paper256" if img_size < 512 else "stylegan2"]
+    """StyleGAN2's recipe at `img_size` from common.STYLEGAN2_CONFIGS: 'paper256' below 512 pixels
+    (ours below 256), 'paper512' at 512, 'stylegan2' (config F) at 1024."""
+    cfg = common.STYLEGAN2_CONFIGS["paper256" if img_size < 512 else "paper512" if img_size < 1024 else "stylegan2"]
     return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], r1_gamma=cfg["r1_gamma"], z_dim=cfg["z_dim"],
                      beta1=cfg["betas"][0], beta2=cfg["betas"][1], pl_weight=cfg["pl_weight"],
                      pl_every=cfg["g_reg_every"], r1_every=cfg["d_reg_every"],
@@ -176,12 +178,13 @@ def parse_args(argv=None):
         for name in sorted(PRESETS)) + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + \
         "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in sorted(vals.items()))
                   for (d, a), vals in sorted(BACKBONE_PRESETS.items())) + \
-        "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'stylegan2' (config F) from 512"
+        "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', 'stylegan2' (config F) at 1024"
     p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                          formatter_class=_HelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
-                   help="cifar10 (Suppl., DCGAN), celeba (Suppl., 256, DCGAN), animeface / ffhq "
-                        "(image folders, ResNet; Suppl.), stacked-(fashion-)mnist, ring, grid (ours)")
+                   help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), "
+                        "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
+                        "stacked-(fashion-)mnist, ring, grid (ours)")
     p.add_argument("--variant", default="paper", choices=VARIANTS,
                    help="paper: Eq. 8, 12-14 as written; official: the losses of the authors' "
                         "train.py (L2 nearest neighbour with -log, real+fake buffers, warm-up, "
@@ -205,7 +208,8 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, default=None,
                    help="decay of an EMA of G's weights used for samples and metrics, 0 = none "
                         "(paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
-    g.add_argument("--ema-start", type=int, default=None, help="G step from which the EMA averages (BigGAN: 1000)")
+    g.add_argument("--ema-start", type=int, default=None,
+                   help="the EMA copies G up to this G step and averages after it (BigGAN: 1000)")
     g.add_argument("--attn-res", type=int, nargs="*", default=None,
                    help="biggan: resolutions with a self-attention block (launch_cifar_ema.sh: none)")
     g = p.add_argument_group("StyleGAN2 regularisers (--arch stylegan2; official: stylegan2-ada-pytorch)")
@@ -216,8 +220,11 @@ def parse_args(argv=None):
                    help="path-length regularisation weight (official: 2; 0 = off)")
     g.add_argument("--pl-every", type=int, default=None, help="lazy path length: every N G steps (official: 4)")
     g.add_argument("--style-mixing", type=float, default=None, help="style-mixing probability (official: 0.9)")
-    g.add_argument("--width", type=int, default=None, help="base channels (64 = the paper's 512-256-128) / MLP units")
-    g.add_argument("--img-size", type=int, default=None, help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace)")
+    g.add_argument("--width", type=int, default=None,
+                   help="base channels (64 = the paper's 512-256-128; biggan: 64 = BigGAN's ch, 256 "
+                        "channels; stylegan2: channel base and max x width / 64) / MLP units")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace; stylegan2 on FFHQ: 256, or 1024 as the paper)")
     g.add_argument("--z-dim", type=int, default=None, help="noise dimension (Suppl.: 64 CIFAR-10, 128 CelebA/AnimeFace)")
     g.add_argument("--m", "--code-dim", dest="m", type=int, default=None,
                    help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace); under torchrun "
@@ -227,6 +234,9 @@ def parse_args(argv=None):
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
     g.add_argument("--n-critic", type=int, default=None, help="D updates per G update (official README: 3)")
     g.add_argument("--lr-decay", type=float, default=None, help="lr factor per --lr-decay-epochs (Suppl.: 0.9)")
+    g.add_argument("--lr-decay-from", type=float, default=None,
+                   help="fraction of --steps after which the lr falls linearly to 0 (ours, 2-D presets; "
+                        "1 = never, the paper's)")
     g.add_argument("--lr-decay-epochs", type=int, default=None,
                    help="data epochs between lr decays (Suppl.: 50 CIFAR-10, 1 CelebA)")
     g = p.add_argument_group("MaEM terms (Eq. 8, 12-14) and the Table 1-3 ablations")
@@ -286,7 +296,7 @@ def parse_args(argv=None):
         preset.update(values)
         if args.ema is None:        # Official code: the EMA's half-life is ema_kimg thousand images
             args.ema = 0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000))
-    preset = dict(dict(loss="maf", ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
+    preset = dict(dict(loss="maf", lr_decay_from=1.0, ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
                        pl_every=1, style_mixing=0.0, attn_res=[]), **preset)
     common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
     args.data_name, args.split = preset["data"], preset["split"]
@@ -296,6 +306,8 @@ def parse_args(argv=None):
                        nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
                                     "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight", "ema",
                                     "ema_start", "r1_gamma", "pl_weight", "style_mixing"))
+    if not 0 <= args.lr_decay_from <= 1:
+        p.error("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
     if args.ema >= 1 or args.style_mixing > 1:
         p.error("--ema must be < 1 and --style-mixing at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
@@ -767,13 +779,18 @@ def build_networks(args, channels):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, device, batch=1000, generator=None):
+def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
     """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
-    statistics, as the official test()); the caller restores train mode."""
+    statistics, as the official test()); the caller restores train mode. bn_batch=True (BigGAN):
+    batch norm from each chunk of 50 instead, as BigGAN-PyTorch samples its G_ema (train mode unless
+    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50)."""
+    if bn_batch:
+        batch = 50
     out = []
-    for i in range(0, n, batch):
-        z = torch.randn(min(batch, n - i), z_dim, generator=generator).to(device)
-        out.append(G(z).float().cpu())
+    with common.batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), z_dim, generator=generator).to(device)
+            out.append(G(z).float().cpu())
     return torch.cat(out)
 
 
@@ -790,7 +807,8 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     dims = min(dims, args.m)
     best_v, best_x, seen = None, None, []
     for i in range(0, args.fig3_samples, 500):
-        x = generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen)
+        x = generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
+                     bn_batch=args.arch == "biggan")
         v = embed(D, x.to(device), sample=False)[:, :dims].cpu()               # (b, dims)
         if args.arch == "mlp":
             seen.append(x)
@@ -820,7 +838,8 @@ def save_samples(G, args, device, z_fixed, real_points, path):
     mode = G.training
     G.eval()
     # StyleGAN2's noise inputs fixed too (a draw would move the training RNG)
-    fake = G(z_fixed.to(device), **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
+    with common.batch_norm_from_batch(G) if args.arch == "biggan" else contextlib.nullcontext():
+        fake = G(z_fixed.to(device), **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
     G.train(mode)
     if args.arch == "mlp":
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
@@ -842,7 +861,7 @@ def load_sampler(ckpt_path, device="cpu"):
     G = G.to(device).eval()
 
     def sample(n):
-        return generate(G, n, args.z_dim, device)
+        return generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
 
     sample.dataset = args.data_name
     sample.data_std = args.data_std
@@ -858,10 +877,12 @@ def load_sampler(ckpt_path, device="cpu"):
 # The paper's: each term and sigma, lambda. The authors' code's: the unit weights of the first three
 # terms and the routing of L_ent (real codes in D's loss, generated codes in G's; see section 5).
 
-def learning_rate(args, epoch):
+def learning_rate(args, epoch, step=0):
     """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
-    once per epoch). Derived from the stream's epoch, so a resumed run needs no scheduler state."""
-    return args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
+    once per epoch), times common.lr_factor's linear decay to 0 after --lr-decay-from (ours, 2-D
+    presets). Derived from the stream's epoch and the step, so a resumed run needs no scheduler state."""
+    return (args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
+            * common.lr_factor(step, args.steps, getattr(args, "lr_decay_from", 1.0)))
 
 
 def load_data(args):
@@ -885,7 +906,8 @@ def train(args, rt, dataset):
     G, D = rt.wrap(G), rt.wrap(D)
     D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
     # Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied every k steps scales
-    # Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one.
+    # Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one (ours: ada-pytorch
+    # keeps the scaling with a zero weight).
     c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
     c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
     opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
@@ -936,7 +958,7 @@ def train(args, rt, dataset):
     while run.going(step):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
-        lr = learning_rate(args, epoch)
+        lr = learning_rate(args, epoch, step)
         for opt, c in ((opt_g, c_g), (opt_d, c_d)):
             for group in opt.param_groups:
                 group["lr"] = lr * c
@@ -1048,7 +1070,7 @@ def final_metrics(G, D, args, rt):
                   "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
         classifier = common.load_mode_classifier(args.classifier, rt.device)
-        batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device)
+        batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
                    for i in range(0, args.eval_samples, 500))
         return common.stacked_mode_metrics(batches, classifier, rt.device)
     try:
@@ -1056,7 +1078,7 @@ def final_metrics(G, D, args, rt):
         # training reads it): common.real_stats, cached.
         real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
                                       img_size=args.img_size, download=args.download)
-        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device)
+        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
                    for i in range(0, args.eval_samples, 100))
         return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ivar"], real,
                                     rt.device, inception_weights=args.inception_weights)

@@ -106,6 +106,20 @@ def test_self_attention_against_a_hand_computation():
     assert [type(b).__name__ for b in D.blocks] == ["DBlock", "SelfAttention", "DBlock", "DBlock", "DBlock"]
 
 
+def test_batch_norm_from_batch_leaves_the_running_statistics():
+    bn = torch.nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(4.0)
+    x = torch.randn(6, 2, 3, 3) * 3 + 1
+    with common.batch_norm_from_batch(bn):
+        y = bn(x)
+    mean, var = x.mean(dim=(0, 2, 3), keepdim=True), x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(y, (x - mean) / torch.sqrt(var + bn.eps), atol=1e-5)
+    assert not bn.training and bn.running_mean.eq(5).all() and bn.running_var.eq(4).all()
+    assert bn.num_batches_tracked.item() == 0
+
+
 # ---------------------------------------------------------------- the backbones' losses on codes
 def test_hinge_and_non_saturating_losses_on_the_realness():
     v_real = torch.tensor([[2.0, 0.0], [0.0, 0.0]])          # realness r = mean over m: 1, 0
@@ -121,13 +135,13 @@ def test_hinge_and_non_saturating_losses_on_the_realness():
 
 
 def test_r1_reads_the_mean_code_without_the_noise():
-    class Linear(torch.nn.Module):                            # mu = x a_k, logvar large: noisy V
+    class Linear(torch.nn.Module):                            # mu = x a_k, logvar = 3 x a_k: noisy V
         def __init__(self):
             super().__init__()
             self.a = torch.nn.Parameter(torch.tensor([[1.0, 3.0], [2.0, -1.0]]))   # (d, m)
 
-        def forward(self, x):
-            return torch.cat([x @ self.a, torch.full((x.shape[0], 2), 10.0)], 1)
+        def forward(self, x):                                 # logvar depends on x: the sampled
+            return torch.cat([x @ self.a, 3 * x @ self.a], 1)   # code's gradient differs from mu's
 
     x = torch.randn(5, 2)
     # r = mean_k mu_k = x . mean(a, 1) = x . (2, 0.5): ||grad||^2 = 4.25 for every sample
@@ -165,7 +179,13 @@ def test_biggan_two_steps_with_and_without_the_maem_terms(tmp_path, monkeypatch,
     G.load_state_dict(ckpt["G_ema"])
     z = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    assert torch.equal(sample(3), G.eval()(z))
+    got = sample(3)
+    with torch.no_grad():
+        assert not torch.allclose(got, G.eval()(z), atol=1e-4)       # not the running statistics
+        for m in G.modules():                                       # the batch's, as BigGAN-PyTorch
+            if isinstance(m, torch.nn.BatchNorm2d):                 # (spectral norm stays in eval:
+                m.train()                                           # no power iteration)
+        assert torch.allclose(got, G(z), atol=1e-6)
 
 
 def test_ema_is_a_copy_until_ema_start(tmp_path, monkeypatch):
@@ -297,3 +317,21 @@ def test_torchrun_stylegan2_with_r1_and_path_length(tmp_path):
     ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"), method="maem_gan")
     assert ckpt["step"] == 2 and len(ckpt["pl_mean"]) == 2
     assert not torch.equal(ckpt["pl_mean"][0], ckpt["pl_mean"][1])      # per-rank running means
+
+
+def test_stylegan2_recipe_follows_the_resolution():
+    # stylegan2-ada-pytorch train.py cfg_specs: paper256, paper512, stylegan2 (config F, 1024)
+    def parsed(*flags):
+        a = maem_gan.parse_args(["--dataset", "ffhq", "--arch", "stylegan2", *flags])
+        return a, maem_gan.stylegan2_preset(a.img_size)[0]
+
+    a, cfg = parsed()
+    assert (a.img_size, a.batch_size, a.lr, a.r1_gamma, cfg["channel_base"], cfg["mbstd_group"]) == \
+        (256, 64, 0.0025, 1.0, 16384, 8)
+    a, cfg = parsed("--img-size", "512")
+    assert (a.batch_size, a.lr, a.r1_gamma, cfg["channel_base"]) == (64, 0.0025, 0.5, 32768)
+    a, cfg = parsed("--img-size", "1024")
+    assert (a.batch_size, a.lr, a.r1_gamma, cfg["channel_base"], cfg["mbstd_group"]) == (32, 0.002, 10.0, 32768, 4)
+    assert a.ema == pytest.approx(0.5 ** (32 / 10_000)) and a.steps == 25_000_000 // 32
+    anime = maem_gan.parse_args(["--dataset", "animeface", "--arch", "stylegan2"])
+    assert anime.img_size == 64 and anime.m == 32 and anime.lambda_norm == 5.0   # Suppl.'s AnimeFace

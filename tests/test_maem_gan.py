@@ -121,7 +121,7 @@ def test_isomap_mix_and_loss_by_hand():
 
 def test_entropy_weight_warmup_and_learning_rate_decay():
     args = argparse.Namespace(no_entropy=False, sigma=0.2, entropy_warmup=100, lr=1.0, lr_decay=0.9,
-                              lr_decay_epochs=50)
+                              lr_decay_epochs=50, steps=100, lr_decay_from=1.0)
     assert maem_gan.entropy_weight(args, 0) == 0.0
     assert maem_gan.entropy_weight(args, 50) == pytest.approx(0.1)
     assert maem_gan.entropy_weight(args, 300) == pytest.approx(0.2)
@@ -130,6 +130,10 @@ def test_entropy_weight_warmup_and_learning_rate_decay():
     args.no_entropy = True
     assert maem_gan.entropy_weight(args, 0) == 0.0
     assert [maem_gan.learning_rate(args, e) for e in (0, 49, 50, 120)] == pytest.approx([1, 1, 0.9, 0.81])
+    # --lr-decay-from 0.5 of 100 steps: constant to step 50, then linear to 0, on top of the epochs'
+    args.lr_decay_from = 0.5
+    assert [maem_gan.learning_rate(args, 50, s) for s in (0, 49, 50, 75, 100)] == \
+        pytest.approx([0.9, 0.9, 0.9, 0.45, 0.0])
 
 
 # ---------------------------------------------------------------- where the gradients go
