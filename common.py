@@ -682,8 +682,9 @@ def format_duration(seconds):
 class LossMeter:
     """Running sums of the losses, kept on the device: no `.item()` (GPU sync) per step.
 
-    `add(d_loss=..., g_loss=...)` every step; `flush()` at a log step returns the means since
-    the last flush as Python floats (one sync), averaged over ranks under torchrun.
+    `add(d_loss=..., g_loss=...)` every step (tensors stay on the device, Python numbers on the
+    host: no sync, no copy); `flush()` at a log step returns the means since the last flush as
+    Python floats (one sync), averaged over ranks under torchrun.
     `flush()` also reports whether any value was NaN/inf since the last flush, which the scripts
     turn into an error *before* writing a checkpoint, so the last checkpoint is a good one.
     """
@@ -694,8 +695,14 @@ class LossMeter:
 
     def add(self, **values):
         for name, value in values.items():
-            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            value = value.to(self.rt.device)
+            if torch.is_tensor(value):
+                value = value.detach().float().to(self.rt.device)
+            else:
+                # A Python number (e.g. a loss weight) is summed on the host, in float32 as on the
+                # device, and moved at flush: a copy to the GPU per step would be a blocking
+                # host-to-device copy (a stream sync) every step. Added to a sum on the device
+                # (after a resume), a 0-dim CPU tensor is a kernel argument, not a copy.
+                value = torch.tensor(float(value))
             if name in self.sums:
                 self.sums[name] += value
                 self.counts[name] += 1
@@ -707,7 +714,7 @@ class LossMeter:
         if not self.sums:
             return {}, True
         names = sorted(self.sums)
-        stacked = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        stacked = torch.stack([self.sums[n].to(self.rt.device) / self.counts[n] for n in names])
         stacked = self.rt.all_mean(stacked)
         values = stacked.tolist()                       # the one sync
         self.sums, self.counts = {}, {}
@@ -716,7 +723,9 @@ class LossMeter:
 
     def state_dict(self):
         """The sums since the last flush (a run stopped between log steps keeps them)."""
-        return {name: (self.sums[name].detach().cpu(), self.counts[name]) for name in self.sums}
+        # A copy also of the sums kept on the host: later steps add to them in place.
+        return {name: (self.sums[name].detach().to("cpu", copy=True), self.counts[name])
+                for name in self.sums}
 
     def load_state_dict(self, state):
         self.sums = {name: total.to(self.rt.device) for name, (total, _) in state.items()}

@@ -398,6 +398,28 @@ def test_out_dir_logger_and_loss_meter(tmp_path, capsys):
         common.prepare_out_dir(str(tmp_path / "new"), {}, resume=True, is_main=True)
 
 
+def test_loss_meter_sums_numbers_on_the_host_and_saves_copies():
+    # Python numbers stay on the host (no copy to the device per step), tensors on the device:
+    # a "meta" device stands in for a GPU (the old meter moved every number there).
+    meter = common.LossMeter(common.Runtime(device=torch.device("meta")))
+    meter.add(d_loss=torch.ones((), device="meta"), lam=0.5)
+    assert meter.sums["d_loss"].device.type == "meta" and meter.sums["lam"].device.type == "cpu"
+    # The same float32 sums as on the device, and a saved state is a copy that later steps leave alone.
+    rt = common.setup_runtime("cpu")
+    meter, whole = common.LossMeter(rt), common.LossMeter(rt)
+    for i in range(3):
+        for m in (meter, whole):
+            m.add(g_loss=torch.tensor(0.1 * i), lam=0.1)
+    saved = meter.state_dict()
+    meter.add(g_loss=torch.tensor(5.0), lam=7.0)
+    assert saved["lam"][0].item() == (torch.tensor(0.1) + 0.1 + 0.1).item() and saved["lam"][1] == 3
+    resumed = common.LossMeter(rt)
+    resumed.load_state_dict(saved)
+    for m in (resumed, whole):
+        m.add(g_loss=torch.tensor(5.0), lam=7.0)
+    assert resumed.flush() == whole.flush() == meter.flush()
+
+
 # ---------------------------------------------------------------- pictures
 def test_scatter_plot_and_grid(tmp_path):
     centers, _ = common.synthetic_modes("ring")
