@@ -1750,7 +1750,7 @@ class BatchStream:
             raise UsageError(_clean_worker_error(err)) from None
         self.pos += 1
         non_blocking = self.rt.device.type == "cuda"
-        return x.to(self.rt.device, non_blocking=non_blocking), torch.as_tensor(y).to(self.rt.device)
+        return x.to(self.rt.device, non_blocking=non_blocking), torch.as_tensor(y).to(self.rt.device, non_blocking=non_blocking)
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
