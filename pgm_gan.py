@@ -513,8 +513,7 @@ def partition_ids(x, idx, S, random_ids):
     if S is not None:
         return S(x.float()).argmax(1)
     if random_ids is not None:
-        # run_gan keeps the table on the device: no read-back of idx (a sync) and no copy per step.
-        return random_ids[idx.to(random_ids.device)].to(x.device)
+        return random_ids[idx.to(random_ids.device)].to(x.device)    # a table on the device: no sync
     return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
@@ -830,9 +829,8 @@ def run_gan(args, rt, dataset, channels):
     common.check_made_with(part_path, part["args"], args, ("dataset", "k", "partition"))
     pi = part["sizes"].double() / part["sizes"].sum()              # pi_i = p_data(A_i)
     S = load_partitioner(args, channels, part["S"], part_path, device)
-    random_ids = part["random_ids"]
+    random_ids = None if part["random_ids"] is None else part["random_ids"].to(device)    # partition_ids
     data = common.IndexedDataset(dataset) if random_ids is not None else dataset
-    ids_table = random_ids.to(device) if random_ids is not None else None    # partition_ids
     stream = common.BatchStream(data, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
 
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
@@ -879,7 +877,7 @@ def run_gan(args, rt, dataset, channels):
         # only sampling rejects G_y(z) outside A_y.
         for _ in range(args.n_dis):
             x, extra = next(stream)
-            y = partition_ids(x, extra, S, ids_table)
+            y = partition_ids(x, extra, S, random_ids)
             z = torch.randn(per_rank, args.z_dim, device=device)
             with rt.autocast():
                 with torch.no_grad():
