@@ -1063,7 +1063,7 @@ def final_metrics(G, D, args, rt):
     if kind == "points":
         samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
-        return dict(metrics, **code_directions(D, args, rt.device))
+        return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):
         if not args.classifier:
             print("note: mode metrics skipped: pass --classifier (train one with "

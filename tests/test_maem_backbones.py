@@ -204,6 +204,15 @@ def argparse_ns(d):
     return argparse.Namespace(**d)
 
 
+def test_scalar_head_on_2d_data_has_no_code_to_check(tmp_path):
+    out = str(tmp_path / "ring")
+    maem_gan.main(["--dataset", "ring", "--scalar-head", "--no-entropy", "--no-dlle", "--no-disomap", "--steps", "2",
+                   "--log-every", "1", "--ckpt-every", "2", "--sample-every", "2", "--batch-size", "16",
+                   "--eval-samples", "200", "--fig3-samples", "50", "--out", out, "--device", "cpu"])
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert "modes" in metrics and "code_dims" not in metrics           # no m-dim code to measure
+
+
 def test_backbone_presets_need_their_dataset(capsys):
     with pytest.raises(SystemExit) as err:
         maem_gan.parse_args(["--dataset", "celeba", "--arch", "biggan"])
