@@ -11,7 +11,7 @@ import torch
 
 import common
 import maem_gan
-from conftest import run_script, run_torchrun
+from conftest import run_script, run_torchrun, run_until_crash
 
 TINY = ["--steps", "6", "--log-every", "3", "--ckpt-every", "6", "--sample-every", "6",
         "--eval-samples", "1000", "--fig3-samples", "300", "--batch-size", "32", "--device", "cpu"]
@@ -139,7 +139,8 @@ def test_entropy_weight_warmup_and_learning_rate_decay():
 # ---------------------------------------------------------------- where the gradients go
 def tiny_nets(variant, transform="noise"):
     args = maem_gan.parse_args(["--dataset", "ring", "--variant", variant, "--m", "4", "--width", "16",
-                                "--dlle-transform", transform, "--lambda-norm", "0.5"])
+                                "--dlle-transform", transform, "--lambda-norm", "0.5", "--loss", "maf",
+                                "--d-spectral-norm"])
     torch.manual_seed(0)
     G, D = maem_gan.build_networks(args, 2)
     return args, G, D
@@ -314,6 +315,33 @@ def test_ablation_flags_remove_their_terms_and_inputs():
     assert calls == [40]                                         # + mixes + F(real) + F(fake)
 
 
+def test_dlle_noise_anneal_by_hand_and_in_training(tmp_path, monkeypatch):
+    args = argparse.Namespace(dlle_noise=0.04, dlle_noise_anneal=None, steps=100)
+    assert [maem_gan.dlle_noise_std(args, s) for s in (0, 60, 99)] == [0.04] * 3       # the paper's
+    args.dlle_noise_anneal = (0.25, 0.75)                  # 0.04 to step 25, linear to 0 at step 75
+    assert [maem_gan.dlle_noise_std(args, s) for s in (0, 25, 50, 70, 75, 99)] == \
+        pytest.approx([0.04, 0.04, 0.02, 0.004, 0.0, 0.0])
+    # training draws F's noise with that std at each G step, the same for its n_critic D steps
+    seen, real = [], maem_gan.dlle_transform
+    monkeypatch.setattr(maem_gan, "dlle_transform", lambda x, a, D=None, std=None:
+                        seen.append(round(std, 6)) or real(x, a, D, std=std))
+    maem_gan.main(["--dataset", "ring", "--out", str(tmp_path / "run"), *TINY, "--n-critic", "2",
+                   "--dlle-noise", "0.03", "--dlle-noise-anneal", "0", "0.5"])
+    per_d_step = [0.03, 0.02, 0.01, 0.0, 0.0, 0.0]                 # G steps 0-5: 0 at step 3 of 6
+    assert seen == [s for s in per_d_step for _ in range(2 * 2)]   # real and fake, 2 D steps
+
+
+@pytest.mark.parametrize("flag, expect_sn", [(None, False), ("--no-d-spectral-norm", False),
+                                             ("--d-spectral-norm", True)])
+def test_two_d_discriminator_spectral_norm_follows_the_flag(flag, expect_sn):
+    from torch.nn.utils import parametrize
+
+    args = maem_gan.parse_args(["--dataset", "grid", "--width", "8", *([flag] if flag else [])])
+    _, D = maem_gan.build_networks(args, 2)
+    linears = [m for m in D.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(parametrize.is_parametrized(m, "weight") == expect_sn for m in linears)
+
+
 def test_image_transforms_keep_shape_and_move_the_image():
     args = argparse.Namespace(dlle_transform="rot-noise", dlle_noise=0.0, rot_degrees=30.0)
     x = torch.zeros(4, 3, 16, 16)
@@ -428,7 +456,8 @@ def test_flags_train_on_ring(tmp_path, flags):
     if "--variant" in flags:
         assert bufs["real"]["data"].shape == (16, 16)
     else:           # D pushes real, G generated codes (also without the term: the health figures)
-        assert bufs["real"]["count"] == 6 * 32 * 3 and bufs["fake"]["count"] == 6 * 32
+        n_critic = ckpt["args"]["n_critic"]                      # one D step per G step on 2-D data
+        assert bufs["real"]["count"] == 6 * 32 * n_critic and bufs["fake"]["count"] == 6 * 32
     assert ("real_cos_nn" in last) and ("fake_cos_nn" in last)
     sample = maem_gan.load_sampler(os.path.join(out, "ckpt.pt"))
     assert sample(7).shape == (7, 2) and sample.dataset == "ring"
@@ -469,14 +498,18 @@ def test_tiny_images_rot_noise_bf16_and_lr_decay(tmp_path):
 
 @pytest.mark.parametrize("variant", [["--variant", "paper"], ["--variant", "official"],
                                      ["--variant", "official", "--authors-buffer"]])
-def test_resume_equals_an_uninterrupted_run(tmp_path, variant):
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, variant):
+    """Killed after the step-4 checkpoint of 8 and resumed: the ring preset's schedules (the lr
+    decay from step 4, DLLE's noise annealed over steps 2-6) are functions of the step."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     flags = ["--dataset", "ring", "--log-every", "2", "--ckpt-every", "4", "--sample-every", "4",
              "--eval-samples", "500", "--fig3-samples", "100", "--batch-size", "16", "--device", "cpu",
-             "--seed", "3", *variant, "--buffer-size", "40", "--entropy-warmup", "0"]
-    maem_gan.main([*flags, "--steps", "8", "--out", full])
-    maem_gan.main([*flags, "--steps", "4", "--out", part])
-    maem_gan.main([*flags, "--steps", "8", "--out", part, "--resume"])
+             "--seed", "3", *variant, "--buffer-size", "40", "--entropy-warmup", "0", "--steps", "8"]
+    if "official" in variant:
+        flags += ["--dlle-transform", "noise", "--dlle-noise", "0.02"]     # the anneal acts on noise
+    maem_gan.main([*flags, "--out", full])
+    run_until_crash(monkeypatch, maem_gan.main, [*flags, "--out", part], lambda state: state["step"] == 4)
+    maem_gan.main([*flags, "--out", part, "--resume"])
     a = common.load_checkpoint(os.path.join(full, "ckpt.pt"))
     b = common.load_checkpoint(os.path.join(part, "ckpt.pt"))
     for net in ("G", "D"):
@@ -499,7 +532,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     out = str(tmp_path / "nan")
     with pytest.raises(common.UsageError, match="non-finite loss at step 6"):
         maem_gan.main(["--dataset", "ring", "--steps", "8", "--log-every", "2", "--ckpt-every", "4",
-                       "--sample-every", "8", "--batch-size", "16", "--out", out, "--device", "cpu"])
+                       "--sample-every", "8", "--batch-size", "16", "--out", out, "--device", "cpu",
+                       "--n-critic", "3"])
     assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 4
     assert not os.path.exists(os.path.join(out, "metrics.json"))
 
