@@ -154,8 +154,10 @@ VARIANTS = ("paper", "official")
 DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
 # random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
-# loader flips real images horizontally at random (transform_train's RandomHorizontalFlip).
-OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True)
+# loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
+# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data").
+OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True,
+                         d_spectral_norm=True)
 # Flags a --resume may change besides common.RUN_CONTROL.
 RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 

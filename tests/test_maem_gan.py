@@ -331,12 +331,14 @@ def test_dlle_noise_anneal_by_hand_and_in_training(tmp_path, monkeypatch):
     assert seen == [s for s in per_d_step for _ in range(2 * 2)]   # real and fake, 2 D steps
 
 
-@pytest.mark.parametrize("flag, expect_sn", [(None, False), ("--no-d-spectral-norm", False),
-                                             ("--d-spectral-norm", True)])
-def test_two_d_discriminator_spectral_norm_follows_the_flag(flag, expect_sn):
+@pytest.mark.parametrize("flags, expect_sn", [([], False), (["--no-d-spectral-norm"], False),
+                                              (["--d-spectral-norm"], True),
+                                              (["--variant", "official"], True),      # the authors' D
+                                              (["--variant", "official", "--no-d-spectral-norm"], False)])
+def test_two_d_discriminator_spectral_norm_follows_the_flag(flags, expect_sn):
     from torch.nn.utils import parametrize
 
-    args = maem_gan.parse_args(["--dataset", "grid", "--width", "8", *([flag] if flag else [])])
+    args = maem_gan.parse_args(["--dataset", "grid", "--width", "8", *flags])
     _, D = maem_gan.build_networks(args, 2)
     linears = [m for m in D.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(parametrize.is_parametrized(m, "weight") == expect_sn for m in linears)
