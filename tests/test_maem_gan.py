@@ -602,6 +602,7 @@ def test_official_g_step_reuses_the_last_d_steps_z(variant, tmp_path, monkeypatc
         return G, D
 
     monkeypatch.setattr(maem_gan, "build_networks", spy)
-    maem_gan.main(["--dataset", "ring", "--variant", variant, "--out", str(tmp_path / "z"), *TINY])
+    maem_gan.main(["--dataset", "ring", "--variant", variant, "--out", str(tmp_path / "z"), *TINY,
+                   "--n-critic", "3"])
     d_last, g = seen[2], seen[3]                                # n_critic 3 D steps, then the G step
     assert torch.equal(d_last, g) == (variant == "official")
