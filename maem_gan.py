@@ -106,8 +106,8 @@ PRESETS = {
                                   eval_samples=26_000, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
     # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9, README "MaEM-GAN on 2-D
-    # data"): 4-layer MLPs, z 2, m 16, sigma as CelebA. Under L_MaF with a spectral-norm D
-    # (the paper's setting) quality stays below 20 %, so these leave it: the non-saturating loss on
+    # data"): 4-layer MLPs, z 2, m 16, sigma as CelebA. With the paper's image settings carried
+    # over (L_MaF, a spectral-norm D, lr 1e-4, n_critic 3) quality stays below 20 %, so these leave them: the non-saturating loss on
     # the realness, no spectral norm, lr 1e-3 with one D step per G step, falling linearly to 0 over
     # the second half (as InvertGAN's 2-D presets), and DLLE's noise annealed to 0 from 25 % of the
     # run (it balances the modes early and blurs them if kept). 50K evaluation samples
@@ -149,8 +149,10 @@ PRESET_SOURCES = {
     "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours; the paper's: --arch stylegan2); image folder",
     "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
     "stacked-fashion-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
-    "ring": "ours: MLPs, non-saturating loss, no SN, lr 1e-3 decayed, DLLE noise annealed (not in the paper)",
-    "grid": "ours: MLPs, non-saturating loss, no SN, lr 1e-3 decayed, DLLE noise annealed (not in the paper)",
+    "ring": "ours (not in the paper): MLPs, non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
+            "steps, batch 128, DLLE noise annealed over 25-75 %",
+    "grid": "ours (not in the paper): MLPs, non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
+            "steps, batch 256, DLLE noise annealed over 25-60 %",
 }
 ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
 VARIANTS = ("paper", "official")
@@ -158,7 +160,9 @@ DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
 # random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
 # loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
-# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data").
+# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data"),
+# and on 2-D data L_MaF replaces the presets' non-saturating loss (parse_args). The 2-D presets'
+# optimiser settings stay: the authors have no 2-D run.
 OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True,
                          d_spectral_norm=True)
 # Flags a --resume may change besides common.RUN_CONTROL.
@@ -271,8 +275,10 @@ def parse_args(argv=None):
     g.add_argument("--dlle-noise", type=float, default=None,
                    help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
     g.add_argument("--dlle-noise-anneal", type=float, nargs=2, default=None, metavar=("FROM", "TO"),
-                   help="F's noise std falls linearly from --dlle-noise at fraction FROM of --steps to 0 at "
-                        "fraction TO (ours, 2-D presets: 0.25 0.75; default: constant, the paper's)")
+                   help="F's noise std (the adv step with --dlle-transform adv) falls linearly from "
+                        "--dlle-noise at fraction FROM of --steps to 0 at fraction TO (ours, 2-D presets: "
+                        "ring 0.25 0.75, grid 0.25 0.6; default: constant, the paper's). DLLE stays on at "
+                        "noise 0: it then compares two draws of the re-parameterised code")
     g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
     g.add_argument("--iso-weight", type=float, default=None,
                    help="weight of L_Iso in D's loss (paper: none stated; official code: 1)")
@@ -296,6 +302,8 @@ def parse_args(argv=None):
         for key, value in OFFICIAL_DEFAULTS.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        if args.loss is None and PRESETS[args.dataset]["arch"] == "mlp":
+            args.loss = "maf"               # Official code: L_MaF (the 2-D presets' is ours)
     args.entropy_warmup = 0 if args.entropy_warmup is None else args.entropy_warmup
     args.hflip = bool(args.hflip)
     if args.authors_buffer and args.variant != "official":
@@ -601,8 +609,9 @@ def rotate(x, angle):
 
 def dlle_noise_std(args, step):
     """F's noise std at G step `step`: --dlle-noise, or with --dlle-noise-anneal FROM TO (ours, 2-D
-    presets) falling linearly from it at FROM * steps to 0 at TO * steps. A function of the step,
-    so a resumed run gets the same values."""
+    presets) falling linearly from it at FROM * steps to 0 at TO * steps. A function of the step and
+    --steps, so a run resumed with the same --steps gets the same values (as the lr decay; a larger
+    --steps on resume stretches both schedules)."""
     if args.dlle_noise_anneal is None:
         return args.dlle_noise
     start, end = (f * args.steps for f in args.dlle_noise_anneal)
@@ -951,6 +960,9 @@ def train(args, rt, dataset):
     nets, opts = {"G": G, "D": D, "G_ema": ema}, {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume:
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
+        if args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
+            raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
+                                    f"--d-spectral-norm; its 2-D presets differ): start a new run")
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
         if set(saved[0]) != set(buffers):

@@ -322,23 +322,31 @@ def test_dlle_noise_anneal_by_hand_and_in_training(tmp_path, monkeypatch):
     assert [maem_gan.dlle_noise_std(args, s) for s in (0, 25, 50, 70, 75, 99)] == \
         pytest.approx([0.04, 0.04, 0.02, 0.004, 0.0, 0.0])
     # training draws F's noise with that std at each G step, the same for its n_critic D steps
-    seen, real = [], maem_gan.dlle_transform
-    monkeypatch.setattr(maem_gan, "dlle_transform", lambda x, a, D=None, std=None:
-                        seen.append(round(std, 6)) or real(x, a, D, std=std))
+    seen, moved, real = [], [], maem_gan.dlle_transform
+
+    def spy(x, a, D=None, std=None):
+        out = real(x, a, D, std=std)
+        seen.append(round(std, 6))
+        moved.append((out - x).std().item())                       # the noise F actually added
+        return out
+
+    monkeypatch.setattr(maem_gan, "dlle_transform", spy)
     maem_gan.main(["--dataset", "ring", "--out", str(tmp_path / "run"), *TINY, "--n-critic", "2",
                    "--dlle-noise", "0.03", "--dlle-noise-anneal", "0", "0.5"])
     per_d_step = [0.03, 0.02, 0.01, 0.0, 0.0, 0.0]                 # G steps 0-5: 0 at step 3 of 6
     assert seen == [s for s in per_d_step for _ in range(2 * 2)]   # real and fake, 2 D steps
+    assert moved[:4] == pytest.approx([0.03] * 4, rel=0.3) and moved[-4:] == [0.0] * 4
 
 
-@pytest.mark.parametrize("flags, expect_sn", [([], False), (["--no-d-spectral-norm"], False),
-                                              (["--d-spectral-norm"], True),
-                                              (["--variant", "official"], True),      # the authors' D
-                                              (["--variant", "official", "--no-d-spectral-norm"], False)])
-def test_two_d_discriminator_spectral_norm_follows_the_flag(flags, expect_sn):
+@pytest.mark.parametrize("flags, expect_sn, loss", [
+    ([], False, "ns"), (["--no-d-spectral-norm"], False, "ns"), (["--d-spectral-norm"], True, "ns"),
+    (["--variant", "official"], True, "maf"),                                 # the authors' D and loss
+    (["--variant", "official", "--no-d-spectral-norm", "--loss", "ns"], False, "ns")])
+def test_two_d_discriminator_spectral_norm_follows_the_flag(flags, expect_sn, loss):
     from torch.nn.utils import parametrize
 
     args = maem_gan.parse_args(["--dataset", "grid", "--width", "8", *flags])
+    assert args.loss == loss
     _, D = maem_gan.build_networks(args, 2)
     linears = [m for m in D.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(parametrize.is_parametrized(m, "weight") == expect_sn for m in linears)
@@ -458,8 +466,8 @@ def test_flags_train_on_ring(tmp_path, flags):
     if "--variant" in flags:
         assert bufs["real"]["data"].shape == (16, 16)
     else:           # D pushes real, G generated codes (also without the term: the health figures)
-        n_critic = ckpt["args"]["n_critic"]                      # one D step per G step on 2-D data
-        assert bufs["real"]["count"] == 6 * 32 * n_critic and bufs["fake"]["count"] == 6 * 32
+        assert ckpt["args"]["n_critic"] == 1                      # the 2-D presets: one D step per G step
+        assert bufs["real"]["count"] == 6 * 32 and bufs["fake"]["count"] == 6 * 32
     assert ("real_cos_nn" in last) and ("fake_cos_nn" in last)
     sample = maem_gan.load_sampler(os.path.join(out, "ckpt.pt"))
     assert sample(7).shape == (7, 2) and sample.dataset == "ring"
@@ -558,6 +566,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
         (["--dataset", "ring", "--sigma", "-1"], "--sigma must be a finite number >= 0"),
         (["--dataset", "ring", "--buffer-size", "0"], "--buffer-size must be a finite number > 0"),
         (["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "no checkpoint"),
+        (["--dataset", "grid", "--dlle-noise-anneal", "0.6", "0.25"], "needs 0 <= FROM < TO <= 1"),
+        (["--dataset", "cifar10", "--no-d-spectral-norm"], "--no-d-spectral-norm is for --arch mlp"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -571,6 +581,18 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         common.run_cli(maem_gan.main, ["--dataset", "ring", "--out", str(other), "--resume"])
     assert "not of 'maem_gan'" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_2d_checkpoint_from_before_the_spectral_norm_flag(tmp_path, capsys):
+    out = str(tmp_path / "old")
+    maem_gan.main(["--dataset", "ring", "--out", out, *TINY, "--d-spectral-norm"])
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = common.load_checkpoint(path)
+    del ckpt["args"]["d_spectral_norm"]                   # what an older maem_gan.py wrote
+    common.save_checkpoint(path, ckpt)
+    with pytest.raises(SystemExit) as exc:
+        common.run_cli(maem_gan.main, ["--dataset", "ring", "--out", out, "--resume", "--steps", "9"])
+    assert exc.value.code == 2 and "older maem_gan.py" in capsys.readouterr().err
 
 
 def test_code_directions_count_the_directions_mode_codes_vary_in():
