@@ -105,15 +105,16 @@ PRESETS = {
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
                                   eval_samples=26_000, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
-    # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9, README "MaEM-GAN on 2-D
-    # data"): 4-layer MLPs, z 2, m 16, sigma as CelebA. With the paper's image settings carried
+    # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
+    # data"): 4-layer MLPs (D with LeakyReLU 0.2, as the paper's DCGAN D: with ReLU a D died of dead
+    # units), z 2, m 16, sigma as CelebA. With the paper's image settings carried
     # over (L_MaF, a spectral-norm D, lr 1e-4, n_critic 3) quality stays below 20 %, so these leave them: the non-saturating loss on
     # the realness, no spectral norm, lr 1e-3 with one D step per G step, falling linearly to 0 over
     # the second half (as InvertGAN's 2-D presets), and DLLE's noise annealed to 0 from 25 % of the
     # run (it balances the modes early and blurs them if kept). 50K evaluation samples
     # (PGMGAN's 2-D protocol), 100K on the grid (25 modes instead of 8).
     **{name: dict(data=name, split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=batch,
-                  steps=10_000, loss="ns", d_spectral_norm=False, lr=1e-3, beta1=0.0, beta2=0.9,
+                  steps=10_000, loss="ns", d_spectral_norm=False, d_act="leaky_relu", lr=1e-3, beta1=0.0, beta2=0.9,
                   n_critic=1, lr_decay_from=0.5, sigma=5e-2, lambda_norm=0.0, lr_decay=1.0,
                   lr_decay_epochs=1, dlle_transform="noise", dlle_noise=noise,
                   dlle_noise_anneal=(0.25, anneal_to), iso_weight=1.0, dlle_weight=1.0, width=128,
@@ -149,9 +150,9 @@ PRESET_SOURCES = {
     "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours; the paper's: --arch stylegan2); image folder",
     "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
     "stacked-fashion-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
-    "ring": "ours (not in the paper): MLPs, non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
+    "ring": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
             "steps, batch 128, DLLE noise annealed over 25-75 %",
-    "grid": "ours (not in the paper): MLPs, non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
+    "grid": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
             "steps, batch 256, DLLE noise annealed over 25-60 %",
 }
 ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
@@ -216,6 +217,9 @@ def parse_args(argv=None):
     g.add_argument("--d-spectral-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral norm on the MLP D of 2-D data (--arch mlp; the image Ds always carry it). "
                         "2-D presets: off (ours, see README)")
+    g.add_argument("--d-act", default=None, choices=["relu", "leaky_relu"],
+                   help="activation of the MLP D of 2-D data (--arch mlp): 2-D presets leaky_relu (0.2, as "
+                        "the paper's DCGAN D; ours: with ReLU, 1 grid seed in 15 lost its D to dead units)")
     g.add_argument("--scalar-head", action="store_true",
                    help="D outputs one number, no m-dim code: with --no-entropy --no-dlle --no-disomap "
                         "the backbone's own baseline (Tables 6-7's first rows)")
@@ -317,7 +321,7 @@ def parse_args(argv=None):
         preset.update(values)
         if args.ema is None:        # Official code: the EMA's half-life is ema_kimg thousand images
             args.ema = 0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000))
-    preset = dict(dict(loss="maf", lr_decay_from=1.0, d_spectral_norm=True, dlle_noise_anneal=None, ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
+    preset = dict(dict(loss="maf", lr_decay_from=1.0, d_spectral_norm=True, d_act="relu", dlle_noise_anneal=None, ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
                        pl_every=1, style_mixing=0.0, attn_res=[]), **preset)
     common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
     args.data_name, args.split = preset["data"], preset["split"]
@@ -333,6 +337,8 @@ def parse_args(argv=None):
         p.error("--dlle-noise-anneal FROM TO needs 0 <= FROM < TO <= 1 (fractions of --steps)")
     if not args.d_spectral_norm and args.arch != "mlp":
         p.error("--no-d-spectral-norm is for --arch mlp (2-D data): the image Ds carry spectral norm by design")
+    if args.d_act != "relu" and args.arch != "mlp":
+        p.error("--d-act is for --arch mlp (2-D data): the image Ds have their own activations")
     if args.ema >= 1 or args.style_mixing > 1:
         p.error("--ema must be < 1 and --style-mixing at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
@@ -810,7 +816,7 @@ def build_networks(args, channels):
     attn = tuple(getattr(args, "attn_res", None) or ())
     G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width, attention=attn)
     D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width,
-                                   out_dim=d_out, attention=attn)
+                                   out_dim=d_out, attention=attn, mlp_act=getattr(args, "d_act", "relu"))
     if args.arch == "mlp" and getattr(args, "d_spectral_norm", True):
         common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
     return G, D
@@ -962,7 +968,7 @@ def train(args, rt, dataset):
         ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
         if args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
             raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
-                                    f"--d-spectral-norm; its 2-D presets differ): start a new run")
+                                    f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
         if set(saved[0]) != set(buffers):
