@@ -568,6 +568,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
         (["--dataset", "ring", "--out", str(tmp_path / "x"), "--resume"], "no checkpoint"),
         (["--dataset", "grid", "--dlle-noise-anneal", "0.6", "0.25"], "needs 0 <= FROM < TO <= 1"),
         (["--dataset", "cifar10", "--no-d-spectral-norm"], "--no-d-spectral-norm is for --arch mlp"),
+        (["--dataset", "cifar10", "--d-act", "leaky_relu"], "--d-act is for --arch mlp"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -581,6 +582,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         common.run_cli(maem_gan.main, ["--dataset", "ring", "--out", str(other), "--resume"])
     assert "not of 'maem_gan'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, act", [([], torch.nn.LeakyReLU), (["--d-act", "relu"], torch.nn.ReLU)])
+def test_two_d_discriminator_activation_follows_the_flag(flags, act):
+    args = maem_gan.parse_args(["--dataset", "ring", "--width", "8", *flags])
+    _, D = maem_gan.build_networks(args, 2)
+    acts = [m for m in D.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    assert len(acts) == 3 and all(type(m) is act for m in acts)
+    if act is torch.nn.LeakyReLU:
+        assert acts[0].negative_slope == 0.2
 
 
 def test_resume_refuses_a_2d_checkpoint_from_before_the_spectral_norm_flag(tmp_path, capsys):
