@@ -2526,6 +2526,91 @@ class DCGANDiscriminator(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# PacGAN / Unrolled GAN stacked-MNIST nets (the reduced-discriminator benchmark)
+# ------------------------------------------------------------------------------------------------
+# Layouts from PacGAN's model.py (fjxmlzn/PacGAN, stacked_MNIST_experiments/unrolled_GAN_experiment/
+# D=0.25G and D=0.5G), itself after Unrolled GAN's App. E: 3x3 kernels, TensorFlow 'SAME' padding,
+# BN (eps 1e-5, TF decay 0.9 = torch momentum 0.1) after every layer but D's first input and the
+# outputs. Init: N(0, 0.02) weights (truncated at 2 std for convs, as TF's truncated_normal), zero
+# biases, BN gain 1: the DCGAN-TensorFlow ops that model.py imports (its ops.py is not in the
+# public copy we read; these are that family's values and the issue's measurement of them).
+
+
+def _tf_same_pads(size, stride, k=3):
+    """TensorFlow 'SAME' padding of a k-wide conv with `stride` on `size` pixels: (before, after).
+    The output has ceil(size / stride) pixels; an odd total pad puts the extra pixel after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+class PacGANGenerator(nn.Module):
+    """PacGAN's stacked-MNIST G (287,875 parameters at z_dim 256, width 8): z -> linear to 64x4x4
+    -> BN -> ReLU -> [3x3 stride-2 transposed conv + BN + ReLU] to 32@7, 16@14, 8@28 -> 3x3 conv
+    to `channels` -> tanh. width w gives 8w/4w/2w/w channels. n_classes > 0 makes every BN
+    conditional (PGMGAN's per-partition G)."""
+
+    def __init__(self, z_dim, img_size=28, channels=3, width=8, n_classes=0):
+        super().__init__()
+        _check_size("pacgan", img_size, (28,))
+        self.z_dim, self.c0 = z_dim, 8 * width
+        ch = [8 * width, 4 * width, 2 * width, width]
+        self.fc = nn.Linear(z_dim, ch[0] * 4 * 4)
+        self.norms = nn.ModuleList([CondBatchNorm2d(c, n_classes) for c in ch])
+        self.deconvs = nn.ModuleList([nn.ConvTranspose2d(a, b, 3, 2) for a, b in zip(ch[:-1], ch[1:])])
+        self.sizes = [7, 14, 28]           # each transposed conv is the adjoint of a SAME conv size -> size/2
+        self.to_img = nn.Conv2d(ch[-1], channels, 3, 1, 1)
+        with torch.no_grad():
+            for layer in (self.fc, *self.deconvs):
+                nn.init.normal_(layer.weight, 0.0, 0.02)
+                nn.init.zeros_(layer.bias)
+            nn.init.trunc_normal_(self.to_img.weight, 0.0, 0.02, -0.04, 0.04)
+            nn.init.zeros_(self.to_img.bias)
+
+    def forward(self, z, y=None):
+        # TF lays the linear's 1024 outputs out as (4, 4, 64); ours as (64, 4, 4): a fixed
+        # permutation of the linear's rows, the same function class and init.
+        h = F.relu(self.norms[0](self.fc(z).view(-1, self.c0, 4, 4), y))       # (B, 8w, 4, 4)
+        for deconv, norm, size in zip(self.deconvs, self.norms[1:], self.sizes):
+            before, _ = _tf_same_pads(size, 2)
+            h = deconv(h)[:, :, before:before + size, before:before + size]    # full (2n+1) -> SAME crop
+            h = F.relu(norm(h, y))                                             # (B, c, size, size)
+        return torch.tanh(self.to_img(h))                                      # (B, channels, 28, 28)
+
+
+class PacGANDiscriminator(nn.Module):
+    """PacGAN's reduced D: [3x3 stride-2 conv (SAME) + BN + LeakyReLU 0.3] to width@14, 2width@7,
+    4width@4, then a linear 16*4width -> out_dim. width 2 is 'D = 0.25G' (585 parameters with a
+    scalar head), width 4 'D = 0.5G' (1,889). out_dim / n_classes: the heads MaEM-GAN (m-dim code)
+    and PGMGAN (one output per partition) need, through OutputHeads."""
+
+    def __init__(self, img_size=28, channels=3, width=2, out_dim=1, n_classes=0):
+        super().__init__()
+        _check_size("pacgan", img_size, (28,))
+        ch = [width, 2 * width, 4 * width]
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, 2) for a, b in zip([channels] + ch[:-1], ch)])
+        self.norms = nn.ModuleList([nn.BatchNorm2d(c) for c in ch])
+        self.sizes = [28, 14, 7]           # input size of each conv
+        self.head = OutputHeads(ch[-1] * 4 * 4, out_dim, n_classes, bias=True)
+        with torch.no_grad():
+            for conv in self.convs:
+                nn.init.trunc_normal_(conv.weight, 0.0, 0.02, -0.04, 0.04)
+                nn.init.zeros_(conv.bias)
+            for lin in (self.head.shared, self.head.per_class):
+                if lin is not None:
+                    nn.init.normal_(lin.weight, 0.0, 0.02)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
+
+    def forward(self, x, y=None):
+        h = x
+        for conv, norm, size in zip(self.convs, self.norms, self.sizes):
+            before, after = _tf_same_pads(size, 2)
+            h = F.leaky_relu(norm(conv(F.pad(h, (before, after, before, after)))), 0.3)
+        return self.head(h.flatten(1), y)   # (B, out_dim) or (B, n_classes, out_dim)
+
+
+# ------------------------------------------------------------------------------------------------
 # SNGAN-style ResNets (PGMGAN, InvertGAN's image D, MaEM-GAN AnimeFace)
 # ------------------------------------------------------------------------------------------------
 
@@ -2792,8 +2877,9 @@ class ResNetEncoder(nn.Module):
 # Builders
 # ------------------------------------------------------------------------------------------------
 
-ARCHS = ("mlp", "dcgan", "resnet", "invert-resnet", "biggan")
-_DEFAULT_WIDTH = {"mlp": 128, "dcgan": 64, "resnet": 64, "invert-resnet": 64, "biggan": 64}
+ARCHS = ("mlp", "dcgan", "resnet", "invert-resnet", "biggan", "pacgan")
+_DEFAULT_WIDTH = {"mlp": 128, "dcgan": 64, "resnet": 64, "invert-resnet": 64, "biggan": 64,
+                  "pacgan": 8}   # pacgan: G's last width; build_discriminator takes its own (2 = D 1/4)
 
 
 def _check_arch(arch):
@@ -2825,6 +2911,8 @@ def build_generator(arch, z_dim, img_size, channels, width=None, n_classes=0, at
         return MLP(z_dim, _mlp_dim(img_size, channels), hidden=width, n_classes=n_classes, cond="input")
     if arch == "dcgan":
         return DCGANGenerator(z_dim, img_size, channels, width, n_classes)
+    if arch == "pacgan":
+        return PacGANGenerator(z_dim, img_size, channels, width, n_classes)
     if arch == "resnet":
         return ResNetGenerator(z_dim, img_size, channels, width, n_classes)
     if n_classes:
@@ -2839,6 +2927,8 @@ def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_class
     conv_bias: biases in the DCGAN D's convs (see DCGANDiscriminator; the other Ds always have them).
     mlp_act: the "mlp" D's activation ("relu", or "maxout" as in PGMGAN's official 2-D D)."""
     _check_arch(arch)
+    if arch == "pacgan":
+        return PacGANDiscriminator(img_size, channels, width or 2, out_dim, n_classes)
     width = width or _DEFAULT_WIDTH[arch]
     if arch == "mlp":
         return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width, n_classes=n_classes, cond="head",
