@@ -822,6 +822,19 @@ def build_networks(args, channels):
     return G, D
 
 
+# Checkpoints name the StyleGAN2 resampling they were trained with: the official [1,3,3,1] filter
+# since issue 27; before it, bilinear / 2x2 average pooling (ours), whose weights do not fit.
+SG2_RESAMPLING = "fir-1331"
+
+
+def check_stylegan2_checkpoint(ckpt, args, path):
+    """Refuse, in one line, a StyleGAN2 checkpoint from before the official resampling."""
+    if args.arch == "stylegan2" and ckpt.get("sg2_resampling") != SG2_RESAMPLING:
+        raise common.UsageError(f"{path} comes from an older maem_gan.py whose StyleGAN2 resampled "
+                                f"bilinearly / by 2x2 average pooling, not with the official [1,3,3,1] "
+                                f"filter: its weights do not fit this network; start a new run")
+
+
 @torch.no_grad()
 def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
     """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
@@ -899,6 +912,7 @@ def load_sampler(ckpt_path, device="cpu"):
     `sample.dataset` is the common.py dataset name (animeface / ffhq -> folder)."""
     ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
     args = argparse.Namespace(**ckpt["args"])
+    check_stylegan2_checkpoint(ckpt, args, ckpt_path)
     channels = common.DATASETS[args.data_name]["channels"]
     G, _ = build_networks(args, channels)
     common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
@@ -969,6 +983,7 @@ def train(args, rt, dataset):
         if args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
             raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
                                     f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
+        check_stylegan2_checkpoint(ckpt, args, ckpt_path)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
         if set(saved[0]) != set(buffers):
@@ -1071,7 +1086,7 @@ def train(args, rt, dataset):
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, common.training_state(
                     METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
-                    pl_mean=pl_means, **run.state()))
+                    pl_mean=pl_means, sg2_resampling=SG2_RESAMPLING, **run.state()))
     run.end(step)
     return (ema.shadow if ema is not None else G), D
 

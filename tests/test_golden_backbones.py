@@ -119,8 +119,8 @@ def assert_close(ours, official):
 
 
 def test_biggan_g_eval_mode():
-    """G(z) with BN running statistics. Catches: the z-conditioned BN's gain without its 1 +, BN
-    eps or the running stats mapped wrong, the shortcut convolved before the upsampling."""
+    """G(z) with BN running statistics. Catches: the z-conditioned BN's gain without its 1 +, a
+    BN eps of 1e-4, bilinear instead of nearest upsampling."""
     G, _, data = biggan()
     with torch.no_grad():
         assert_close(G(data["z"]), data["G_out"])
@@ -128,7 +128,7 @@ def test_biggan_g_eval_mode():
 
 def test_biggan_g_training_mode():
     """G(z) with BN batch statistics and one SN power-iteration step from u0, as BigGAN samples by
-    default. Catches: BN that keeps its running statistics in training mode, a wrong SN step."""
+    default. Catches: BN that normalises with its running statistics in training mode."""
     G, _, data = biggan(train=True)
     with torch.no_grad():
         assert_close(G(data["z"]), data["G_out_train"])
@@ -136,7 +136,7 @@ def test_biggan_g_training_mode():
 
 def test_biggan_d_and_its_spectral_norms():
     """D(x) (no class projection) and each SN layer's sigma against the official sv0. Catches: the
-    spatial sum taken as a mean, ReLU left out before it, a shortcut on the wrong side of the pool."""
+    spatial sum taken as a mean, the ReLU before it left out, a ReLU on the raw image."""
     G, D, data = biggan()
     with torch.no_grad():
         assert_close(D(data["x"]), data["D_out"])
@@ -199,7 +199,7 @@ def sg2():
 
 def test_stylegan2_filters_are_the_official_ones(sg2):
     """Every official `resample_filter` buffer equals ours (not saved in our state dicts).
-    Catches: the filter not normalised, the 1-D taps used without their outer product."""
+    Catches: the filter not normalised (or any other 4x4 kernel)."""
     G, D, data = sg2
     ours = [b for net in (G, D) for n, b in net.named_buffers() if n.endswith("resample_filter")]
     assert len(ours) == 4 + 6                               # G: 3 up convs + the skip's; D: 3 blocks x 2
@@ -220,7 +220,7 @@ def test_stylegan2_up_layer(sg2):
 
 def test_stylegan2_skip_image_upsampling(sg2):
     """upfirdn2d.upsample2d of the 4x4 skip image. Catches: gain 1 instead of 4, the padding
-    shifted by a pixel (2 / 1 swapped), bilinear upsampling (differs on the outer ring)."""
+    shifted by a pixel (2 / 1 swapped). (Bilinear in G's skip path: test_stylegan2_generator_image.)"""
     G, _, data = sg2
     assert_close(common.fir_upsample2d(data["pin.G.b8.img_in"], G.resample_filter), data["pin.G.b8.img_up"])
 
@@ -236,7 +236,7 @@ def test_stylegan2_d_block(sg2):
 
 def test_stylegan2_generator_image(sg2):
     """ws = mapping(z) and the image of the whole G (noise 'const'). Catches what the pins do, plus
-    the skip sum, the ws slicing and the ToRGB order."""
+    a bilinear skip path. Not the ws slicing: the stored ws repeat one w (no style mixing)."""
     G, _, data = sg2
     with torch.no_grad():
         assert_close(G.mapping(data["z"]), data["ws"])
