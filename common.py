@@ -2278,7 +2278,7 @@ def add_spectral_norm(module):
     for layer in list(module.modules()):
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and \
                 not parametrize.is_parametrized(layer, "weight"):
-            _torch_spectral_norm(layer)
+            _torch_spectral_norm(layer)  # eps 1e-12 (torch's); BigGAN-PyTorch's --SN_eps 1e-8 (utils.py): README
     return module
 
 
@@ -3431,6 +3431,7 @@ class EMA:
         shadow_param <- decay * shadow_param + (1 - decay) * param   (torch.lerp)
         shadow_buffer <- buffer                                     (BN running stats, SN vectors)
     Buffers are copied, not averaged: averaging BN statistics of different weights means nothing.
+    (Official code, BigGAN-PyTorch utils.py ema: averages every state-dict entry, buffers included.)
     `update(model, decay=0.0)` copies the weights outright (BigGAN's / PGMGAN's `ema_start`).
     state_dict() is the shadow's own state dict (tensors only: torch.load(weights_only=True)
     works, and it loads into a freshly built network for sampling).

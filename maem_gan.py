@@ -129,7 +129,8 @@ PRESETS = {
 # `--arch stylegan2`, these replace the dataset preset's values (flags given still win). The MaEM
 # terms keep the dataset's values (m, sigma, lambda, F); the rest is the backbone's own recipe.
 BACKBONE_PRESETS = {
-    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50, 4 D steps per G step, lr 2e-4
+    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50 (--parallel, two GPUs: BN sees 2x25;
+    # ours 50 per process), 4 D steps per G step, lr 2e-4
     # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
     # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
     ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
@@ -840,7 +841,7 @@ def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
     """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
     statistics, as the official test()); the caller restores train mode. bn_batch=True (BigGAN):
     batch norm from each chunk of 50 instead, as BigGAN-PyTorch samples its G_ema (train mode unless
-    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50)."""
+    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
     if bn_batch:
         batch = 50
     out = []
