@@ -2278,7 +2278,7 @@ def add_spectral_norm(module):
     for layer in list(module.modules()):
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and \
                 not parametrize.is_parametrized(layer, "weight"):
-            _torch_spectral_norm(layer)
+            _torch_spectral_norm(layer)  # eps 1e-12 (torch's); BigGAN-PyTorch's --SN_eps 1e-8 (utils.py): README
     return module
 
 
@@ -2961,10 +2961,9 @@ def build_encoder(arch, img_size, channels, out_dim, width=None):
 # Config F of the paper (Sec. 2.2 weight demodulation, Sec. 3.1 lazy regularisation, Sec. 3.2 path
 # length regularisation, Sec. 4 / Fig. 7: skip G, residual D), written for reading rather than speed.
 # What the paper leaves out is read from the official PyTorch port, NVlabs/stylegan2-ada-pytorch
-# (training/networks.py, training/loss.py, train.py); comments cite the file. Where we differ (ours):
-#   * resampling: bilinear x2 upsampling before the 3x3 conv and of the ToRGB skip image in G, 2x2
-#     average pooling before the conv in D; simpler than the official transposed / strided convs
-#     with the [1,3,3,1] FIR filter;
+# (training/networks.py, training/loss.py, train.py); comments cite the file. Resampling is the
+# official one (see _fir_kernel below): loaded with the official weights, our nets give the official
+# outputs to 5e-6 (tests/test_stylegan2_official.py). Where we differ (ours):
 #   * no fp16 layers and no activation clamp (every ada-pytorch config runs its 4 highest
 #     resolutions in fp16 and clamps at 256; the original StyleGAN2 did neither);
 #   * no class conditioning; always the fused (grouped-conv) modulation.
@@ -2981,6 +2980,41 @@ def _lrelu(x, bias=None):
     if bias is not None:
         x = x + (bias.view(1, -1, 1, 1) if x.dim() == 4 else bias)
     return F.leaky_relu(x, 0.2) * _SQRT2
+
+
+# Resampling (StyleGAN, Karras et al. 2019, Sec. 2: low-pass filter after each upsampling and before
+# each downsampling, after Zhang 2019). Official code (torch_utils/ops/upfirdn2d.py: setup_filter,
+# upsample2d, downsample2d; training/networks.py: resample_filter=[1,3,3,1]): the separable taps
+# [1,3,3,1], as their 4x4 outer product divided by its sum, zero padding at the borders. x2 upsampling
+# = zeros inserted after each pixel, then the filter times 4 (a quarter of the taps meet a nonzero
+# pixel). Written with depthwise conv2d / conv_transpose2d on a fixed buffer (fast on a GPU); the
+# kernel is symmetric, so correlation (F.conv2d) and convolution agree. The buffer is not persistent:
+# state dicts keep the official keys minus the filters (official: one `resample_filter` per layer).
+
+
+def _fir_kernel():
+    """(4, 4) low-pass kernel outer([1,3,3,1], [1,3,3,1]) / 64; it sums to 1."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    kernel = torch.outer(taps, taps)
+    return kernel / kernel.sum()
+
+
+def _depthwise(kernel, x, gain=1.0):
+    """The kernel times gain, once per channel of x: (C, 1, 4, 4), x's dtype and device."""
+    return (kernel * gain).to(x.dtype).expand(x.shape[1], 1, *kernel.shape)
+
+
+def fir_filter2d(x, kernel, pad, stride=1):
+    """Each channel zero-padded by `pad` on every side, filtered, every `stride`-th pixel kept:
+    (B, C, H, W) -> (B, C, (H + 2 pad - 4) // stride + 1, ...)."""
+    return F.conv2d(x, _depthwise(kernel, x), stride=stride, padding=pad, groups=x.shape[1])
+
+
+def fir_upsample2d(x, kernel):
+    """x2 upsampling (upfirdn2d.upsample2d): zeros inserted after each pixel, padding 2 before and
+    1 after, the kernel times 4. As one transposed conv: stride 2 inserts the zeros and gives the
+    full convolution (2H + 2), padding=1 crops one pixel each side. (B, C, H, W) -> (B, C, 2H, 2W)."""
+    return F.conv_transpose2d(x, _depthwise(kernel, x, 4.0), stride=2, padding=1, groups=x.shape[1])
 
 
 class EqualLinear(nn.Module):
@@ -3002,20 +3036,28 @@ class EqualLinear(nn.Module):
 
 class EqualConv2d(nn.Module):
     """Conv (stride 1, 'same' padding) with equalised learning rate: weight N(0, 1) scaled by
-    1 / sqrt(c_in * k * k) at run time, bias 0. down=True halves the resolution by a 2x2 average
-    pool *before* the conv (ours, simpler than the official FIR filter + stride-2 conv; the pool
-    is the low-pass, as the official blur is). Official code: training/networks.py (Conv2dLayer)."""
+    1 / sqrt(c_in * k * k) at run time, bias 0. down=True halves the resolution as the official
+    layer does: the FIR low-pass (padding k // 2 + 1 each side), then the conv with stride 2 and
+    no padding; a 1x1 conv instead keeps every second pixel of the filtered input (stride 2 in
+    the filter), the same numbers with a quarter of the conv's work. Official code:
+    training/networks.py (Conv2dLayer), torch_utils/ops/upfirdn2d.py (downsample2d)."""
 
     def __init__(self, c_in, c_out, k, bias=True, down=False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.weight_gain, self.down = 1.0 / math.sqrt(c_in * k * k), down
+        if down:
+            self.register_buffer("resample_filter", _fir_kernel(), persistent=False)
 
     def forward(self, x):  # (B, c_in, H, W) -> (B, c_out, H, W), or H/2, W/2 with down
-        if self.down:
-            x = F.avg_pool2d(x, 2)
-        return F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+        w, k = self.weight * self.weight_gain, self.weight.shape[-1]
+        if not self.down:
+            return F.conv2d(x, w, self.bias, padding=k // 2)
+        if k == 1:  # (B, c_in, H/2, W/2), then the 1x1 conv
+            return F.conv2d(fir_filter2d(x, self.resample_filter, 1, stride=2), w, self.bias)
+        x = fir_filter2d(x, self.resample_filter, k // 2 + 1)  # (B, c_in, H + 2 k//2 - 1, ...)
+        return F.conv2d(x, w, self.bias, stride=2)
 
 
 class MappingNetwork(nn.Module):
@@ -3049,15 +3091,22 @@ class ModulatedConv2d(nn.Module):
         w''[b, o] = w'[b, o] / sqrt(sum_{i,k,k} w'[b, o]^2 + 1e-8)   demodulation (if demodulate)
     then one grouped conv (groups = B) applies each sample's own weights. The 1/sqrt(fan_in)
     factor cancels under demodulation; ToRGB (demodulate=False) needs it, as the official code
-    puts it on the styles there. up=True: bilinear x2 upsampling before the conv (ours, simpler
-    than the official transposed conv + FIR filter). Official code: training/networks.py
-    (modulated_conv2d, SynthesisLayer, ToRGBLayer)."""
+    puts it on the styles there. up=True (k = 3): as the official layer, a transposed conv with
+    stride 2 (the correlation of the zero-inserted input with our kernel, (2H + 1, 2W + 1)), then
+    the FIR low-pass times 4 with padding 1 -> (2H, 2W). Our weights are correlation kernels, so
+    an official up-conv weight loads flipped in H and W. Official code: training/networks.py
+    (modulated_conv2d, SynthesisLayer, ToRGBLayer); the paddings are conv2d_resample's (checked
+    number for number by tests/test_stylegan2_official.py)."""
 
     def __init__(self, c_in, c_out, k, w_dim, demodulate=True, up=False):
         super().__init__()
         self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         self.weight_gain, self.demodulate, self.up = 1.0 / math.sqrt(c_in * k * k), demodulate, up
+        if up:
+            if k != 3:
+                raise ValueError("ModulatedConv2d(up=True) has the official padding for k = 3 only")
+            self.register_buffer("resample_filter", _fir_kernel(), persistent=False)
 
     def forward(self, x, w):  # x (B, c_in, H, W), w (B, w_dim) -> (B, c_out, H', W')
         B, c_in, _, _ = x.shape
@@ -3065,11 +3114,15 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight[None] * self.weight_gain * s[:, None, :, None, None]  # (B, c_out, c_in, k, k)
         if self.demodulate:
             weight = weight * (weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         k = weight.shape[-1]
-        out = F.conv2d(x.reshape(1, B * c_in, *x.shape[2:]), weight.reshape(-1, c_in, k, k),
-                       padding=k // 2, groups=B)  # (1, B * c_out, H', W')
+        x = x.reshape(1, B * c_in, *x.shape[2:])
+        if self.up:
+            # conv_transpose2d convolves (flipped kernel); its weight is (B * c_in, c_out, k, k)
+            wt = weight.flip([3, 4]).transpose(1, 2).reshape(B * c_in, -1, k, k)
+            out = F.conv_transpose2d(x, wt, stride=2, groups=B)  # (1, B * c_out, 2H + 1, 2W + 1)
+            out = fir_filter2d(out, self.resample_filter * 4.0, 1)  # (1, B * c_out, 2H, 2W)
+        else:
+            out = F.conv2d(x, weight.reshape(-1, c_in, k, k), padding=k // 2, groups=B)  # (1, B * c_out, H, W)
         return out.reshape(B, -1, *out.shape[2:])
 
 
@@ -3124,7 +3177,7 @@ class StyleGAN2Generator(nn.Module):
     """StyleGAN2 G, 'skip' architecture (paper Fig. 7b, config F). A learned constant (c_4, 4, 4)
     (N(0, 1) init) goes through one styled conv at 4x4, then per resolution r = 8 .. img_size two
     styled convs (the first upsamples). Every resolution has a ToRGB; the image is the sum of the
-    ToRGB outputs, each earlier one upsampled x2 (bilinear, ours) per step. Channels at r:
+    ToRGB outputs, each earlier one upsampled x2 per step (fir_upsample2d, official). Channels at r:
     min(channel_base // r, channel_max). num_ws = 2 log2(img_size) - 2 w vectors: ws[k] drives
     styled conv k and the ToRGB after conv k reads ws[k + 1] (the official slicing: a block reads
     its convs' ws and the next one). No tanh: StyleGAN2 has none. `y` is accepted and ignored.
@@ -3146,6 +3199,7 @@ class StyleGAN2Generator(nn.Module):
             self.convs.extend([StyledConv(ch[r // 2], ch[r], w_dim, r, up=True), StyledConv(ch[r], ch[r], w_dim, r)])
         self.to_rgbs = nn.ModuleList([ToRGB(ch[r], channels, w_dim) for r in res])
         self.num_ws = len(self.convs) + 1
+        self.register_buffer("resample_filter", _fir_kernel(), persistent=False)
 
     def mapping(self, z, truncation=1.0):
         """z (B, z_dim) -> ws (B, num_ws, w_dim). In training mode: updates w_avg and, with
@@ -3168,7 +3222,7 @@ class StyleGAN2Generator(nn.Module):
         for i, to_rgb in enumerate(self.to_rgbs[1:]):
             x = self.convs[2 * i + 1](x, ws[:, 2 * i + 1], noise_mode)  # (B, c_r, r, r), upsampled
             x = self.convs[2 * i + 2](x, ws[:, 2 * i + 2], noise_mode)
-            img = F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False)  # ours
+            img = fir_upsample2d(img, self.resample_filter)  # official: upfirdn2d.upsample2d
             img = img + to_rgb(x, ws[:, 2 * i + 3])  # (B, channels, r, r)
         return img
 
@@ -3377,6 +3431,7 @@ class EMA:
         shadow_param <- decay * shadow_param + (1 - decay) * param   (torch.lerp)
         shadow_buffer <- buffer                                     (BN running stats, SN vectors)
     Buffers are copied, not averaged: averaging BN statistics of different weights means nothing.
+    (Official code, BigGAN-PyTorch utils.py ema: averages every state-dict entry, buffers included.)
     `update(model, decay=0.0)` copies the weights outright (BigGAN's / PGMGAN's `ema_start`).
     state_dict() is the shadow's own state dict (tensors only: torch.load(weights_only=True)
     works, and it loads into a freshly built network for sampling).

@@ -129,7 +129,8 @@ PRESETS = {
 # `--arch stylegan2`, these replace the dataset preset's values (flags given still win). The MaEM
 # terms keep the dataset's values (m, sigma, lambda, F); the rest is the backbone's own recipe.
 BACKBONE_PRESETS = {
-    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50, 4 D steps per G step, lr 2e-4
+    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50 (--parallel, two GPUs: BN sees 2x25;
+    # ours 50 per process), 4 D steps per G step, lr 2e-4
     # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
     # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
     ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
@@ -822,12 +823,25 @@ def build_networks(args, channels):
     return G, D
 
 
+# Checkpoints name the StyleGAN2 resampling they were trained with: the official [1,3,3,1] filter
+# since issue 27; before it, bilinear / 2x2 average pooling (ours), whose weights do not fit.
+SG2_RESAMPLING = "fir-1331"
+
+
+def check_stylegan2_checkpoint(ckpt, args, path):
+    """Refuse, in one line, a StyleGAN2 checkpoint from before the official resampling."""
+    if args.arch == "stylegan2" and ckpt.get("sg2_resampling") != SG2_RESAMPLING:
+        raise common.UsageError(f"{path} comes from an older maem_gan.py whose StyleGAN2 resampled "
+                                f"bilinearly / by 2x2 average pooling, not with the official [1,3,3,1] "
+                                f"filter: its weights do not fit this network; start a new run")
+
+
 @torch.no_grad()
 def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
     """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
     statistics, as the official test()); the caller restores train mode. bn_batch=True (BigGAN):
     batch norm from each chunk of 50 instead, as BigGAN-PyTorch samples its G_ema (train mode unless
-    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50)."""
+    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
     if bn_batch:
         batch = 50
     out = []
@@ -899,6 +913,7 @@ def load_sampler(ckpt_path, device="cpu"):
     `sample.dataset` is the common.py dataset name (animeface / ffhq -> folder)."""
     ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
     args = argparse.Namespace(**ckpt["args"])
+    check_stylegan2_checkpoint(ckpt, args, ckpt_path)
     channels = common.DATASETS[args.data_name]["channels"]
     G, _ = build_networks(args, channels)
     common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
@@ -969,6 +984,7 @@ def train(args, rt, dataset):
         if args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
             raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
                                     f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
+        check_stylegan2_checkpoint(ckpt, args, ckpt_path)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
         saved = ckpt["buffers"]
         if set(saved[0]) != set(buffers):
@@ -1071,7 +1087,7 @@ def train(args, rt, dataset):
             if rt.is_main:
                 common.save_checkpoint(ckpt_path, common.training_state(
                     METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
-                    pl_mean=pl_means, **run.state()))
+                    pl_mean=pl_means, sg2_resampling=SG2_RESAMPLING, **run.state()))
     run.end(step)
     return (ema.shadow if ema is not None else G), D
 

@@ -292,6 +292,22 @@ def test_resume_is_bit_exact(tmp_path, backbone):
     assert [dict(x, it_s=0) for x in log_lines(full)] == [dict(x, it_s=0) for x in log_lines(part)]
 
 
+def test_stylegan2_checkpoint_from_before_the_official_resampling_is_refused(tmp_path, capsys):
+    # Issue 27: weights trained with bilinear / box resampling do not fit the FIR networks.
+    write_faces(str(tmp_path / "faces"))
+    flags = [*SG2_TINY, "--data-root", str(tmp_path / "faces"), "--out", str(tmp_path / "run")]
+    maem_gan.main([*flags, "--steps", "2"])
+    path = str(tmp_path / "run" / "ckpt.pt")
+    ckpt = common.load_checkpoint(path)
+    assert ckpt.pop("sg2_resampling") == maem_gan.SG2_RESAMPLING
+    common.save_checkpoint(path, ckpt)                    # what maem_gan.py wrote before the FIR
+    with pytest.raises(SystemExit) as exc:
+        common.run_cli(maem_gan.main, [*flags, "--steps", "4", "--resume"])
+    assert exc.value.code == 2 and "[1,3,3,1]" in capsys.readouterr().err
+    with pytest.raises(common.UsageError, match="older maem_gan.py"):
+        maem_gan.load_sampler(path)
+
+
 def test_one_d_forward_keeps_minibatch_std_within_each_part():
     args = maem_gan.parse_args(["--dataset", "ffhq", "--arch", "stylegan2", "--img-size", "8", "--width", "2",
                                 "--z-dim", "8", "--scalar-head", "--no-entropy", "--no-dlle", "--no-disomap"])

@@ -14,6 +14,14 @@ import common
 
 B, Z = 4, 16
 SMALL = dict(channel_base=256, channel_max=32)
+TAPS = torch.tensor([1.0, 3.0, 3.0, 1.0])
+FIR = torch.outer(TAPS, TAPS) / 64  # the official [1,3,3,1] low-pass, written out here
+
+
+def _fir(x, pad, gain=1.0):
+    """Slow reference: every channel of x zero-padded by pad = (left, right, top, bottom), filtered."""
+    c = x.shape[1]
+    return F.conv2d(F.pad(x, pad), (FIR * gain).expand(c, 1, 4, 4), groups=c)
 
 
 def _gen(img_size=8, **kw):
@@ -38,8 +46,11 @@ def _modconv(c_in, c_out, k, w_dim, **kw):
 @pytest.mark.parametrize("up", [False, True])
 def test_modulated_conv_matches_hand_computation(demodulate, up):
     """Per sample: s = affine(w), w'_oik = s_i W_oik / sqrt(c_in k k), w'' = w' / sqrt(sum_ik w'^2
-    + 1e-8), one F.conv2d per sample. Catches: no / wrong-axis demodulation, missing fan-in scale
-    (demodulate=False), styles applied to the wrong axis, a grouped-conv reshape mixing samples."""
+    + 1e-8), one F.conv2d per sample; up: the input with zeros inserted after each pixel, padded
+    2 / 1, correlated with w'' (the official transposed conv), then the filter x 4 padded by 1.
+    Catches: no / wrong-axis demodulation, missing fan-in scale (demodulate=False), styles applied
+    to the wrong axis, a grouped-conv reshape mixing samples, the transposed conv's weight layout
+    (c_in / c_out swapped) or kernel not flipped, the filter's gain or padding."""
     c_in, c_out, k, w_dim = 3, 5, 3, 4
     layer = _modconv(c_in, c_out, k, w_dim, demodulate=demodulate, up=up)
     x, w = torch.randn(2, c_in, 6, 6), torch.randn(2, w_dim)
@@ -55,8 +66,11 @@ def test_modulated_conv_matches_hand_computation(demodulate, up):
                 wt[o] = wt[o] / torch.sqrt((wt[o] ** 2).sum() + 1e-8)
         xb = x[b:b + 1]
         if up:
-            xb = F.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False)
-        ref = F.conv2d(xb, wt, padding=k // 2)
+            zeros = torch.zeros(1, c_in, 12, 12)
+            zeros[:, :, ::2, ::2] = xb
+            ref = _fir(F.conv2d(F.pad(zeros, (2, 1, 2, 1)), wt), (1, 1, 1, 1), gain=4.0)  # 13x13 -> 12x12
+        else:
+            ref = F.conv2d(xb, wt, padding=k // 2)
         torch.testing.assert_close(out[b:b + 1], ref, rtol=1e-5, atol=1e-5)
     assert out.shape == (2, c_out, 12 if up else 6, 12 if up else 6)
 
@@ -137,14 +151,20 @@ def test_equal_linear_scales_at_run_time(lr_mult):
 
 
 def test_equal_conv_scales_at_run_time_and_downsamples():
-    """Effective weight = stored / sqrt(c_in k k); down=True: 2x2 average pool, then the conv."""
+    """Effective weight = stored / sqrt(c_in k k); down=True as the official layer: the filter
+    padded by 2, then the 3x3 conv with stride 2; a 1x1 conv: the filter padded by 1, every second
+    pixel, then the conv. Catches: a box filter, padding off by one, the grid shifted by a pixel."""
     torch.manual_seed(0)
     conv = common.EqualConv2d(4, 6, 3, down=True)
     with torch.no_grad():
         conv.bias.normal_()
     x = torch.randn(2, 4, 8, 8)
-    ref = F.conv2d(F.avg_pool2d(x, 2), conv.weight / math.sqrt(4 * 9), conv.bias, padding=1)
+    ref = F.conv2d(_fir(x, (2, 2, 2, 2)), conv.weight / math.sqrt(4 * 9), conv.bias, stride=2)
     torch.testing.assert_close(conv(x), ref)
+    skip = common.EqualConv2d(4, 6, 1, bias=False, down=True)
+    ref = F.conv2d(_fir(x, (1, 1, 1, 1))[:, :, ::2, ::2], skip.weight / 2.0)
+    torch.testing.assert_close(skip(x), ref)
+    assert conv(x).shape == skip(x).shape == (2, 6, 4, 4)
     assert common.EqualConv2d(4, 6, 1, bias=False).bias is None
 
 
