@@ -128,6 +128,44 @@ def save(args, path, G, D, opt_g, opt_d, gen, step, seconds):
         os.replace(g_path + ".tmp", g_path)
 
 
+@torch.no_grad()
+def draw(G, n=COUNT_N, seed=COUNT_Z_SEED, batch=BATCH):
+    """n samples of G from one fixed z set, in batches of the protocol's 128 with G's BN on each
+    batch's statistics (PacGAN's sampler: its batch_norm never leaves training mode)."""
+    z = torch.randn(n, Z_DIM, generator=torch.Generator().manual_seed(seed))
+    G.train()
+    return torch.cat([G(z[i:i + batch]) for i in range(0, n, batch)])
+
+
+def load_g(path):
+    G = common.build_generator("pacgan", Z_DIM, 28, 3)
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    G.load_state_dict(ck["G"])
+    return G, ck
+
+
+def count(G, classifier):
+    """Both counts of PacGAN's Table 3 protocol on COUNT_N samples: the raw argmax count and the
+    project's calibrated one (common.stacked_mode_metrics)."""
+    x = draw(G)
+    return common.stacked_mode_metrics(x, classifier), x
+
+
+def curve(args):
+    """Count every kept G of a run (g_<step>.pt) with the classifier; writes curve.json."""
+    classifier = common.load_mode_classifier(args.classifier)
+    files = sorted(f for f in os.listdir(args.out) if f.startswith("g_") and f.endswith(".pt"))
+    rows = []
+    for name in files:
+        G, ck = load_g(os.path.join(args.out, name))
+        m, x = count(G, classifier)
+        rows.append(dict(step=ck["step"], seconds=round(ck["seconds"], 1), **m))
+        print(json.dumps(rows[-1]), flush=True)
+        common.save_image_grid(x[:100], os.path.join(args.out, name.replace(".pt", ".png")), nrow=10)
+    common.write_json(os.path.join(args.out, "curve.json"),
+                      dict(classifier=args.classifier, n=COUNT_N, z_seed=COUNT_Z_SEED, rows=rows))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -139,9 +177,11 @@ def main(argv=None):
     f.add_argument("--ckpt-every", type=int, default=5000)
     f.add_argument("--log-every", type=int, default=500)
     f.add_argument("--data-root", default=common.FASHION_MNIST_SYSTEM_DIR)
+    c = sub.add_parser("curve", help="count every kept G of a run")
+    c.add_argument("--out", required=True)
+    c.add_argument("--classifier", required=True)
     args = p.parse_args(argv)
-    if args.cmd == "floor":
-        floor(args)
+    {"floor": floor, "curve": curve}[args.cmd](args)
 
 
 if __name__ == "__main__":
