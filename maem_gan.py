@@ -61,43 +61,72 @@ METHOD = "maem_gan"
 # 1. Arguments and per-dataset presets
 # ==================================================================================================
 
-# Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Sources: "Suppl." = the paper's Implementation Details; "README" / "train.py" = the authors'
-# repository (HaozheLiu-ST/MEE); "ours" = a value neither gives. `data` is the common.py dataset.
-# Weights: the paper states none for L_MaF, L_Iso and L_LLE; unit weights are train.py's.
-_CIFAR = dict(  # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), x0.9 / 50 epochs,
-    # batch 64, sigma 5e-4, lambda 0, rotation + Gaussian noise, buffer 1024; n_critic 3 (README);
-    # train+test images (train.py concatenates both).
-    # Official code: the README's run is 1800 epochs of 60K images at batch 64 with a G step every
-    # 3rd batch, ~562K G steps; our 100K is ours (a budget, not theirs).
-    # dlle_noise 0.05: ours (the paper gives no std; train.py's flip-noise uses 0.001).
-    arch="dcgan", img_size=32, z_dim=64, m=16, batch_size=64, steps=100_000, lr=1e-4, beta1=0.0,
-    beta2=0.999, n_critic=3, sigma=5e-4, lambda_norm=0.0, lr_decay=0.9, lr_decay_epochs=50,
-    dlle_transform="rot-noise", dlle_noise=0.05, iso_weight=1.0, dlle_weight=1.0, width=64,
+# Flags that default to None take their value from the tables below unless given on the command
+# line, in this order (a later table wins): PRESETS[dataset]; with --arch biggan / stylegan2,
+# BACKBONE_PRESETS[(dataset, arch)] and stylegan2_preset; with --variant official, OFFICIAL_DEFAULTS.
+# Every preset lists every value it sets. Sources: "Suppl." = the paper's Implementation Details;
+# "Official code: FILE" = the authors' repository (HaozheLiu-ST/MEE); "ours" = a value neither gives.
+# `data` is the common.py dataset, `split` its part.
+_CIFAR = dict(
+    # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), lr x0.9 every 50 epochs, batch 64,
+    # sigma 5e-4, lambda 0, F = rotation + Gaussian noise.
+    arch="dcgan", img_size=32, z_dim=64, m=16, lr=1e-4, beta1=0.0, beta2=0.999, lr_decay=0.9,
+    lr_decay_epochs=50, batch_size=64, sigma=5e-4, lambda_norm=0.0, dlle_transform="rot-noise",
+    # Official code: README: n_critic 3; train.py: unit weights on L_Iso and L_LLE (the paper
+    # states no weight for L_MaF, L_Iso, L_LLE); width 64 = the paper's 512-256-128 channels.
+    n_critic=3, iso_weight=1.0, dlle_weight=1.0, width=64,
+    # Ours: F's noise std 0.05 (the paper gives none; train.py's flip-noise uses 0.001); 100K G
+    # steps, a budget (Official code: the README's run is 1800 epochs of 60K images at batch 64
+    # with a G step every 3rd batch, ~562K G steps).
+    dlle_noise=0.05, steps=100_000,
+    # The paper's: Eq. 7's L_MaF, a constant lr apart from the epoch decay, no noise annealing; the
+    # 2-D MLP D's spectral norm and ReLU (unused by the image Ds, which carry their own).
+    loss="maf", lr_decay_from=1.0, dlle_noise_anneal=None, d_spectral_norm=True, d_act="relu",
+    # No backbone extras (the paper's DCGAN and ResNet have none; BACKBONE_PRESETS turn them on).
+    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
+    attn_res=[],
+    # Evaluation: 50K samples (Suppl.); logging ours.
     eval_samples=50_000, log_every=200, sample_every=5000, ckpt_every=5000)
+# 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
+# data"). With the paper's image settings carried over (L_MaF, a spectral-norm D, lr 1e-4, n_critic
+# 3) quality stays below 20 %, so these leave them.
+_TOY = dict(
+    # 4-layer MLPs of 128 units, z 2, m 16; D with LeakyReLU 0.2 (as the paper's DCGAN D: with ReLU
+    # a D died of dead units).
+    arch="mlp", img_size=1, width=128, z_dim=2, m=16, d_act="leaky_relu", split="train",
+    # The non-saturating loss on the realness, no spectral norm, lr 1e-3 with one D step per G
+    # step, falling linearly to 0 over the second half (as InvertGAN's 2-D presets); 10K steps.
+    loss="ns", d_spectral_norm=False, lr=1e-3, beta1=0.0, beta2=0.9, n_critic=1, lr_decay_from=0.5,
+    lr_decay=1.0, lr_decay_epochs=1, steps=10_000,
+    # MaEM terms: sigma as CelebA, lambda 0, unit weights; F = Gaussian noise, annealed to 0 from
+    # 25 % of the run (it balances the modes early and blurs them if kept; end and std per dataset).
+    sigma=5e-2, lambda_norm=0.0, iso_weight=1.0, dlle_weight=1.0, dlle_transform="noise",
+    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
+    attn_res=[],
+    log_every=500, sample_every=5000, ckpt_every=5000)
 PRESETS = {
+    # Official code: train.py trains on train+test images (it concatenates both).
     "cifar10": dict(_CIFAR, data="cifar10", split="all"),
     # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
     # 5e-2 with DCGAN; "the remaining settings ... are the same as those of CIFAR-10".
     # lr_decay_epochs 10: ours. x0.9 per epoch of 162,770 images with 3 critic batches of 64 per G
     # step would put lr below 5e-6 from step ~25K of 100K; every 10 epochs gives 0.9^11 over 100K
     # steps, close to CIFAR-10's 0.9^6 (--lr-decay-epochs 1 for the paper's).
-    # split train: ours (the paper names none). DCGAN at 256: common.py caps channels at 512.
+    # split train, logging: ours (the paper names no split). DCGAN at 256: common.py caps channels at 512.
     "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
-                   lr_decay_epochs=10, dlle_transform="noise", steps=100_000, log_every=100,
-                   sample_every=2000, ckpt_every=2000),
+                   lr_decay_epochs=10, dlle_transform="noise", log_every=100, sample_every=2000,
+                   ckpt_every=2000),
     # Suppl. "ANIMEFACE": 64x64, ResNet backbone, z 128, m 32, Adam 1e-4 (0, 0.9), sigma 5e-4,
-    # lambda 5, Gaussian noise for F. The paper's backbone is Kang & Park's (ContraGAN) ResNet;
-    # ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours (CIFAR-10's); no lr
-    # decay stated.
+    # lambda 5, Gaussian noise for F, no lr decay stated. The paper's backbone is Kang & Park's
+    # (ContraGAN) ResNet; ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours
+    # (CIFAR-10's).
     "animeface": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=64, z_dim=128,
-                      m=32, beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0,
-                      dlle_transform="noise", eval_samples=50_000),
+                      m=32, beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
     # Suppl. "FFHQ": the paper plugs the loss into StyleGAN2 at 1024; "other hyper-parameters are
     # similar to those of ANIMEFACE". This preset: the SNGAN ResNet at 128 (ours, a small stand-in);
     # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
-                 beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
+                 beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
     # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
     # VEEGAN / PacGAN stacked-MNIST protocol.
     "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
@@ -105,43 +134,16 @@ PRESETS = {
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
                                   eval_samples=26_000, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
-    # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
-    # data"): 4-layer MLPs (D with LeakyReLU 0.2, as the paper's DCGAN D: with ReLU a D died of dead
-    # units), z 2, m 16, sigma as CelebA. With the paper's image settings carried
-    # over (L_MaF, a spectral-norm D, lr 1e-4, n_critic 3) quality stays below 20 %, so these leave them: the non-saturating loss on
-    # the realness, no spectral norm, lr 1e-3 with one D step per G step, falling linearly to 0 over
-    # the second half (as InvertGAN's 2-D presets), and DLLE's noise annealed to 0 from 25 % of the
-    # run (it balances the modes early and blurs them if kept). 50K evaluation samples
-    # (PGMGAN's 2-D protocol), 100K on the grid (25 modes instead of 8).
-    **{name: dict(data=name, split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=batch,
-                  steps=10_000, loss="ns", d_spectral_norm=False, d_act="leaky_relu", lr=1e-3, beta1=0.0, beta2=0.9,
-                  n_critic=1, lr_decay_from=0.5, sigma=5e-2, lambda_norm=0.0, lr_decay=1.0,
-                  lr_decay_epochs=1, dlle_transform="noise", dlle_noise=noise,
-                  dlle_noise_anneal=(0.25, anneal_to), iso_weight=1.0, dlle_weight=1.0, width=128,
-                  eval_samples=n_eval, log_every=500, sample_every=5000, ckpt_every=5000)
-       # dlle_noise: twice the ring's mode std (0.01), the grid's mode std (0.05). The grid: batch
-       # 256, ~10 samples per mode per batch, and the noise gone at 60 %, more steps to sharpen 25
-       # modes (README: at 128 / 75 %, 1 seed in 10 lost a mode; at 256 / 75 %, 1 in 10 was blurred).
-       for name, noise, batch, anneal_to, n_eval in (("ring", 0.02, 128, 0.75, 50_000),
-                                                     ("grid", 0.05, 256, 0.6, 100_000))},
+    # F's noise std: twice the ring's mode std (0.01), gone at 75 % of the run; 50K evaluation
+    # samples (PGMGAN's 2-D protocol).
+    "ring": dict(_TOY, data="ring", batch_size=128, dlle_noise=0.02, dlle_noise_anneal=(0.25, 0.75),
+                 eval_samples=50_000),
+    # The grid's mode std (0.05); batch 256, ~10 samples per mode per batch, and the noise gone at
+    # 60 %, to sharpen 25 modes (README: at 128 / 75 %, 1 seed in 10 lost a mode; at 256 / 75 %, 1
+    # in 10 was blurred); 100K evaluation samples (25 modes instead of 8).
+    "grid": dict(_TOY, data="grid", batch_size=256, dlle_noise=0.05, dlle_noise_anneal=(0.25, 0.6),
+                 eval_samples=100_000),
 }
-# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
-# `--arch stylegan2`, these replace the dataset preset's values (flags given still win). The MaEM
-# terms keep the dataset's values (m, sigma, lambda, F); the rest is the backbone's own recipe.
-BACKBONE_PRESETS = {
-    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50, 4 D steps per G step, lr 2e-4
-    # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
-    # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
-    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
-                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
-                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
-}
-# StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
-# AnimeFace at its 64 (Suppl.). Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256'
-# below 512 pixels (ours below 256), 'paper512', 'stylegan2' (config F) at 1024; see stylegan2_preset.
-for _name in ("ffhq", "celeba", "animeface"):
-    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=64 if _name == "animeface" else 256,
-                                                  n_critic=1, loss="ns", lr_decay=1.0, width=64)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
@@ -155,17 +157,37 @@ PRESET_SOURCES = {
     "grid": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
             "steps, batch 256, DLLE noise annealed over 25-60 %",
 }
-ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
-VARIANTS = ("paper", "official")
-DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
+# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
+# `--arch stylegan2`, these replace the dataset preset's values. The MaEM terms keep the dataset's
+# values (m, sigma, lambda, F); the rest is the backbone's own recipe.
+BACKBONE_PRESETS = {
+    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50, 4 D steps per G step, lr 2e-4
+    # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
+    # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
+    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
+                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
+                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
+    # StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
+    # AnimeFace at its 64 (Suppl.); its non-saturating loss, one D step per G step, no lr decay.
+    # stylegan2_preset adds the official config's batch, lr, betas, z, regularisers, style mixing,
+    # steps (kimg) and G EMA (ema_kimg) at the chosen size.
+    ("ffhq", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+    ("celeba", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+    ("animeface", "stylegan2"): dict(arch="stylegan2", img_size=64, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+}
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
 # random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
 # loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
-# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data"),
-# and on 2-D data L_MaF replaces the presets' non-saturating loss (parse_args). The 2-D presets'
-# optimiser settings stay: the authors have no 2-D run.
+# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data").
+# On 2-D data L_MaF replaces the presets' non-saturating loss (the authors have no 2-D run: the
+# 2-D presets' optimiser settings stay). --variant paper: no warm-up, no flips.
 OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True,
                          d_spectral_norm=True)
+OFFICIAL_DEFAULTS_2D = dict(OFFICIAL_DEFAULTS, loss="maf")
+PAPER_DEFAULTS = dict(entropy_warmup=0, hflip=False)
+ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
+VARIANTS = ("paper", "official")
+DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # Flags a --resume may change besides common.RUN_CONTROL.
 RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 
@@ -180,19 +202,36 @@ def stylegan2_preset(img_size):
                      style_mixing=cfg["style_mixing"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in each flag's help, and the presets epilog printed as written."""
+def preset(args):
+    """The values flags left at None take: PRESETS[dataset], then the backbone's (--arch biggan /
+    stylegan2), then the variant's defaults, each over the one before."""
+    values = dict(PRESETS[args.dataset], **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
+    if args.arch == "stylegan2":
+        cfg, recipe = stylegan2_preset(args.img_size or values["img_size"])
+        # Official code: the G EMA's half-life is ema_kimg thousand images.
+        values.update(recipe, ema=0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000)))
+    if args.variant == "official":
+        return dict(values, **(OFFICIAL_DEFAULTS_2D if PRESETS[args.dataset]["arch"] == "mlp" else OFFICIAL_DEFAULTS))
+    return dict(values, **PAPER_DEFAULTS)
 
 
-def parse_args(argv=None):
-    epilog = "presets (flags left unset take these values):\n" + "\n".join(
-        f"  {name}: {PRESET_SOURCES[name]}\n    " + ", ".join(f"{k}={v}" for k, v in sorted(PRESETS[name].items()))
-        for name in sorted(PRESETS)) + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + \
-        "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in sorted(vals.items()))
-                  for (d, a), vals in sorted(BACKBONE_PRESETS.items())) + \
-        "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', 'stylegan2' (config F) at 1024"
-    p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=epilog,
-                         formatter_class=_HelpFormatter)
+def presets_help():
+    """--help's epilog: the tables above, as they are."""
+    backbones = "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
+                          for (d, a), vals in BACKBONE_PRESETS.items())
+    variants = "\n".join(f"  --variant {name}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
+                         for name, vals in (("paper", PAPER_DEFAULTS), ("official", OFFICIAL_DEFAULTS),
+                                            ("official, 2-D data", OFFICIAL_DEFAULTS_2D)))
+    return (common.presets_epilog(PRESETS, PRESET_SOURCES)
+            + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + backbones
+            + "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', "
+              "'stylegan2' (config F) at 1024 (stylegan2_preset)"
+            + "\n\nvariant defaults (over the presets, where the flag was not given):\n" + variants)
+
+
+def build_parser():
+    p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=presets_help(),
+                         formatter_class=common.PresetHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), "
                         "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
@@ -300,31 +339,30 @@ def parse_args(argv=None):
     g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for FID/IS")
     g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
     common.add_runtime_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    preset = PRESETS[args.dataset]
-    if args.variant == "official":
-        for key, value in OFFICIAL_DEFAULTS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        if args.loss is None and PRESETS[args.dataset]["arch"] == "mlp":
-            args.loss = "maf"               # Official code: L_MaF (the 2-D presets' is ours)
-    args.entropy_warmup = 0 if args.entropy_warmup is None else args.entropy_warmup
-    args.hflip = bool(args.hflip)
     if args.authors_buffer and args.variant != "official":
         p.error("--authors-buffer reproduces the official code's buffer: use it with --variant official")
-    preset = dict(preset, **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
     if args.arch in ("biggan", "stylegan2") and (args.dataset, args.arch) not in BACKBONE_PRESETS:
         keys = sorted(f"{d} --arch {a}" for d, a in BACKBONE_PRESETS if a == args.arch)
         p.error(f"--arch {args.arch} has presets for: {', '.join(keys)}")
-    if args.arch == "stylegan2":
-        cfg, values = stylegan2_preset(args.img_size or preset["img_size"])
-        preset.update(values)
-        if args.ema is None:        # Official code: the EMA's half-life is ema_kimg thousand images
-            args.ema = 0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000))
-    preset = dict(dict(loss="maf", lr_decay_from=1.0, d_spectral_norm=True, d_act="relu", dlle_noise_anneal=None, ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
-                       pl_every=1, style_mixing=0.0, attn_res=[]), **preset)
-    common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
-    args.data_name, args.split = preset["data"], preset["split"]
+    values = preset(args)
+    common.apply_presets(args, {k: v for k, v in values.items() if k not in ("data", "split")}, METHOD)
+    args.data_name, args.split = values["data"], values["split"]
+    check_args(p, args)
+    if args.no_dlle:
+        args.dlle_transform = "none"
+    if args.scalar_head:
+        args.m = 1                      # the code is the one output (buffers, Figure 3)
+    return args
+
+
+def check_args(p, args):
+    """One-line errors for values out of range or flags that do not fit --arch."""
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
                                        "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples",
                                        "r1_every", "pl_every"),
@@ -343,11 +381,6 @@ def parse_args(argv=None):
         p.error("--ema must be < 1 and --style-mixing at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
         p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
-    if args.no_dlle:
-        args.dlle_transform = "none"
-    if args.scalar_head:
-        args.m = 1                      # the code is the one output (buffers, Figure 3)
-    return args
 
 
 # ==================================================================================================
