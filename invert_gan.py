@@ -55,44 +55,44 @@ METHOD = "invert_gan"
 # ==================================================================================================
 
 # Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Where the paper states a value we cite it; "ours" marks a value the paper does not give.
+# Where the paper states a value we cite it; "ours" marks a value the paper does not give (the
+# authors released no code).
+_TOY = dict(
+    # Sec. 5.1: batch 128, four linear layers with ReLU; the latent space is 2-D (Fig. 3 plots
+    # z~ = F(x) in the plane). Width 128: ours.
+    arch="mlp", z_dim=2, batch_size=128, width=128,
+    # Ours: Adam 1e-3, one D step per G/F step, constant for the first half, then linear decay to
+    # 0 (lr_decay_from 0.5). The decay is what brings the samples' spread down to the data's 0.01 /
+    # 0.05: with a constant lr, G keeps oscillating around the modes and only ~78-92% of samples
+    # are within 3 std (1 seed each on ring / grid; README "Choosing the 2-D training schedule").
+    lr=1e-3, beta1=0.5, beta2=0.999, lr_decay_from=0.5, n_dis=1,
+    # Ours: no weight averaging (sample the trained G itself, as the paper does); logging.
+    ema=0.0, ema_start=0, log_every=500, sample_every=4000, ckpt_every=4000)
+_IMAGES = dict(
+    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
+    # layer is Linear 20: the latent dimension l = 20); base channels 64 (Tables 3-4).
+    arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, width=64,
+    # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
+    # optimiser settings (the paper gives none): Adam 2e-4 (0.5, 0.999), constant, one D step per
+    # G/F step; no weight averaging; logging.
+    lr=2e-4, beta1=0.5, beta2=0.999, lr_decay_from=1.0, n_dis=1, ema=0.0, ema_start=0,
+    log_every=200, sample_every=5000, ckpt_every=5000)
 PRESETS = {
-    # Sec. 5.1: batch 128, four linear layers with ReLU, Fig. 3 after 24K mini-batches; the
-    # latent space is 2-D (Fig. 3 plots z~ = F(x) in the plane). 50K (ring) / 100K (grid) test samples.
-    # Ours: Adam 1e-3, constant for the first half, then linear decay to 0 (lr_decay_from 0.5).
-    # The decay is what brings the samples' spread down to the data's 0.01 / 0.05: with a constant
-    # lr, G keeps oscillating around the modes and only ~78-92% of samples are within 3 std
-    # (1 seed each on ring / grid; README "Choosing the 2-D training schedule").
-    # Grid, ours: 48K steps (the paper gives 24K only for the ring's Fig. 3, and trains the grid of
+    # Sec. 5.1: Fig. 3 after 24K mini-batches; 50K test samples.
+    "ring": dict(_TOY, steps=24_000, eval_samples=50_000),
+    # Ours: 48K steps (the paper gives 24K only for the ring's Fig. 3, and trains the grid of
     # Fig. 5 for "enough" steps). At 24K some grid modes keep a sliver of P_z: 5 seeds gave 94.4 %
     # quality and reverse KL 0.34; 48K gave 97.1 % and 0.16 (README, InvertGAN Table 1).
-    "ring": dict(arch="mlp", z_dim=2, batch_size=128, steps=24_000, lr=1e-3, beta1=0.5, beta2=0.999,
-                 lr_decay_from=0.5, n_dis=1, width=128, eval_samples=50_000, log_every=500,
-                 sample_every=4000, ckpt_every=4000),
-    "grid": dict(arch="mlp", z_dim=2, batch_size=128, steps=48_000, lr=1e-3, beta1=0.5, beta2=0.999,
-                 lr_decay_from=0.5, n_dis=1, width=128, eval_samples=100_000, log_every=500,
-                 sample_every=4000, ckpt_every=4000),
-    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
-    # layer is Linear 20: the latent dimension l = 20). IS/FID/MS on 10K samples (5K for STL-10).
-    # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
-    # optimiser settings (the paper gives none). STL-10 (ours): 48x48, the usual GAN resolution
-    # for it (the paper gives none; its tables are 32x32), on train+unlabeled (105K images, the
-    # usual GAN training split; the paper does not say which split).
-    "cifar10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                    beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
-                    log_every=200, sample_every=5000, ckpt_every=5000),
-    "cifar100": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                     beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
-                     log_every=200, sample_every=5000, ckpt_every=5000),
-    "stl10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                  beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=5_000,
-                  log_every=200, sample_every=5000, ckpt_every=5000),
+    # Sec. 5.1: 100K test samples.
+    "grid": dict(_TOY, steps=48_000, eval_samples=100_000),
+    # Sec. 5.2: IS/FID/MS on 10K samples (5K for STL-10).
+    "cifar10": dict(_IMAGES, eval_samples=10_000),
+    "cifar100": dict(_IMAGES, eval_samples=10_000),
+    # STL-10 (ours): 48x48, the usual GAN resolution for it (the paper gives none; its tables are
+    # 32x32), on train+unlabeled (105K images, the usual GAN training split; the paper does not
+    # say which split): see common.DATASETS.
+    "stl10": dict(_IMAGES, eval_samples=5_000),
 }
-# Training extras the paper does not mention, off unless a preset or flag turns them on (ours).
-for _preset in PRESETS.values():
-    _preset.setdefault("lr_decay_from", 1.0)    # constant lr
-    _preset.setdefault("ema", 0.0)              # sample the trained G itself
-    _preset.setdefault("ema_start", 0)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "ring": "Sec. 5.1 (batch 128, 4-layer MLPs, latent 2, 24K steps as Fig. 3; optimiser and lr decay ours)",
