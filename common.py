@@ -363,7 +363,14 @@ class _AllGatherGrad(torch.autograd.Function):
 def all_gather_grad(x):
     """(n, ...) on each of W ranks -> (W n, ...), rank order, gradients flowing back to each rank's
     own x (torch.distributed.all_gather alone cuts them). Every rank must pass the same shape
-    (BatchStream gives every rank batch_size / world_size rows) and call backward."""
+    (BatchStream gives every rank batch_size / world_size rows) and call backward.
+
+    For a loss of the whole global batch (InvertGAN's mu and Sigma of F(x)): a per-rank estimate
+    would be another objective (8 codes cannot estimate a 20-d covariance), so every rank gathers
+    all rows and holds the same loss, and N processes minimise what one process would with the same
+    global batch. Gradient scale: the backward sums the W ranks' (equal) gradients of each row, so
+    a rank's rows receive W x the one-process gradient; DDP's average over ranks then divides by W,
+    and the weight gradients equal one process's."""
     return _AllGatherGrad.apply(x)
 
 

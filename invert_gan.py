@@ -219,17 +219,12 @@ def consistency_loss(z, z_rec, x, x_rec):
 
 def batch_gaussian(codes):
     """Mean (l,) and unbiased covariance (l, l) of the codes (B, l) of the *whole* batch, float64.
-
-    Under torchrun every rank gathers all ranks' codes (common.all_gather_grad), so mu and Sigma
-    are those of the global batch and N processes minimise the same L_Gau as one process with the
-    same global batch (a per-rank estimate would be another objective: 8 codes cannot estimate a
-    20-d covariance). Gradient scale: each rank holds the same L_Gau and the gather's backward sums
-    the ranks' gradients, so a rank's codes receive world_size x the one-process gradient; DDP's
-    average over ranks then divides by world_size, and G/F's weight gradients equal one process's.
     float64 keeps the rounding error of a near-singular Sigma far below the floor eps of the losses.
     """
     z = codes.double()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # torchrun: the global batch's codes, gradients back to each rank's own (why, and why the
+        # gradient scale is right under DDP: common.all_gather_grad, section 1 "Runtime").
         z = common.all_gather_grad(z)                        # (B_global, l)
     mu = z.mean(0)
     centred = z - mu
@@ -240,6 +235,10 @@ def batch_gaussian(codes):
 def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
     """Distance between N(mu, Sigma) and N(0, I) for `kind` in pnorm | w2 | kl | w2-1d.
 
+    w2 and kl read Eq. 6-7 in the eigenvalues lambda_i of Sigma (Sigma = V diag(lambda) V^T, so
+    Sigma^(1/2) = V diag(sqrt(lambda)) V^T, and traces and determinants do not depend on V):
+        tr(Sigma + I - 2 Sigma^(1/2)) = sum_i (lambda_i + 1 - 2 sqrt(lambda_i)) = sum_i (sqrt(lambda_i) - 1)^2
+        log det Sigma = sum_i log lambda_i,      tr(Sigma^-1) = sum_i 1 / lambda_i.
     w2, kl and w2-1d see Sigma + eps I (ours): eigenvalues lambda + eps, the same regulariser
     in every term of a loss. Unlike a clamp at eps, it keeps the gradient of a collapsed direction
     (lambda ~ 0), the very direction these losses exist to re-inflate. Traces and determinants go
@@ -260,8 +259,8 @@ def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
         return _norm(torch.cat([mu, std - 1]), 2)
     evals = torch.linalg.eigvalsh(0.5 * (sigma + sigma.T)) + eps        # (l,) of Sigma + eps I
     if kind == "w2":
-        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))), and the trace is
-        # sum (sqrt(lambda) - 1)^2, so W2 is the 2-norm of (mu, sqrt(lambda) - 1).
+        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))); with the trace identity above,
+        # W2 is the 2-norm of (mu, sqrt(lambda) - 1).
         return _norm(torch.cat([mu, evals.sqrt() - 1]), 2)
     if kind == "kl":
         # Eq. 7: KL(P_z || P_z~) = 1/2 {log det Sigma - l + tr(Sigma^-1) + mu^T Sigma^-1 mu}.
