@@ -29,9 +29,9 @@ Map of the paper to this file:
     Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
     Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
     Eq. 8-9 p-norm distance                      -> gaussian_loss("pnorm")
-    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> d_step (D), gf_losses (G and F), train()
+    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> train() (the loop), d_step (D), gf_losses (G and F)
     Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
-    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> d_step / gf_losses, --gauss-loss zdisc
+    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> dz_step / gf_losses, --gauss-loss zdisc
     Table 1 modes / quality / reverse KL         -> evaluate_points (reverse_kl_hq: Sec. 5.1's form)
     Fig. 3  inverse, latent, samples, mode share -> figure3
     App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
@@ -395,14 +395,10 @@ def load_data(args):
                                 download=args.download, data_std=args.data_std, seed=0)
 
 
-def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
-    """One update of D: max_D V(G, D) (Eq. 4), and with zdisc one of D_z (App. A.1, Eq. 13).
-
-    G and F only produce inputs here (under no_grad): this step never changes them. Under
-    torchrun D and D_z see this rank's share of x, z and z_prior; both losses are per-sample
-    means, so DDP's gradient average equals the gradient on the global batch.
-    Returns (d_loss, dz_loss or None).
-    """
+def d_step(G, D, opt_d, x, z, rt):
+    """One update of D: max_D V(G, D) (Eq. 4). G only produces inputs here (under no_grad). Under
+    torchrun D sees this rank's share of x and z; the loss is a per-sample mean, so DDP's gradient
+    average equals the gradient on the global batch."""
     n = x.shape[0]
     with rt.autocast():
         with torch.no_grad():
@@ -413,13 +409,15 @@ def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
         d_loss = gan_loss_d(logits[:n], logits[n:])
     opt_d.zero_grad(set_to_none=True)
     rt.backward_step(d_loss, opt_d)
-    if Dz is None:
-        return d_loss, None
-    # Eq. 13: max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))), z ~ P_z. Ours: D_z is updated with D,
-    # n_dis times per G/F step (App. A.1 only says "alternating training"), on the codes of the
-    # same real batch x, against len(z_prior) = --prior-samples / world prior samples: Sec. 4.2(4)
-    # asks for as many samples of P_z as possible, and as each half of the loss is a mean, more
-    # prior samples only make its real half less noisy.
+    return d_loss
+
+
+def dz_step(F, Dz, opt_dz, x, z_prior, rt):
+    """One update of D_z (zdisc, App. A.1, Eq. 13): max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))),
+    z ~ P_z. F only produces inputs here. Ours: on the codes of the D step's real batch x, against
+    len(z_prior) = --prior-samples / world prior samples: Sec. 4.2(4) asks for as many samples of
+    P_z as possible, and as each half of the loss is a mean, more prior samples only make its real
+    half less noisy."""
     with rt.autocast():
         with torch.no_grad():
             z_inv = F(x)
@@ -427,7 +425,7 @@ def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
         dz_loss = gan_loss_d(zlog[:len(z_prior)], zlog[len(z_prior):])
     opt_dz.zero_grad(set_to_none=True)
     rt.backward_step(dz_loss, opt_dz)
-    return d_loss, dz_loss
+    return dz_loss
 
 
 def gf_losses(G, F, D, Dz, x, z, args, rt):
@@ -446,7 +444,7 @@ def gf_losses(G, F, D, Dz, x, z, args, rt):
     if args.gauss_loss == "none":
         gauss = torch.zeros((), device=z.device)
     elif args.gauss_loss == "zdisc":
-        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see d_step.
+        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see dz_step.
         with rt.autocast():
             gauss = gan_loss_g(Dz(z_inv).float())
     else:
@@ -521,23 +519,26 @@ def train(args, rt, dataset):
         # step alone, so a resumed run gets the same values).
         lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
         common.set_lr((opt_gf, opt_d, opt_dz), lr)
-        # ---- D step(s): max_D V(G, D) (Eq. 4), and D_z's with zdisc (App. A.1).
+        # Eq. 10: min_{G,F} max_D V(G, D) + lambda_cons L_cons(G, F) + lambda_gauss L_Gau(F),
+        # alternating: n_dis updates of the critics, then one of (G, F).
+        # ---- max side: D on V (Eq. 4); with zdisc also D_z on Eq. 13 (App. A.1; ours: as often
+        # as D, on the same real batch: the appendix only says "alternating training").
         for _ in range(args.n_dis):
-            x, _ = next(stream)
+            x_real, _ = next(stream)
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
             z_prior = (torch.randn(args.prior_samples // rt.world_size, args.z_dim, device=rt.device)
                        if Dz is not None else None)
-            d_loss, dz_loss = d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt)
-            if dz_loss is not None:
-                meter.add(dz_loss=dz_loss)
+            d_loss = d_step(G, D, opt_d, x_real, z, rt)
+            if Dz is not None:
+                meter.add(dz_loss=dz_step(F, Dz, opt_dz, x_real, z_prior, rt))
 
-        # ---- G and F step: min_{G,F} V + lambda_cons L_cons + lambda_gauss L_Gau (Eq. 10).
-        # Ours: the real batch is the last D step's x (the paper does not say; a fresh batch
-        # would cost one more read per step and change nothing in expectation).
+        # ---- min side: G and F on V + lambda_cons L_cons + lambda_gauss L_Gau, critics frozen.
+        # The real batch is x_real, the *last D step's* (ours: the paper does not say; a fresh batch
+        # would cost one more read per step and change nothing in expectation); a fresh z.
         z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with frozen(D_plain, Dz_plain):
-            g_adv, cons, gauss = gf_losses(G, F, D_plain, Dz_plain, x, z, args, rt)
-            gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
+            g_adv, cons, gauss = gf_losses(G, F, D_plain, Dz_plain, x_real, z, args, rt)
+            gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss          # Eq. 10
             opt_gf.zero_grad(set_to_none=True)
             rt.backward_step(gf_loss, opt_gf)
         step += 1
