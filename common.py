@@ -1872,58 +1872,6 @@ class PretextNet(nn.Module):
         return self.head(self.phi.features(x))
 
 
-class LipschitzLayer(nn.Module):
-    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz` (the
-    branches of PGMGAN's Lipschitz-bounded partitioner, Sec. 4.2).
-
-    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
-    runs on the layer's *actual* linear map: for a conv that is the convolution over a
-    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
-    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
-    layers already below L are left alone (i-ResNet's soft normalisation).
-    """
-
-    def __init__(self, layer, lipschitz, in_shape):
-        super().__init__()
-        self.layer, self.lipschitz = layer, lipschitz
-        u = torch.randn(1, *in_shape)
-        self.register_buffer("u", u / u.norm())
-        self.register_buffer("sigma", torch.ones(()))
-
-    def _apply_op(self, x):                                 # A x (no bias)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, self.layer.weight)
-        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
-
-    def _apply_adjoint(self, v):                            # A^T v
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(v, self.layer.weight.t())
-        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
-
-    @torch.no_grad()
-    def power_iteration(self, n=1):
-        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
-        u = self.u
-        for _ in range(n):
-            u = self._apply_adjoint(self._apply_op(u))
-            u = u / u.norm().clamp_min(1e-12)
-        self.u.copy_(u)
-        self.sigma.copy_(self._apply_op(u).norm())
-
-    def forward(self, x):
-        if self.training:
-            self.power_iteration(1)
-            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
-            sigma = self._apply_op(self.u.clone()).norm()
-        else:
-            sigma = self.sigma
-        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
-        out = self._apply_op(x) * scale
-        if self.layer.bias is not None:
-            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
-        return out
-
-
 class ReLUClassifier(nn.Module):
     """A plain ReLU MLP with a linear head: `n_layers` hidden layers of `width` units, logits (B, k).
     `features(x)` is the last hidden layer; `converge()` does nothing (the interface of a
