@@ -745,51 +745,49 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # sees the generated-code term, so D cannot lower it for G.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
-    """D's loss: L_MaF (Eq. 7; --loss hinge / ns: the backbone's loss) + DIsoMap (Eq. 14) + DLLE
-    (Eq. 12) + sigma (L_ent + lambda ||V0||)
-    (Eq. 8) on real codes. Unit weights on the first three: the paper states none, the authors'
-    train.py sums them unweighted.
+    """D's loss on real x and fake = G(z) (B, ...), G fixed:
+        L_adv (Eq. 7's L_MaF; --loss hinge / ns: the backbone's) + w_iso L_Iso (Eq. 14)
+        + w_lle L_LLE (Eq. 12-13) + sigma (L_ent + lambda ||V0||) (Eq. 8, on the real codes).
+    The weights w: the paper states none; the authors' train.py sums the first three unweighted.
 
-    x, fake: (B, ...) with fake = G(z) computed without a graph (G is not trained here). Every input
-    of D (real, fake, mixes, transformed real and fake) goes through the DDP-wrapped D in *one*
-    forward: one gradient all-reduce and one spectral-norm power iteration per D step (Official
-    code: five D calls per step, so five power iterations). An ablation leaves its inputs out, so
-    the L_MaF-only baseline costs exactly a plain D step.
-    Returns (total loss, dict of the terms for the log, incl. the health figures, not summed).
+    Every input of D goes through the DDP-wrapped D in *one* forward: one gradient all-reduce and
+    one spectral-norm power iteration per D step (Official code: five D calls per step, so five
+    power iterations). An ablation leaves its inputs out, so the L_MaF-only baseline costs exactly
+    a plain D step. Returns (total, the terms and the health figures for the log, not summed).
     """
-    variant, B = args.variant, x.shape[0]
-    parts = [x, fake]
-    use_iso, use_dlle = not args.no_disomap, args.dlle_transform != "none"
-    if use_iso:
-        x_mix, a = isomap_mix(x, fake, variant)
-        parts.append(x_mix)
-    if use_dlle:
-        parts += [dlle_transform(x, args, D_plain, std=dlle_std), dlle_transform(fake, args, D_plain, std=dlle_std)]
-    with common.minibatch_parts(D, len(parts)):      # StyleGAN2's minibatch std: per part
-        v, mu = embed(D, torch.cat(parts), with_mu=True)                       # (k B, m), k = 2..5
-    chunks = list(v.split(B))
-    v_real, v_fake = chunks[0], chunks[1]
+    variant = args.variant
+    # ---- D's inputs, each (B, ...): real, fake, and the inputs of the terms switched on.
+    inputs = {"real": x, "fake": fake}
+    if not args.no_disomap:
+        inputs["mix"], a = isomap_mix(x, fake, variant)                 # a x + (1 - a) G(z), Eq. 14
+    if args.dlle_transform != "none":                                   # F(x), F(G(z)), Eq. 12
+        inputs["real_aug"] = dlle_transform(x, args, D_plain, std=dlle_std)
+        inputs["fake_aug"] = dlle_transform(fake, args, D_plain, std=dlle_std)
+    with common.minibatch_parts(D, len(inputs)):      # StyleGAN2's minibatch std: per input
+        v_all, mu_all = embed(D, torch.cat(list(inputs.values())), with_mu=True)   # (k B, m), k = 2..5
+    v = dict(zip(inputs, v_all.split(x.shape[0])))                      # name -> code (B, m)
+
+    # ---- the terms
     adv = "maf" if args.loss == "maf" else "adv"
-    terms = {adv: adv_loss_d(v_real, v_fake, args.loss)}
-    weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight}
-    if use_iso:
-        terms["iso"] = isomap_loss(chunks[2], v_real, v_fake, a, variant)
-    if use_dlle:
-        v_real_aug, v_fake_aug = chunks[-2], chunks[-1]
-        if variant == "paper":
-            terms["dlle"] = dlle_loss(torch.cat([v_real, v_fake]), torch.cat([v_real_aug, v_fake_aug]))
-        else:
-            terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
-                             + dlle_loss(v_fake, v_fake_aug, "official"))
-    total = sum(weights[k] * val for k, val in terms.items())
-    figures = health(v_real, mu[:B], buffers["real"])
+    terms = {adv: adv_loss_d(v["real"], v["fake"], args.loss)}
+    if "mix" in v:
+        terms["iso"] = isomap_loss(v["mix"], v["real"], v["fake"], a, variant)
+    if "real_aug" in v:
+        if variant == "paper":                  # one mean over the real and fake samples
+            terms["dlle"] = dlle_loss(torch.cat([v["real"], v["fake"]]), torch.cat([v["real_aug"], v["fake_aug"]]))
+        else:                                   # Official code: an MSE for each, summed
+            terms["dlle"] = dlle_loss(v["real"], v["real_aug"], "official") + dlle_loss(v["fake"], v["fake_aug"], "official")
     if not args.no_entropy:
         lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
-        terms["ent"] = entropy_loss(v_real, buffers["real"], lam, variant)
-        total = total + ent_w * terms["ent"]
-    buffers["real"].push(v_real)            # also without the term: the health figures read it
-    terms.update({"real_" + k: val for k, val in figures.items()})
-    return total, terms
+        terms["ent"] = entropy_loss(v["real"], buffers["real"], lam, variant)
+    weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight, "ent": ent_w}
+    total = sum(weights[k] * term for k, term in terms.items())
+
+    # ---- not part of the loss: the health figures (log only), read before the buffer takes the
+    # batch; the buffer takes it also without the entropy term, for these figures.
+    figures = health(v["real"], mu_all[:x.shape[0]], buffers["real"])
+    buffers["real"].push(v["real"])
+    return total, dict(terms, **{"real_" + k: val for k, val in figures.items()})
 
 
 def g_step_loss(D_plain, fake, args, buffers, ent_w):
