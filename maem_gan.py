@@ -968,31 +968,50 @@ def load_data(args):
                                 download=args.download, data_std=args.data_std, seed=0)
 
 
-def train(args, rt, dataset):
-    info = common.DATASETS[args.data_name]
-    is_points = info["kind"] == "points"
-    channels = info["channels"]
-    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
-                                num_workers=args.num_workers)
-
-    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
-    G, D = build_networks(args, channels)
-    common.seed_rank(rt, args.seed)
-    G, D = rt.wrap(G), rt.wrap(D)
-    D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
-    # Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied every k steps scales
-    # Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one (ours: ada-pytorch
-    # keeps the scaling with a zero weight).
+def make_optimizers(args, G, D):
+    """Adam for G and D. Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied
+    every k steps scales Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one
+    (ours: ada-pytorch keeps the scaling with a zero weight). Returns (opt_g, opt_d, c_g, c_d)."""
     c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
     c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
     opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
     opt_d = common.adam(D.parameters(), lr=args.lr * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
+    return opt_g, opt_d, c_g, c_d
+
+
+def restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path):
+    """A resumed run's replay buffers and path-length mean, one per process (a different number of
+    processes starts them afresh)."""
+    saved = ckpt["buffers"]
+    if set(saved[0]) != set(buffers):
+        raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
+                                f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
+                                f"version; start a new run")
+    if len(saved) == rt.world_size:
+        for name, buf in buffers.items():
+            buf.load_state_dict(saved[rt.rank][name])
+        pl_mean.copy_(ckpt["pl_mean"][rt.rank])
+    elif rt.is_main:
+        print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
+              f"{rt.world_size}: the buffers start afresh")
+
+
+def train(args, rt, dataset):
+    is_points = common.DATASETS[args.data_name]["kind"] == "points"
+    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
+                                num_workers=args.num_workers)
+    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
+    G, D = build_networks(args, common.DATASETS[args.data_name]["channels"])
+    common.seed_rank(rt, args.seed)
+    G, D = rt.wrap(G), rt.wrap(D)
+    D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
+    opt_g, opt_d, c_g, c_d = make_optimizers(args, G, D)
     per_rank = args.batch_size // rt.world_size
     buffers = make_buffers(args, per_rank, rt.device)
     ema = common.EMA(G, args.ema).to(rt.device) if args.ema > 0 else None
     pl_mean = torch.zeros((), device=rt.device)         # path-length running mean (per process)
 
-    step = 0
+    step, ckpt = 0, None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     nets, opts = {"G": G, "D": D, "G_ema": ema}, {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume:
@@ -1001,18 +1020,7 @@ def train(args, rt, dataset):
             raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
                                     f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
-        saved = ckpt["buffers"]
-        if set(saved[0]) != set(buffers):
-            raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
-                                    f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
-                                    f"version; start a new run")
-        if len(saved) == rt.world_size:
-            for name, buf in buffers.items():
-                buf.load_state_dict(saved[rt.rank][name])
-            pl_mean.copy_(ckpt["pl_mean"][rt.rank])
-        elif rt.is_main:
-            print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
-                  f"{rt.world_size}: the buffers start afresh")
+        restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path)
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
@@ -1032,14 +1040,13 @@ def train(args, rt, dataset):
         real_points = dataset.points[pick]
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
-    run = common.RunControl(rt, args, step, meter, ckpt if args.resume else None)
+    run = common.RunControl(rt, args, step, meter, ckpt)
     while run.going(step):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch, step)
         for opt, c in ((opt_g, c_g), (opt_d, c_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr * c
+            common.set_lr([opt], lr * c)
         ent_w = entropy_weight(args, epoch)
 
         # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma (L_ent(real) + lambda ||V0||) (G fixed).
@@ -1071,14 +1078,13 @@ def train(args, rt, dataset):
         if args.variant == "paper":
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with rt.autocast():
-            fake = G(z)
-            g_loss, g_terms = g_step_loss(D_plain, fake, args, buffers, ent_w)
+            g_loss, g_terms = g_step_loss(D_plain, G(z), args, buffers, ent_w)
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         if args.pl_weight > 0 and step % args.pl_every == 0:
-            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k.
+            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k;
+            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged.
             z_pl = torch.randn(max(per_rank // 2, 1), args.z_dim, device=rt.device)
-            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged
             with rt.autocast():
                 pl, g_terms["pl_length"] = common.path_length_penalty(G, z_pl, pl_mean)
             opt_g.zero_grad(set_to_none=True)
