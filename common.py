@@ -5,17 +5,24 @@ Nothing in this file is specific to one paper's method: only the things every sc
 Inception-based and mode-coverage metrics). A reader who wants the *method* should open the
 method script; a reader who wants to know *how* a batch reaches the GPU comes here.
 
-Sections (search for the `# ====` markers):
-    0. Errors           UsageError and run_cli: bad input -> one line on stderr, exit code 2
-    1. Runtime          device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile, shutdown;
-                        SIGINT/SIGTERM handlers and the ranks' agreement to stop
-    2. Checkpoints      atomic save, weights_only load, RNG capture/restore
-    3. Logging          args.json, log.jsonl, console line with it/s and ETA; RunControl: a
-                        training loop's stop on a signal, checkpoints, train_seconds, first lines
-    4. Pictures         image grids and 2-D scatter plots (PIL only)
-    5. Datasets         synthetic ring/grid, torchvision datasets, stacked MNIST, folders, loaders
-    6. Architectures    MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F, EMA
-    7. Metrics          FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance, mode coverage
+Contents: the sections, each with its line range (tests/test_common.py checks the ranges against
+the `# ====` headers: move a section, update its line here):
+    0. Errors          44-139      UsageError and run_cli: bad input -> one line on stderr, exit 2
+    1. Runtime         140-489     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
+                                   shutdown; SIGINT/SIGTERM handlers and the ranks' agreement to stop
+    2. Checkpoints     490-653     atomic save, weights_only load, RNG capture/restore
+    3. Logging         654-1054    args.json, log.jsonl, console line with it/s and ETA; the CLI's
+                                   shared flags and checks; RunControl: a training loop's stop on a
+                                   signal, checkpoints, train_seconds, first lines
+    4. Pictures        1055-1235   image grids and 2-D scatter plots (PIL only)
+    5. Datasets        1236-2179   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+                                   BatchStream; then the pieces of multi-stage runs: --help's presets
+                                   epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
+                                   clustering metrics
+    6. Architectures   2180-3380   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+                                   StyleGAN2, EMA
+    7. Metrics         3381-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+                                   mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).
