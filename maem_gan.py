@@ -1145,6 +1145,10 @@ def final_metrics(G, D, args, rt):
     form) for other images."""
     G = common.unwrap(G).eval()
     kind = common.DATASETS[args.data_name]["kind"]
+
+    def draw(n):
+        return generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
+
     if kind == "points":
         samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
@@ -1155,21 +1159,14 @@ def final_metrics(G, D, args, rt):
                   "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
         classifier = common.load_mode_classifier(args.classifier, rt.device)
-        batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
-                   for i in range(0, args.eval_samples, 500))
-        return common.stacked_mode_metrics(batches, classifier, rt.device)
-    try:
-        # FID against the images this run trains on (its split; a folder cropped and resized as
-        # training reads it): common.real_stats, cached.
-        real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
-                                      img_size=args.img_size, download=args.download)
-        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
-                   for i in range(0, args.eval_samples, 100))
-        return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ivar"], real,
-                                    rt.device, inception_weights=args.inception_weights)
-    except common.UsageError as err:       # no Inception weights offline: training still counts
-        print(f"note: image metrics skipped: {err}", flush=True)
-        return {"skipped": str(err)}
+        return common.stacked_mode_metrics(common.in_chunks(draw, args.eval_samples, 500), classifier, rt.device)
+    # FID against the images this run trains on (its split; a folder cropped and resized as
+    # training reads it): common.real_stats, cached. No Inception weights offline: skipped.
+    real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
+                                  img_size=args.img_size, download=args.download)
+    return common.image_metrics_or_skip(common.in_chunks(draw, args.eval_samples, 100), args.eval_samples,
+                                        ["fid", "is", "ivar"], real, rt.device,
+                                        inception_weights=args.inception_weights)
 
 
 def main(argv=None):
