@@ -5,17 +5,24 @@ Nothing in this file is specific to one paper's method: only the things every sc
 Inception-based and mode-coverage metrics). A reader who wants the *method* should open the
 method script; a reader who wants to know *how* a batch reaches the GPU comes here.
 
-Sections (search for the `# ====` markers):
-    0. Errors           UsageError and run_cli: bad input -> one line on stderr, exit code 2
-    1. Runtime          device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile, shutdown;
-                        SIGINT/SIGTERM handlers and the ranks' agreement to stop
-    2. Checkpoints      atomic save, weights_only load, RNG capture/restore
-    3. Logging          args.json, log.jsonl, console line with it/s and ETA; RunControl: a
-                        training loop's stop on a signal, checkpoints, train_seconds, first lines
-    4. Pictures         image grids and 2-D scatter plots (PIL only)
-    5. Datasets         synthetic ring/grid, torchvision datasets, stacked MNIST, folders, loaders
-    6. Architectures    MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F, EMA
-    7. Metrics          FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance, mode coverage
+Contents: the sections, each with its line range (tests/test_common.py checks the ranges against
+the `# ====` headers: move a section, update its line here):
+    0. Errors          44-139      UsageError and run_cli: bad input -> one line on stderr, exit 2
+    1. Runtime         140-489     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
+                                   shutdown; SIGINT/SIGTERM handlers and the ranks' agreement to stop
+    2. Checkpoints     490-653     atomic save, weights_only load, RNG capture/restore
+    3. Logging         654-1054    args.json, log.jsonl, console line with it/s and ETA; the CLI's
+                                   shared flags and checks; RunControl: a training loop's stop on a
+                                   signal, checkpoints, train_seconds, first lines
+    4. Pictures        1055-1235   image grids and 2-D scatter plots (PIL only)
+    5. Datasets        1236-2179   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+                                   BatchStream; then the pieces of multi-stage runs: --help's presets
+                                   epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
+                                   clustering metrics
+    6. Architectures   2180-3380   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+                                   StyleGAN2, EMA
+    7. Metrics         3381-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+                                   mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).
@@ -363,7 +370,14 @@ class _AllGatherGrad(torch.autograd.Function):
 def all_gather_grad(x):
     """(n, ...) on each of W ranks -> (W n, ...), rank order, gradients flowing back to each rank's
     own x (torch.distributed.all_gather alone cuts them). Every rank must pass the same shape
-    (BatchStream gives every rank batch_size / world_size rows) and call backward."""
+    (BatchStream gives every rank batch_size / world_size rows) and call backward.
+
+    For a loss of the whole global batch (InvertGAN's mu and Sigma of F(x)): a per-rank estimate
+    would be another objective (8 codes cannot estimate a 20-d covariance), so every rank gathers
+    all rows and holds the same loss, and N processes minimise what one process would with the same
+    global batch. Gradient scale: the backward sums the W ranks' (equal) gradients of each row, so
+    a rank's rows receive W x the one-process gradient; DDP's average over ranks then divides by W,
+    and the weight gradients equal one process's."""
     return _AllGatherGrad.apply(x)
 
 
@@ -1863,58 +1877,6 @@ class PretextNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.phi.features(x))
-
-
-class LipschitzLayer(nn.Module):
-    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz` (the
-    branches of PGMGAN's Lipschitz-bounded partitioner, Sec. 4.2).
-
-    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
-    runs on the layer's *actual* linear map: for a conv that is the convolution over a
-    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
-    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
-    layers already below L are left alone (i-ResNet's soft normalisation).
-    """
-
-    def __init__(self, layer, lipschitz, in_shape):
-        super().__init__()
-        self.layer, self.lipschitz = layer, lipschitz
-        u = torch.randn(1, *in_shape)
-        self.register_buffer("u", u / u.norm())
-        self.register_buffer("sigma", torch.ones(()))
-
-    def _apply_op(self, x):                                 # A x (no bias)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, self.layer.weight)
-        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
-
-    def _apply_adjoint(self, v):                            # A^T v
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(v, self.layer.weight.t())
-        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
-
-    @torch.no_grad()
-    def power_iteration(self, n=1):
-        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
-        u = self.u
-        for _ in range(n):
-            u = self._apply_adjoint(self._apply_op(u))
-            u = u / u.norm().clamp_min(1e-12)
-        self.u.copy_(u)
-        self.sigma.copy_(self._apply_op(u).norm())
-
-    def forward(self, x):
-        if self.training:
-            self.power_iteration(1)
-            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
-            sigma = self._apply_op(self.u.clone()).norm()
-        else:
-            sigma = self.sigma
-        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
-        out = self._apply_op(x) * scale
-        if self.layer.bias is not None:
-            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
-        return out
 
 
 class ReLUClassifier(nn.Module):

@@ -29,9 +29,9 @@ Map of the paper to this file:
     Eq. 6   W2 between MD Gaussians              -> gaussian_loss("w2")
     Eq. 7   KL(P_z || P_z~)                      -> gaussian_loss("kl")
     Eq. 8-9 p-norm distance                      -> gaussian_loss("pnorm")
-    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> d_step (D), gf_losses (G and F), train()
+    Eq. 10  min_{G,F} max_D V + L_cons + L_Gau   -> train() (the loop), d_step (D), gf_losses (G and F)
     Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
-    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> d_step / gf_losses, --gauss-loss zdisc
+    Eq. 12-13 z~-discriminator D_z (App. A.1)    -> dz_step / gf_losses, --gauss-loss zdisc
     Table 1 modes / quality / reverse KL         -> evaluate_points (reverse_kl_hq: Sec. 5.1's form)
     Fig. 3  inverse, latent, samples, mode share -> figure3
     App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
@@ -55,44 +55,44 @@ METHOD = "invert_gan"
 # ==================================================================================================
 
 # Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Where the paper states a value we cite it; "ours" marks a value the paper does not give.
+# Where the paper states a value we cite it; "ours" marks a value the paper does not give (the
+# authors released no code).
+_TOY = dict(
+    # Sec. 5.1: batch 128, four linear layers with ReLU; the latent space is 2-D (Fig. 3 plots
+    # z~ = F(x) in the plane). Width 128: ours.
+    arch="mlp", z_dim=2, batch_size=128, width=128,
+    # Ours: Adam 1e-3, one D step per G/F step, constant for the first half, then linear decay to
+    # 0 (lr_decay_from 0.5). The decay is what brings the samples' spread down to the data's 0.01 /
+    # 0.05: with a constant lr, G keeps oscillating around the modes and only ~78-92% of samples
+    # are within 3 std (1 seed each on ring / grid; README "Choosing the 2-D training schedule").
+    lr=1e-3, beta1=0.5, beta2=0.999, lr_decay_from=0.5, n_dis=1,
+    # Ours: no weight averaging (sample the trained G itself, as the paper does); logging.
+    ema=0.0, ema_start=0, log_every=500, sample_every=4000, ckpt_every=4000)
+_IMAGES = dict(
+    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
+    # layer is Linear 20: the latent dimension l = 20); base channels 64 (Tables 3-4).
+    arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, width=64,
+    # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
+    # optimiser settings (the paper gives none): Adam 2e-4 (0.5, 0.999), constant, one D step per
+    # G/F step; no weight averaging; logging.
+    lr=2e-4, beta1=0.5, beta2=0.999, lr_decay_from=1.0, n_dis=1, ema=0.0, ema_start=0,
+    log_every=200, sample_every=5000, ckpt_every=5000)
 PRESETS = {
-    # Sec. 5.1: batch 128, four linear layers with ReLU, Fig. 3 after 24K mini-batches; the
-    # latent space is 2-D (Fig. 3 plots z~ = F(x) in the plane). 50K (ring) / 100K (grid) test samples.
-    # Ours: Adam 1e-3, constant for the first half, then linear decay to 0 (lr_decay_from 0.5).
-    # The decay is what brings the samples' spread down to the data's 0.01 / 0.05: with a constant
-    # lr, G keeps oscillating around the modes and only ~78-92% of samples are within 3 std
-    # (1 seed each on ring / grid; README "Choosing the 2-D training schedule").
-    # Grid, ours: 48K steps (the paper gives 24K only for the ring's Fig. 3, and trains the grid of
+    # Sec. 5.1: Fig. 3 after 24K mini-batches; 50K test samples.
+    "ring": dict(_TOY, steps=24_000, eval_samples=50_000),
+    # Ours: 48K steps (the paper gives 24K only for the ring's Fig. 3, and trains the grid of
     # Fig. 5 for "enough" steps). At 24K some grid modes keep a sliver of P_z: 5 seeds gave 94.4 %
     # quality and reverse KL 0.34; 48K gave 97.1 % and 0.16 (README, InvertGAN Table 1).
-    "ring": dict(arch="mlp", z_dim=2, batch_size=128, steps=24_000, lr=1e-3, beta1=0.5, beta2=0.999,
-                 lr_decay_from=0.5, n_dis=1, width=128, eval_samples=50_000, log_every=500,
-                 sample_every=4000, ckpt_every=4000),
-    "grid": dict(arch="mlp", z_dim=2, batch_size=128, steps=48_000, lr=1e-3, beta1=0.5, beta2=0.999,
-                 lr_decay_from=0.5, n_dis=1, width=128, eval_samples=100_000, log_every=500,
-                 sample_every=4000, ckpt_every=4000),
-    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
-    # layer is Linear 20: the latent dimension l = 20). IS/FID/MS on 10K samples (5K for STL-10).
-    # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
-    # optimiser settings (the paper gives none). STL-10 (ours): 48x48, the usual GAN resolution
-    # for it (the paper gives none; its tables are 32x32), on train+unlabeled (105K images, the
-    # usual GAN training split; the paper does not say which split).
-    "cifar10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                    beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
-                    log_every=200, sample_every=5000, ckpt_every=5000),
-    "cifar100": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                     beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=10_000,
-                     log_every=200, sample_every=5000, ckpt_every=5000),
-    "stl10": dict(arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, lr=2e-4,
-                  beta1=0.5, beta2=0.999, n_dis=1, width=64, eval_samples=5_000,
-                  log_every=200, sample_every=5000, ckpt_every=5000),
+    # Sec. 5.1: 100K test samples.
+    "grid": dict(_TOY, steps=48_000, eval_samples=100_000),
+    # Sec. 5.2: IS/FID/MS on 10K samples (5K for STL-10).
+    "cifar10": dict(_IMAGES, eval_samples=10_000),
+    "cifar100": dict(_IMAGES, eval_samples=10_000),
+    # STL-10 (ours): 48x48, the usual GAN resolution for it (the paper gives none; its tables are
+    # 32x32), on train+unlabeled (105K images, the usual GAN training split; the paper does not
+    # say which split): see common.DATASETS.
+    "stl10": dict(_IMAGES, eval_samples=5_000),
 }
-# Training extras the paper does not mention, off unless a preset or flag turns them on (ours).
-for _preset in PRESETS.values():
-    _preset.setdefault("lr_decay_from", 1.0)    # constant lr
-    _preset.setdefault("ema", 0.0)              # sample the trained G itself
-    _preset.setdefault("ema_start", 0)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "ring": "Sec. 5.1 (batch 128, 4-layer MLPs, latent 2, 24K steps as Fig. 3; optimiser and lr decay ours)",
@@ -219,17 +219,12 @@ def consistency_loss(z, z_rec, x, x_rec):
 
 def batch_gaussian(codes):
     """Mean (l,) and unbiased covariance (l, l) of the codes (B, l) of the *whole* batch, float64.
-
-    Under torchrun every rank gathers all ranks' codes (common.all_gather_grad), so mu and Sigma
-    are those of the global batch and N processes minimise the same L_Gau as one process with the
-    same global batch (a per-rank estimate would be another objective: 8 codes cannot estimate a
-    20-d covariance). Gradient scale: each rank holds the same L_Gau and the gather's backward sums
-    the ranks' gradients, so a rank's codes receive world_size x the one-process gradient; DDP's
-    average over ranks then divides by world_size, and G/F's weight gradients equal one process's.
     float64 keeps the rounding error of a near-singular Sigma far below the floor eps of the losses.
     """
     z = codes.double()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # torchrun: the global batch's codes, gradients back to each rank's own (why, and why the
+        # gradient scale is right under DDP: common.all_gather_grad, section 1 "Runtime").
         z = common.all_gather_grad(z)                        # (B_global, l)
     mu = z.mean(0)
     centred = z - mu
@@ -240,6 +235,10 @@ def batch_gaussian(codes):
 def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
     """Distance between N(mu, Sigma) and N(0, I) for `kind` in pnorm | w2 | kl | w2-1d.
 
+    w2 and kl read Eq. 6-7 in the eigenvalues lambda_i of Sigma (Sigma = V diag(lambda) V^T, so
+    Sigma^(1/2) = V diag(sqrt(lambda)) V^T, and traces and determinants do not depend on V):
+        tr(Sigma + I - 2 Sigma^(1/2)) = sum_i (lambda_i + 1 - 2 sqrt(lambda_i)) = sum_i (sqrt(lambda_i) - 1)^2
+        log det Sigma = sum_i log lambda_i,      tr(Sigma^-1) = sum_i 1 / lambda_i.
     w2, kl and w2-1d see Sigma + eps I (ours): eigenvalues lambda + eps, the same regulariser
     in every term of a loss. Unlike a clamp at eps, it keeps the gradient of a collapsed direction
     (lambda ~ 0), the very direction these losses exist to re-inflate. Traces and determinants go
@@ -260,8 +259,8 @@ def gaussian_loss(kind, mu, sigma, p=2.0, eps=1e-6):
         return _norm(torch.cat([mu, std - 1]), 2)
     evals = torch.linalg.eigvalsh(0.5 * (sigma + sigma.T)) + eps        # (l,) of Sigma + eps I
     if kind == "w2":
-        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))), and the trace is
-        # sum (sqrt(lambda) - 1)^2, so W2 is the 2-norm of (mu, sqrt(lambda) - 1).
+        # Eq. 6: W2 = sqrt(||mu||^2 + tr(Sigma + I - 2 Sigma^(1/2))); with the trace identity above,
+        # W2 is the 2-norm of (mu, sqrt(lambda) - 1).
         return _norm(torch.cat([mu, evals.sqrt() - 1]), 2)
     if kind == "kl":
         # Eq. 7: KL(P_z || P_z~) = 1/2 {log det Sigma - l + tr(Sigma^-1) + mu^T Sigma^-1 mu}.
@@ -396,14 +395,10 @@ def load_data(args):
                                 download=args.download, data_std=args.data_std, seed=0)
 
 
-def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
-    """One update of D: max_D V(G, D) (Eq. 4), and with zdisc one of D_z (App. A.1, Eq. 13).
-
-    G and F only produce inputs here (under no_grad): this step never changes them. Under
-    torchrun D and D_z see this rank's share of x, z and z_prior; both losses are per-sample
-    means, so DDP's gradient average equals the gradient on the global batch.
-    Returns (d_loss, dz_loss or None).
-    """
+def d_step(G, D, opt_d, x, z, rt):
+    """One update of D: max_D V(G, D) (Eq. 4). G only produces inputs here (under no_grad). Under
+    torchrun D sees this rank's share of x and z; the loss is a per-sample mean, so DDP's gradient
+    average equals the gradient on the global batch."""
     n = x.shape[0]
     with rt.autocast():
         with torch.no_grad():
@@ -414,13 +409,15 @@ def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
         d_loss = gan_loss_d(logits[:n], logits[n:])
     opt_d.zero_grad(set_to_none=True)
     rt.backward_step(d_loss, opt_d)
-    if Dz is None:
-        return d_loss, None
-    # Eq. 13: max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))), z ~ P_z. Ours: D_z is updated with D,
-    # n_dis times per G/F step (App. A.1 only says "alternating training"), on the codes of the
-    # same real batch x, against len(z_prior) = --prior-samples / world prior samples: Sec. 4.2(4)
-    # asks for as many samples of P_z as possible, and as each half of the loss is a mean, more
-    # prior samples only make its real half less noisy.
+    return d_loss
+
+
+def dz_step(F, Dz, opt_dz, x, z_prior, rt):
+    """One update of D_z (zdisc, App. A.1, Eq. 13): max_{D_z} E log D_z(z) + E log(1 - D_z(F(x))),
+    z ~ P_z. F only produces inputs here. Ours: on the codes of the D step's real batch x, against
+    len(z_prior) = --prior-samples / world prior samples: Sec. 4.2(4) asks for as many samples of
+    P_z as possible, and as each half of the loss is a mean, more prior samples only make its real
+    half less noisy."""
     with rt.autocast():
         with torch.no_grad():
             z_inv = F(x)
@@ -428,7 +425,7 @@ def d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
         dz_loss = gan_loss_d(zlog[:len(z_prior)], zlog[len(z_prior):])
     opt_dz.zero_grad(set_to_none=True)
     rt.backward_step(dz_loss, opt_dz)
-    return d_loss, dz_loss
+    return dz_loss
 
 
 def gf_losses(G, F, D, Dz, x, z, args, rt):
@@ -447,7 +444,7 @@ def gf_losses(G, F, D, Dz, x, z, args, rt):
     if args.gauss_loss == "none":
         gauss = torch.zeros((), device=z.device)
     elif args.gauss_loss == "zdisc":
-        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see d_step.
+        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see dz_step.
         with rt.autocast():
             gauss = gan_loss_g(Dz(z_inv).float())
     else:
@@ -522,23 +519,26 @@ def train(args, rt, dataset):
         # step alone, so a resumed run gets the same values).
         lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
         common.set_lr((opt_gf, opt_d, opt_dz), lr)
-        # ---- D step(s): max_D V(G, D) (Eq. 4), and D_z's with zdisc (App. A.1).
+        # Eq. 10: min_{G,F} max_D V(G, D) + lambda_cons L_cons(G, F) + lambda_gauss L_Gau(F),
+        # alternating: n_dis updates of the critics, then one of (G, F).
+        # ---- max side: D on V (Eq. 4); with zdisc also D_z on Eq. 13 (App. A.1; ours: as often
+        # as D, on the same real batch: the appendix only says "alternating training").
         for _ in range(args.n_dis):
-            x, _ = next(stream)
+            x_real, _ = next(stream)
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
             z_prior = (torch.randn(args.prior_samples // rt.world_size, args.z_dim, device=rt.device)
                        if Dz is not None else None)
-            d_loss, dz_loss = d_step(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt)
-            if dz_loss is not None:
-                meter.add(dz_loss=dz_loss)
+            d_loss = d_step(G, D, opt_d, x_real, z, rt)
+            if Dz is not None:
+                meter.add(dz_loss=dz_step(F, Dz, opt_dz, x_real, z_prior, rt))
 
-        # ---- G and F step: min_{G,F} V + lambda_cons L_cons + lambda_gauss L_Gau (Eq. 10).
-        # Ours: the real batch is the last D step's x (the paper does not say; a fresh batch
-        # would cost one more read per step and change nothing in expectation).
+        # ---- min side: G and F on V + lambda_cons L_cons + lambda_gauss L_Gau, critics frozen.
+        # The real batch is x_real, the *last D step's* (ours: the paper does not say; a fresh batch
+        # would cost one more read per step and change nothing in expectation); a fresh z.
         z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with frozen(D_plain, Dz_plain):
-            g_adv, cons, gauss = gf_losses(G, F, D_plain, Dz_plain, x, z, args, rt)
-            gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss
+            g_adv, cons, gauss = gf_losses(G, F, D_plain, Dz_plain, x_real, z, args, rt)
+            gf_loss = g_adv + args.lambda_cons * cons + args.lambda_gauss * gauss          # Eq. 10
             opt_gf.zero_grad(set_to_none=True)
             rt.backward_step(gf_loss, opt_gf)
         step += 1

@@ -61,43 +61,72 @@ METHOD = "maem_gan"
 # 1. Arguments and per-dataset presets
 # ==================================================================================================
 
-# Flags that default to None are filled from PRESETS[dataset] unless given on the command line.
-# Sources: "Suppl." = the paper's Implementation Details; "README" / "train.py" = the authors'
-# repository (HaozheLiu-ST/MEE); "ours" = a value neither gives. `data` is the common.py dataset.
-# Weights: the paper states none for L_MaF, L_Iso and L_LLE; unit weights are train.py's.
-_CIFAR = dict(  # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), x0.9 / 50 epochs,
-    # batch 64, sigma 5e-4, lambda 0, rotation + Gaussian noise, buffer 1024; n_critic 3 (README);
-    # train+test images (train.py concatenates both).
-    # Official code: the README's run is 1800 epochs of 60K images at batch 64 with a G step every
-    # 3rd batch, ~562K G steps; our 100K is ours (a budget, not theirs).
-    # dlle_noise 0.05: ours (the paper gives no std; train.py's flip-noise uses 0.001).
-    arch="dcgan", img_size=32, z_dim=64, m=16, batch_size=64, steps=100_000, lr=1e-4, beta1=0.0,
-    beta2=0.999, n_critic=3, sigma=5e-4, lambda_norm=0.0, lr_decay=0.9, lr_decay_epochs=50,
-    dlle_transform="rot-noise", dlle_noise=0.05, iso_weight=1.0, dlle_weight=1.0, width=64,
+# Flags that default to None take their value from the tables below unless given on the command
+# line, in this order (a later table wins): PRESETS[dataset]; with --arch biggan / stylegan2,
+# BACKBONE_PRESETS[(dataset, arch)] and stylegan2_preset; with --variant official, OFFICIAL_DEFAULTS.
+# Every preset lists every value it sets. Sources: "Suppl." = the paper's Implementation Details;
+# "Official code: FILE" = the authors' repository (HaozheLiu-ST/MEE); "ours" = a value neither gives.
+# `data` is the common.py dataset, `split` its part.
+_CIFAR = dict(
+    # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), lr x0.9 every 50 epochs, batch 64,
+    # sigma 5e-4, lambda 0, F = rotation + Gaussian noise.
+    arch="dcgan", img_size=32, z_dim=64, m=16, lr=1e-4, beta1=0.0, beta2=0.999, lr_decay=0.9,
+    lr_decay_epochs=50, batch_size=64, sigma=5e-4, lambda_norm=0.0, dlle_transform="rot-noise",
+    # Official code: README: n_critic 3; train.py: unit weights on L_Iso and L_LLE (the paper
+    # states no weight for L_MaF, L_Iso, L_LLE); width 64 = the paper's 512-256-128 channels.
+    n_critic=3, iso_weight=1.0, dlle_weight=1.0, width=64,
+    # Ours: F's noise std 0.05 (the paper gives none; train.py's flip-noise uses 0.001); 100K G
+    # steps, a budget (Official code: the README's run is 1800 epochs of 60K images at batch 64
+    # with a G step every 3rd batch, ~562K G steps).
+    dlle_noise=0.05, steps=100_000,
+    # The paper's: Eq. 7's L_MaF, a constant lr apart from the epoch decay, no noise annealing; the
+    # 2-D MLP D's spectral norm and ReLU (unused by the image Ds, which carry their own).
+    loss="maf", lr_decay_from=1.0, dlle_noise_anneal=None, d_spectral_norm=True, d_act="relu",
+    # No backbone extras (the paper's DCGAN and ResNet have none; BACKBONE_PRESETS turn them on).
+    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
+    attn_res=[],
+    # Evaluation: 50K samples (Suppl.); logging ours.
     eval_samples=50_000, log_every=200, sample_every=5000, ckpt_every=5000)
+# 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
+# data"). With the paper's image settings carried over (L_MaF, a spectral-norm D, lr 1e-4, n_critic
+# 3) quality stays below 20 %, so these leave them.
+_TOY = dict(
+    # 4-layer MLPs of 128 units, z 2, m 16; D with LeakyReLU 0.2 (as the paper's DCGAN D: with ReLU
+    # a D died of dead units).
+    arch="mlp", img_size=1, width=128, z_dim=2, m=16, d_act="leaky_relu", split="train",
+    # The non-saturating loss on the realness, no spectral norm, lr 1e-3 with one D step per G
+    # step, falling linearly to 0 over the second half (as InvertGAN's 2-D presets); 10K steps.
+    loss="ns", d_spectral_norm=False, lr=1e-3, beta1=0.0, beta2=0.9, n_critic=1, lr_decay_from=0.5,
+    lr_decay=1.0, lr_decay_epochs=1, steps=10_000,
+    # MaEM terms: sigma as CelebA, lambda 0, unit weights; F = Gaussian noise, annealed to 0 from
+    # 25 % of the run (it balances the modes early and blurs them if kept; end and std per dataset).
+    sigma=5e-2, lambda_norm=0.0, iso_weight=1.0, dlle_weight=1.0, dlle_transform="noise",
+    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
+    attn_res=[],
+    log_every=500, sample_every=5000, ckpt_every=5000)
 PRESETS = {
+    # Official code: train.py trains on train+test images (it concatenates both).
     "cifar10": dict(_CIFAR, data="cifar10", split="all"),
     # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
     # 5e-2 with DCGAN; "the remaining settings ... are the same as those of CIFAR-10".
     # lr_decay_epochs 10: ours. x0.9 per epoch of 162,770 images with 3 critic batches of 64 per G
     # step would put lr below 5e-6 from step ~25K of 100K; every 10 epochs gives 0.9^11 over 100K
     # steps, close to CIFAR-10's 0.9^6 (--lr-decay-epochs 1 for the paper's).
-    # split train: ours (the paper names none). DCGAN at 256: common.py caps channels at 512.
+    # split train, logging: ours (the paper names no split). DCGAN at 256: common.py caps channels at 512.
     "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
-                   lr_decay_epochs=10, dlle_transform="noise", steps=100_000, log_every=100,
-                   sample_every=2000, ckpt_every=2000),
+                   lr_decay_epochs=10, dlle_transform="noise", log_every=100, sample_every=2000,
+                   ckpt_every=2000),
     # Suppl. "ANIMEFACE": 64x64, ResNet backbone, z 128, m 32, Adam 1e-4 (0, 0.9), sigma 5e-4,
-    # lambda 5, Gaussian noise for F. The paper's backbone is Kang & Park's (ContraGAN) ResNet;
-    # ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours (CIFAR-10's); no lr
-    # decay stated.
+    # lambda 5, Gaussian noise for F, no lr decay stated. The paper's backbone is Kang & Park's
+    # (ContraGAN) ResNet; ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours
+    # (CIFAR-10's).
     "animeface": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=64, z_dim=128,
-                      m=32, beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0,
-                      dlle_transform="noise", eval_samples=50_000),
+                      m=32, beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
     # Suppl. "FFHQ": the paper plugs the loss into StyleGAN2 at 1024; "other hyper-parameters are
     # similar to those of ANIMEFACE". This preset: the SNGAN ResNet at 128 (ours, a small stand-in);
     # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
-                 beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
+                 beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
     # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
     # VEEGAN / PacGAN stacked-MNIST protocol.
     "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
@@ -105,44 +134,16 @@ PRESETS = {
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
                                   eval_samples=26_000, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
-    # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
-    # data"): 4-layer MLPs (D with LeakyReLU 0.2, as the paper's DCGAN D: with ReLU a D died of dead
-    # units), z 2, m 16, sigma as CelebA. With the paper's image settings carried
-    # over (L_MaF, a spectral-norm D, lr 1e-4, n_critic 3) quality stays below 20 %, so these leave them: the non-saturating loss on
-    # the realness, no spectral norm, lr 1e-3 with one D step per G step, falling linearly to 0 over
-    # the second half (as InvertGAN's 2-D presets), and DLLE's noise annealed to 0 from 25 % of the
-    # run (it balances the modes early and blurs them if kept). 50K evaluation samples
-    # (PGMGAN's 2-D protocol), 100K on the grid (25 modes instead of 8).
-    **{name: dict(data=name, split="train", arch="mlp", img_size=1, z_dim=2, m=16, batch_size=batch,
-                  steps=10_000, loss="ns", d_spectral_norm=False, d_act="leaky_relu", lr=1e-3, beta1=0.0, beta2=0.9,
-                  n_critic=1, lr_decay_from=0.5, sigma=5e-2, lambda_norm=0.0, lr_decay=1.0,
-                  lr_decay_epochs=1, dlle_transform="noise", dlle_noise=noise,
-                  dlle_noise_anneal=(0.25, anneal_to), iso_weight=1.0, dlle_weight=1.0, width=128,
-                  eval_samples=n_eval, log_every=500, sample_every=5000, ckpt_every=5000)
-       # dlle_noise: twice the ring's mode std (0.01), the grid's mode std (0.05). The grid: batch
-       # 256, ~10 samples per mode per batch, and the noise gone at 60 %, more steps to sharpen 25
-       # modes (README: at 128 / 75 %, 1 seed in 10 lost a mode; at 256 / 75 %, 1 in 10 was blurred).
-       for name, noise, batch, anneal_to, n_eval in (("ring", 0.02, 128, 0.75, 50_000),
-                                                     ("grid", 0.05, 256, 0.6, 100_000))},
+    # F's noise std: twice the ring's mode std (0.01), gone at 75 % of the run; 50K evaluation
+    # samples (PGMGAN's 2-D protocol).
+    "ring": dict(_TOY, data="ring", batch_size=128, dlle_noise=0.02, dlle_noise_anneal=(0.25, 0.75),
+                 eval_samples=50_000),
+    # The grid's mode std (0.05); batch 256, ~10 samples per mode per batch, and the noise gone at
+    # 60 %, to sharpen 25 modes (README: at 128 / 75 %, 1 seed in 10 lost a mode; at 256 / 75 %, 1
+    # in 10 was blurred); 100K evaluation samples (25 modes instead of 8).
+    "grid": dict(_TOY, data="grid", batch_size=256, dlle_noise=0.05, dlle_noise_anneal=(0.25, 0.6),
+                 eval_samples=100_000),
 }
-# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
-# `--arch stylegan2`, these replace the dataset preset's values (flags given still win). The MaEM
-# terms keep the dataset's values (m, sigma, lambda, F); the rest is the backbone's own recipe.
-BACKBONE_PRESETS = {
-    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50 (--parallel, two GPUs: BN sees 2x25;
-    # ours 50 per process), 4 D steps per G step, lr 2e-4
-    # for G and D, Adam (0, 0.999) (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from
-    # G step 1000, 500 epochs of the 50K training images (= 125K G steps at 200 images each).
-    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
-                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
-                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
-}
-# StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
-# AnimeFace at its 64 (Suppl.). Official code (stylegan2-ada-pytorch, train.py cfg_specs): 'paper256'
-# below 512 pixels (ours below 256), 'paper512', 'stylegan2' (config F) at 1024; see stylegan2_preset.
-for _name in ("ffhq", "celeba", "animeface"):
-    BACKBONE_PRESETS[(_name, "stylegan2")] = dict(arch="stylegan2", img_size=64 if _name == "animeface" else 256,
-                                                  n_critic=1, loss="ns", lr_decay=1.0, width=64)
 # Where each preset comes from, for --help.
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
@@ -156,17 +157,38 @@ PRESET_SOURCES = {
     "grid": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
             "steps, batch 256, DLLE noise annealed over 25-60 %",
 }
-ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
-VARIANTS = ("paper", "official")
-DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
+# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
+# `--arch stylegan2`, these replace the dataset preset's values. The MaEM terms keep the dataset's
+# values (m, sigma, lambda, F); the rest is the backbone's own recipe.
+BACKBONE_PRESETS = {
+    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50 (--parallel, two GPUs: BN sees
+    # 2x25; ours 50 per process), 4 D steps per G step, lr 2e-4 for G and D, Adam (0, 0.999)
+    # (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from G step 1000, 500 epochs of
+    # the 50K training images (= 125K G steps at 200 images each).
+    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
+                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
+                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
+    # StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
+    # AnimeFace at its 64 (Suppl.); its non-saturating loss, one D step per G step, no lr decay.
+    # stylegan2_preset adds the official config's batch, lr, betas, z, regularisers, style mixing,
+    # steps (kimg) and G EMA (ema_kimg) at the chosen size.
+    ("ffhq", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+    ("celeba", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+    ("animeface", "stylegan2"): dict(arch="stylegan2", img_size=64, n_critic=1, loss="ns", lr_decay=1.0, width=64),
+}
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
 # random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
 # loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
-# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data"),
-# and on 2-D data L_MaF replaces the presets' non-saturating loss (parse_args). The 2-D presets'
-# optimiser settings stay: the authors have no 2-D run.
+# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data").
+# On 2-D data L_MaF replaces the presets' non-saturating loss (the authors have no 2-D run: the
+# 2-D presets' optimiser settings stay). --variant paper: no warm-up, no flips.
 OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True,
                          d_spectral_norm=True)
+OFFICIAL_DEFAULTS_2D = dict(OFFICIAL_DEFAULTS, loss="maf")
+PAPER_DEFAULTS = dict(entropy_warmup=0, hflip=False)
+ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
+VARIANTS = ("paper", "official")
+DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
 # Flags a --resume may change besides common.RUN_CONTROL.
 RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
 
@@ -181,19 +203,36 @@ def stylegan2_preset(img_size):
                      style_mixing=cfg["style_mixing"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in each flag's help, and the presets epilog printed as written."""
+def preset(args):
+    """The values flags left at None take: PRESETS[dataset], then the backbone's (--arch biggan /
+    stylegan2), then the variant's defaults, each over the one before."""
+    values = dict(PRESETS[args.dataset], **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
+    if args.arch == "stylegan2":
+        cfg, recipe = stylegan2_preset(args.img_size or values["img_size"])
+        # Official code: the G EMA's half-life is ema_kimg thousand images.
+        values.update(recipe, ema=0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000)))
+    if args.variant == "official":
+        return dict(values, **(OFFICIAL_DEFAULTS_2D if PRESETS[args.dataset]["arch"] == "mlp" else OFFICIAL_DEFAULTS))
+    return dict(values, **PAPER_DEFAULTS)
 
 
-def parse_args(argv=None):
-    epilog = "presets (flags left unset take these values):\n" + "\n".join(
-        f"  {name}: {PRESET_SOURCES[name]}\n    " + ", ".join(f"{k}={v}" for k, v in sorted(PRESETS[name].items()))
-        for name in sorted(PRESETS)) + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + \
-        "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in sorted(vals.items()))
-                  for (d, a), vals in sorted(BACKBONE_PRESETS.items())) + \
-        "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', 'stylegan2' (config F) at 1024"
-    p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=epilog,
-                         formatter_class=_HelpFormatter)
+def presets_help():
+    """--help's epilog: the tables above, as they are."""
+    backbones = "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
+                          for (d, a), vals in BACKBONE_PRESETS.items())
+    variants = "\n".join(f"  --variant {name}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
+                         for name, vals in (("paper", PAPER_DEFAULTS), ("official", OFFICIAL_DEFAULTS),
+                                            ("official, 2-D data", OFFICIAL_DEFAULTS_2D)))
+    return (common.presets_epilog(PRESETS, PRESET_SOURCES)
+            + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + backbones
+            + "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', "
+              "'stylegan2' (config F) at 1024 (stylegan2_preset)"
+            + "\n\nvariant defaults (over the presets, where the flag was not given):\n" + variants)
+
+
+def build_parser():
+    p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=presets_help(),
+                         formatter_class=common.PresetHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), "
                         "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
@@ -301,31 +340,30 @@ def parse_args(argv=None):
     g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for FID/IS")
     g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
     common.add_runtime_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    preset = PRESETS[args.dataset]
-    if args.variant == "official":
-        for key, value in OFFICIAL_DEFAULTS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        if args.loss is None and PRESETS[args.dataset]["arch"] == "mlp":
-            args.loss = "maf"               # Official code: L_MaF (the 2-D presets' is ours)
-    args.entropy_warmup = 0 if args.entropy_warmup is None else args.entropy_warmup
-    args.hflip = bool(args.hflip)
     if args.authors_buffer and args.variant != "official":
         p.error("--authors-buffer reproduces the official code's buffer: use it with --variant official")
-    preset = dict(preset, **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
     if args.arch in ("biggan", "stylegan2") and (args.dataset, args.arch) not in BACKBONE_PRESETS:
         keys = sorted(f"{d} --arch {a}" for d, a in BACKBONE_PRESETS if a == args.arch)
         p.error(f"--arch {args.arch} has presets for: {', '.join(keys)}")
-    if args.arch == "stylegan2":
-        cfg, values = stylegan2_preset(args.img_size or preset["img_size"])
-        preset.update(values)
-        if args.ema is None:        # Official code: the EMA's half-life is ema_kimg thousand images
-            args.ema = 0.5 ** ((args.batch_size or cfg["batch"]) / (cfg["ema_kimg"] * 1000))
-    preset = dict(dict(loss="maf", lr_decay_from=1.0, d_spectral_norm=True, d_act="relu", dlle_noise_anneal=None, ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0,
-                       pl_every=1, style_mixing=0.0, attn_res=[]), **preset)
-    common.apply_presets(args, {k: v for k, v in preset.items() if k not in ("data", "split")}, METHOD)
-    args.data_name, args.split = preset["data"], preset["split"]
+    values = preset(args)
+    common.apply_presets(args, {k: v for k, v in values.items() if k not in ("data", "split")}, METHOD)
+    args.data_name, args.split = values["data"], values["split"]
+    check_args(p, args)
+    if args.no_dlle:
+        args.dlle_transform = "none"
+    if args.scalar_head:
+        args.m = 1                      # the code is the one output (buffers, Figure 3)
+    return args
+
+
+def check_args(p, args):
+    """One-line errors for values out of range or flags that do not fit --arch."""
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
                                        "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples",
                                        "r1_every", "pl_every"),
@@ -344,11 +382,6 @@ def parse_args(argv=None):
         p.error("--ema must be < 1 and --style-mixing at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
         p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
-    if args.no_dlle:
-        args.dlle_transform = "none"
-    if args.scalar_head:
-        args.m = 1                      # the code is the one output (buffers, Figure 3)
-    return args
 
 
 # ==================================================================================================
@@ -713,51 +746,49 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # sees the generated-code term, so D cannot lower it for G.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
-    """D's loss: L_MaF (Eq. 7; --loss hinge / ns: the backbone's loss) + DIsoMap (Eq. 14) + DLLE
-    (Eq. 12) + sigma (L_ent + lambda ||V0||)
-    (Eq. 8) on real codes. Unit weights on the first three: the paper states none, the authors'
-    train.py sums them unweighted.
+    """D's loss on real x and fake = G(z) (B, ...), G fixed:
+        L_adv (Eq. 7's L_MaF; --loss hinge / ns: the backbone's) + w_iso L_Iso (Eq. 14)
+        + w_lle L_LLE (Eq. 12-13) + sigma (L_ent + lambda ||V0||) (Eq. 8, on the real codes).
+    The weights w: the paper states none; the authors' train.py sums the first three unweighted.
 
-    x, fake: (B, ...) with fake = G(z) computed without a graph (G is not trained here). Every input
-    of D (real, fake, mixes, transformed real and fake) goes through the DDP-wrapped D in *one*
-    forward: one gradient all-reduce and one spectral-norm power iteration per D step (Official
-    code: five D calls per step, so five power iterations). An ablation leaves its inputs out, so
-    the L_MaF-only baseline costs exactly a plain D step.
-    Returns (total loss, dict of the terms for the log, incl. the health figures, not summed).
+    Every input of D goes through the DDP-wrapped D in *one* forward: one gradient all-reduce and
+    one spectral-norm power iteration per D step (Official code: five D calls per step, so five
+    power iterations). An ablation leaves its inputs out, so the L_MaF-only baseline costs exactly
+    a plain D step. Returns (total, the terms and the health figures for the log, not summed).
     """
-    variant, B = args.variant, x.shape[0]
-    parts = [x, fake]
-    use_iso, use_dlle = not args.no_disomap, args.dlle_transform != "none"
-    if use_iso:
-        x_mix, a = isomap_mix(x, fake, variant)
-        parts.append(x_mix)
-    if use_dlle:
-        parts += [dlle_transform(x, args, D_plain, std=dlle_std), dlle_transform(fake, args, D_plain, std=dlle_std)]
-    with common.minibatch_parts(D, len(parts)):      # StyleGAN2's minibatch std: per part
-        v, mu = embed(D, torch.cat(parts), with_mu=True)                       # (k B, m), k = 2..5
-    chunks = list(v.split(B))
-    v_real, v_fake = chunks[0], chunks[1]
+    variant = args.variant
+    # ---- D's inputs, each (B, ...): real, fake, and the inputs of the terms switched on.
+    inputs = {"real": x, "fake": fake}
+    if not args.no_disomap:
+        inputs["mix"], a = isomap_mix(x, fake, variant)                 # a x + (1 - a) G(z), Eq. 14
+    if args.dlle_transform != "none":                                   # F(x), F(G(z)), Eq. 12
+        inputs["real_aug"] = dlle_transform(x, args, D_plain, std=dlle_std)
+        inputs["fake_aug"] = dlle_transform(fake, args, D_plain, std=dlle_std)
+    with common.minibatch_parts(D, len(inputs)):      # StyleGAN2's minibatch std: per input
+        v_all, mu_all = embed(D, torch.cat(list(inputs.values())), with_mu=True)   # (k B, m), k = 2..5
+    v = dict(zip(inputs, v_all.split(x.shape[0])))                      # name -> code (B, m)
+
+    # ---- the terms
     adv = "maf" if args.loss == "maf" else "adv"
-    terms = {adv: adv_loss_d(v_real, v_fake, args.loss)}
-    weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight}
-    if use_iso:
-        terms["iso"] = isomap_loss(chunks[2], v_real, v_fake, a, variant)
-    if use_dlle:
-        v_real_aug, v_fake_aug = chunks[-2], chunks[-1]
-        if variant == "paper":
-            terms["dlle"] = dlle_loss(torch.cat([v_real, v_fake]), torch.cat([v_real_aug, v_fake_aug]))
-        else:
-            terms["dlle"] = (dlle_loss(v_real, v_real_aug, "official")
-                             + dlle_loss(v_fake, v_fake_aug, "official"))
-    total = sum(weights[k] * val for k, val in terms.items())
-    figures = health(v_real, mu[:B], buffers["real"])
+    terms = {adv: adv_loss_d(v["real"], v["fake"], args.loss)}
+    if "mix" in v:
+        terms["iso"] = isomap_loss(v["mix"], v["real"], v["fake"], a, variant)
+    if "real_aug" in v:
+        if variant == "paper":                  # one mean over the real and fake samples
+            terms["dlle"] = dlle_loss(torch.cat([v["real"], v["fake"]]), torch.cat([v["real_aug"], v["fake_aug"]]))
+        else:                                   # Official code: an MSE for each, summed
+            terms["dlle"] = dlle_loss(v["real"], v["real_aug"], "official") + dlle_loss(v["fake"], v["fake_aug"], "official")
     if not args.no_entropy:
         lam = args.lambda_norm if variant == "paper" else 0.0      # Official code: no lambda term
-        terms["ent"] = entropy_loss(v_real, buffers["real"], lam, variant)
-        total = total + ent_w * terms["ent"]
-    buffers["real"].push(v_real)            # also without the term: the health figures read it
-    terms.update({"real_" + k: val for k, val in figures.items()})
-    return total, terms
+        terms["ent"] = entropy_loss(v["real"], buffers["real"], lam, variant)
+    weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight, "ent": ent_w}
+    total = sum(weights[k] * term for k, term in terms.items())
+
+    # ---- not part of the loss: the health figures (log only), read before the buffer takes the
+    # batch; the buffer takes it also without the entropy term, for these figures.
+    figures = health(v["real"], mu_all[:x.shape[0]], buffers["real"])
+    buffers["real"].push(v["real"])
+    return total, dict(terms, **{"real_" + k: val for k, val in figures.items()})
 
 
 def g_step_loss(D_plain, fake, args, buffers, ent_w):
@@ -952,31 +983,50 @@ def load_data(args):
                                 download=args.download, data_std=args.data_std, seed=0)
 
 
-def train(args, rt, dataset):
-    info = common.DATASETS[args.data_name]
-    is_points = info["kind"] == "points"
-    channels = info["channels"]
-    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
-                                num_workers=args.num_workers)
-
-    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
-    G, D = build_networks(args, channels)
-    common.seed_rank(rt, args.seed)
-    G, D = rt.wrap(G), rt.wrap(D)
-    D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
-    # Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied every k steps scales
-    # Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one (ours: ada-pytorch
-    # keeps the scaling with a zero weight).
+def make_optimizers(args, G, D):
+    """Adam for G and D. Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied
+    every k steps scales Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one
+    (ours: ada-pytorch keeps the scaling with a zero weight). Returns (opt_g, opt_d, c_g, c_d)."""
     c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
     c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
     opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
     opt_d = common.adam(D.parameters(), lr=args.lr * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
+    return opt_g, opt_d, c_g, c_d
+
+
+def restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path):
+    """A resumed run's replay buffers and path-length mean, one per process (a different number of
+    processes starts them afresh)."""
+    saved = ckpt["buffers"]
+    if set(saved[0]) != set(buffers):
+        raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
+                                f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
+                                f"version; start a new run")
+    if len(saved) == rt.world_size:
+        for name, buf in buffers.items():
+            buf.load_state_dict(saved[rt.rank][name])
+        pl_mean.copy_(ckpt["pl_mean"][rt.rank])
+    elif rt.is_main:
+        print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
+              f"{rt.world_size}: the buffers start afresh")
+
+
+def train(args, rt, dataset):
+    is_points = common.DATASETS[args.data_name]["kind"] == "points"
+    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
+                                num_workers=args.num_workers)
+    # Same seed on every rank -> identical initial weights; then per-rank noise streams.
+    G, D = build_networks(args, common.DATASETS[args.data_name]["channels"])
+    common.seed_rank(rt, args.seed)
+    G, D = rt.wrap(G), rt.wrap(D)
+    D_plain = common.unwrap(D)          # D inside G's loss and the adv probe: no DDP gradient sync
+    opt_g, opt_d, c_g, c_d = make_optimizers(args, G, D)
     per_rank = args.batch_size // rt.world_size
     buffers = make_buffers(args, per_rank, rt.device)
     ema = common.EMA(G, args.ema).to(rt.device) if args.ema > 0 else None
     pl_mean = torch.zeros((), device=rt.device)         # path-length running mean (per process)
 
-    step = 0
+    step, ckpt = 0, None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     nets, opts = {"G": G, "D": D, "G_ema": ema}, {"opt_g": opt_g, "opt_d": opt_d}
     if args.resume:
@@ -986,18 +1036,7 @@ def train(args, rt, dataset):
                                     f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
         check_stylegan2_checkpoint(ckpt, args, ckpt_path)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
-        saved = ckpt["buffers"]
-        if set(saved[0]) != set(buffers):
-            raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
-                                    f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
-                                    f"version; start a new run")
-        if len(saved) == rt.world_size:
-            for name, buf in buffers.items():
-                buf.load_state_dict(saved[rt.rank][name])
-            pl_mean.copy_(ckpt["pl_mean"][rt.rank])
-        elif rt.is_main:
-            print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
-                  f"{rt.world_size}: the buffers start afresh")
+        restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path)
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
@@ -1017,14 +1056,13 @@ def train(args, rt, dataset):
         real_points = dataset.points[pick]
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
-    run = common.RunControl(rt, args, step, meter, ckpt if args.resume else None)
+    run = common.RunControl(rt, args, step, meter, ckpt)
     while run.going(step):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch, step)
         for opt, c in ((opt_g, c_g), (opt_d, c_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr * c
+            common.set_lr([opt], lr * c)
         ent_w = entropy_weight(args, epoch)
 
         # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma (L_ent(real) + lambda ||V0||) (G fixed).
@@ -1056,14 +1094,13 @@ def train(args, rt, dataset):
         if args.variant == "paper":
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with rt.autocast():
-            fake = G(z)
-            g_loss, g_terms = g_step_loss(D_plain, fake, args, buffers, ent_w)
+            g_loss, g_terms = g_step_loss(D_plain, G(z), args, buffers, ent_w)
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         if args.pl_weight > 0 and step % args.pl_every == 0:
-            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k.
+            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k;
+            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged.
             z_pl = torch.randn(max(per_rank // 2, 1), args.z_dim, device=rt.device)
-            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged
             with rt.autocast():
                 pl, g_terms["pl_length"] = common.path_length_penalty(G, z_pl, pl_mean)
             opt_g.zero_grad(set_to_none=True)
@@ -1124,6 +1161,10 @@ def final_metrics(G, D, args, rt):
     form) for other images."""
     G = common.unwrap(G).eval()
     kind = common.DATASETS[args.data_name]["kind"]
+
+    def draw(n):
+        return generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
+
     if kind == "points":
         samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
@@ -1134,21 +1175,14 @@ def final_metrics(G, D, args, rt):
                   "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
         classifier = common.load_mode_classifier(args.classifier, rt.device)
-        batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
-                   for i in range(0, args.eval_samples, 500))
-        return common.stacked_mode_metrics(batches, classifier, rt.device)
-    try:
-        # FID against the images this run trains on (its split; a folder cropped and resized as
-        # training reads it): common.real_stats, cached.
-        real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
-                                      img_size=args.img_size, download=args.download)
-        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
-                   for i in range(0, args.eval_samples, 100))
-        return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ivar"], real,
-                                    rt.device, inception_weights=args.inception_weights)
-    except common.UsageError as err:       # no Inception weights offline: training still counts
-        print(f"note: image metrics skipped: {err}", flush=True)
-        return {"skipped": str(err)}
+        return common.stacked_mode_metrics(common.in_chunks(draw, args.eval_samples, 500), classifier, rt.device)
+    # FID against the images this run trains on (its split; a folder cropped and resized as
+    # training reads it): common.real_stats, cached. No Inception weights offline: skipped.
+    real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
+                                  img_size=args.img_size, download=args.download)
+    return common.image_metrics_or_skip(common.in_chunks(draw, args.eval_samples, 100), args.eval_samples,
+                                        ["fid", "is", "ivar"], real, rt.device,
+                                        inception_weights=args.inception_weights)
 
 
 def main(argv=None):

@@ -46,7 +46,7 @@ Map of the paper to this file:
     Eq. 7   R_i(x) = 0 <=> x in A_i                       -> guide, make_sampler (rejection)
     Eq. 8   G_i's loss + lambda * mean R_i, lambda annealed -> guide_weight, run_gan
     Thm. 3 / Sec. 4.2 residual blocks x + psi(x), psi with spectral norm L < 1 and ELU
-                                                          -> ResidualBlock, Partitioner (common.LipschitzLayer)
+                                                          -> LipschitzLayer, ResidualBlock, Partitioner
     Fig. 3  -R_i over the plane                           -> figure3
     Fig. 4  real vs generated 2-D points                  -> figure4
     Table 1 modes / reverse KL, partition NMI             -> final_metrics (common.clustering_metrics)
@@ -323,6 +323,58 @@ def uses_partitioner(args):
 # its "classifier" output, SCAN's features) and SCAN's head Linear(512, k). Pooling and that head
 # break Thm. 3's lower bound; we put W on the flattened phi(x). Depth 20, 3x3 convs, no ActNorm: ours.
 
+class LipschitzLayer(nn.Module):
+    """A Linear or 3x3 stride-1 Conv2d whose operator norm is scaled to at most `lipschitz` (the
+    branches of the Lipschitz-bounded partitioner, Sec. 4.2: psi's layers of operator norm L < 1).
+
+    Power iteration (one step per training forward, persistent vector u, as Miyato et al. 2018)
+    runs on the layer's *actual* linear map: for a conv that is the convolution over a
+    (C, H, W) input, not the reshaped weight matrix, whose norm does not bound the conv's
+    (i-ResNet's spectral_norm_conv does the same). The output is scaled by min(1, L / sigma):
+    layers already below L are left alone (i-ResNet's soft normalisation).
+    """
+
+    def __init__(self, layer, lipschitz, in_shape):
+        super().__init__()
+        self.layer, self.lipschitz = layer, lipschitz
+        u = torch.randn(1, *in_shape)
+        self.register_buffer("u", u / u.norm())
+        self.register_buffer("sigma", torch.ones(()))
+
+    def _apply_op(self, x):                                 # A x (no bias)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, self.layer.weight)
+        return F.conv2d(x, self.layer.weight, padding=self.layer.padding)
+
+    def _apply_adjoint(self, v):                            # A^T v
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(v, self.layer.weight.t())
+        return F.conv_transpose2d(v, self.layer.weight, padding=self.layer.padding)
+
+    @torch.no_grad()
+    def power_iteration(self, n=1):
+        """n steps of u <- A^T A u / ||A^T A u||; sigma = ||A u|| estimates the top singular value."""
+        u = self.u
+        for _ in range(n):
+            u = self._apply_adjoint(self._apply_op(u))
+            u = u / u.norm().clamp_min(1e-12)
+        self.u.copy_(u)
+        self.sigma.copy_(self._apply_op(u).norm())
+
+    def forward(self, x):
+        if self.training:
+            self.power_iteration(1)
+            # sigma with a gradient through the weight (u fixed), as in spectral normalisation.
+            sigma = self._apply_op(self.u.clone()).norm()
+        else:
+            sigma = self.sigma
+        scale = torch.clamp(self.lipschitz / sigma.clamp_min(1e-12), max=1.0)
+        out = self._apply_op(x) * scale
+        if self.layer.bias is not None:
+            out = out + (self.layer.bias if out.dim() == 2 else self.layer.bias[:, None, None])
+        return out
+
+
 class ResidualBlock(nn.Module):
     """B(x) = x + psi(x), psi = 3 Lipschitz layers with ELU between (Sec. 4.2, m = 3 as in Sec. 5:
     20 blocks = 60 convs). shape: (dim,) for vectors, (C, H, W) for feature maps."""
@@ -338,7 +390,7 @@ class ResidualBlock(nn.Module):
             layers = [nn.Conv2d(c, hidden, 3, padding=1), nn.Conv2d(hidden, hidden, 3, padding=1),
                       nn.Conv2d(hidden, c, 3, padding=1)]
             shapes = [(c, h, w), (hidden, h, w), (hidden, h, w)]
-        self.psi = nn.ModuleList([common.LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
+        self.psi = nn.ModuleList([LipschitzLayer(l, lipschitz, s) for l, s in zip(layers, shapes)])
 
     def forward(self, x):
         h = x
@@ -391,7 +443,7 @@ class Partitioner(nn.Module):
     def converge(self, n=100):
         """Run the power iterations to convergence (before S is frozen and used in eval mode)."""
         for m in self.modules():
-            if isinstance(m, common.LipschitzLayer):
+            if isinstance(m, LipschitzLayer):
                 m.power_iteration(n)
 
 

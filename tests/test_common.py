@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
@@ -508,3 +509,24 @@ def test_resume_names_the_flags_it_ignores(tmp_path, capsys):
     assert args.lr == 0.001 and args.steps == 10
     line = capsys.readouterr().out
     assert "ignored: --lr 0.01 (kept 0.001)" in line and "--dataset" not in line and "--steps" not in line
+
+
+# ---------------------------------------------------------------- common.py's contents list
+def common_sections():
+    """(number, name, first line, last line) of each `# ====` / `# N. Name` / `# ====` section of
+    common.py, as the file stands: a section runs from its opening marker to the line before the
+    next section's."""
+    lines = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common.py")).read().split("\n")
+    marker = "# " + "=" * 20
+    starts = [(i + 1, *re.match(r"# (\d+)\. (.+)$", lines[i + 1]).groups()) for i in range(len(lines) - 2)
+              if lines[i].startswith(marker) and lines[i + 2].startswith(marker) and re.match(r"# \d+\. ", lines[i + 1])]
+    ends = [s[0] - 1 for s in starts[1:]] + ["END"]
+    return [(int(n), name.strip(), first, last) for (first, n, name), last in zip(starts, ends)]
+
+
+def test_common_contents_list_gives_each_sections_true_line_range():
+    listed = [(int(n), name, int(first), last if last == "END" else int(last))
+              for n, name, first, last in re.findall(r"(?m)^    (\d+)\. (\w[\w ]*?)\s+(\d+)-(\d+|END)\s", common.__doc__)]
+    actual = common_sections()
+    table = "\n".join(f"    {n}. {name:<15} {first}-{last}" for n, name, first, last in actual)
+    assert listed == actual, f"common.py's contents list is out of date; the sections are now:\n{table}"

@@ -182,35 +182,56 @@ def test_each_term_of_the_g_step_reaches_only_its_networks(gauss_loss):
 
 def test_the_training_loop_freezes_d_in_the_g_step_and_feeds_dz_prior_samples(tmp_path, monkeypatch):
     seen, priors = [], []
-    real_gf, real_d = invert_gan.gf_losses, invert_gan.d_step
+    real_gf, real_dz = invert_gan.gf_losses, invert_gan.dz_step
 
     def spy_gf(G, F, D, Dz, *rest):
         seen.append([p.requires_grad for net in (D, Dz) for p in net.parameters()])
         return real_gf(G, F, D, Dz, *rest)
 
-    def spy_d(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt):
+    def spy_dz(F, Dz, opt_dz, x, z_prior, rt):
         priors.append(len(z_prior))
-        return real_d(G, D, F, Dz, opt_d, opt_dz, x, z, z_prior, rt)
+        return real_dz(F, Dz, opt_dz, x, z_prior, rt)
 
     monkeypatch.setattr(invert_gan, "gf_losses", spy_gf)
-    monkeypatch.setattr(invert_gan, "d_step", spy_d)
+    monkeypatch.setattr(invert_gan, "dz_step", spy_dz)
     invert_gan.main(["--dataset", "ring", "--gauss-loss", "zdisc", "--prior-samples", "300",
                      "--out", str(tmp_path / "f"), *TINY])
     assert len(seen) == 20 and not any(any(step) for step in seen)
     assert priors == [300] * 20
 
 
-def test_d_step_trains_d_and_dz_and_leaves_g_and_f_untouched():
+def test_the_g_step_uses_the_last_d_steps_real_batch(tmp_path, monkeypatch):
+    # Eq. 10 in train(): with --n-dis 2, D and D_z see two batches per step, and G / F the second.
+    d_batches, dz_batches, g_batches = [], [], []
+    real_d, real_dz, real_gf = invert_gan.d_step, invert_gan.dz_step, invert_gan.gf_losses
+    monkeypatch.setattr(invert_gan, "d_step", lambda G, D, opt, x, *rest: d_batches.append(x.clone())
+                        or real_d(G, D, opt, x, *rest))
+    monkeypatch.setattr(invert_gan, "dz_step", lambda F, Dz, opt, x, *rest: dz_batches.append(x.clone())
+                        or real_dz(F, Dz, opt, x, *rest))
+    monkeypatch.setattr(invert_gan, "gf_losses", lambda G, F, D, Dz, x, *rest: g_batches.append(x.clone())
+                        or real_gf(G, F, D, Dz, x, *rest))
+    invert_gan.main(["--dataset", "ring", "--gauss-loss", "zdisc", "--n-dis", "2", "--steps", "3",
+                     "--log-every", "3", "--ckpt-every", "3", "--sample-every", "3", "--eval-samples", "100",
+                     "--device", "cpu", "--out", str(tmp_path / "f")])
+    assert len(d_batches) == len(dz_batches) == 6 and len(g_batches) == 3
+    assert all(torch.equal(a, b) for a, b in zip(d_batches, dz_batches))
+    assert all(torch.equal(g, d_batches[2 * i + 1]) for i, g in enumerate(g_batches))
+    assert not torch.equal(d_batches[0], d_batches[1])
+
+
+def test_d_step_trains_d_and_dz_step_trains_dz_and_neither_touches_g_or_f():
     args, rt, G, D, F, Dz, x, z = small_setup("zdisc")
     opt_d, opt_dz = torch.optim.Adam(D.parameters()), torch.optim.Adam(Dz.parameters())
-    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in
-              (("G", G), ("F", F), ("D", D), ("Dz", Dz))}
-    invert_gan.d_step(G, D, F, Dz, opt_d, opt_dz, x, z, torch.randn(100, 2), rt)
-    for name, net in (("G", G), ("F", F)):
-        assert all(torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
-        assert all(g is None for g in grads(net)), name        # not even a gradient was computed
-    for name, net in (("D", D), ("Dz", Dz)):
-        assert not all(torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+    nets = (("G", G), ("F", F), ("D", D), ("Dz", Dz))
+    for step, trained in ((lambda: invert_gan.d_step(G, D, opt_d, x, z, rt), "D"),
+                          (lambda: invert_gan.dz_step(F, Dz, opt_dz, x, torch.randn(100, 2), rt), "Dz")):
+        before = {name: [p.detach().clone() for p in net.parameters()] for name, net in nets}
+        step()
+        for name, net in nets:
+            same = all(torch.equal(a, b) for a, b in zip(before[name], net.parameters()))
+            assert same == (name != trained), (trained, name)
+        for name, net in (("G", G), ("F", F)):
+            assert all(g is None for g in grads(net)), name        # not even a gradient was computed
 
 
 # ---------------------------------------------------------------- the script, end to end

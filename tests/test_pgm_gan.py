@@ -62,7 +62,7 @@ def test_guide_gradient_leads_into_the_partition_from_anywhere():
         S.head.weight.copy_(torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
         S.head.bias.zero_()
         for m in S.modules():                # a strongly non-linear phi: psi at its bound
-            if isinstance(m, common.LipschitzLayer):
+            if isinstance(m, pgm_gan.LipschitzLayer):
                 m.layer.weight.mul_(20)
     S.converge(50)
     S.eval().requires_grad_(False)
@@ -120,7 +120,7 @@ def check_lipschitz_of_trained_partitioner(out, L, flags):
     S = pgm_gan.build_partitioner(args, 3)
     S.load_state_dict(part["S"])
     S.eval()
-    layers = [m for m in S.modules() if isinstance(m, common.LipschitzLayer)]
+    layers = [m for m in S.modules() if isinstance(m, pgm_gan.LipschitzLayer)]
     assert len(layers) == 3 * 2 and all(isinstance(m.layer, torch.nn.Conv2d) for m in layers)
     for m in layers:
         scale = min(1.0, L / m.sigma.item())
@@ -140,7 +140,7 @@ def test_linear_lipschitz_layer_scales_only_when_above_the_bound():
     lin = torch.nn.Linear(6, 6)
     with torch.no_grad():
         lin.weight.mul_(10)                       # far above the bound
-    m = common.LipschitzLayer(lin, 0.9, (6,))
+    m = pgm_gan.LipschitzLayer(lin, 0.9, (6,))
     m.power_iteration(200)
     m.eval()
     eff = torch.linalg.matrix_norm(lin.weight * min(1.0, 0.9 / m.sigma.item()), ord=2).item()
@@ -148,11 +148,20 @@ def test_linear_lipschitz_layer_scales_only_when_above_the_bound():
     small = torch.nn.Linear(6, 6)
     with torch.no_grad():
         small.weight.mul_(0.01)
-    s = common.LipschitzLayer(small, 0.9, (6,))
+    s = pgm_gan.LipschitzLayer(small, 0.9, (6,))
     s.power_iteration(200)
     s.eval()
     x = torch.randn(3, 6)
     assert torch.allclose(s(x), small(x), atol=1e-6)          # left alone below the bound
+
+
+@pytest.mark.parametrize("in_shape,levels", [((2,), 0), ((1, 8, 8), 1)])
+def test_partitioner_state_dict_keys_match_older_checkpoints(in_shape, levels):
+    # partition.pt / ckpt.pt of runs made before LipschitzLayer moved from common.py to pgm_gan.py
+    # hold these names: the move must not rename them.
+    S = pgm_gan.Partitioner(in_shape, 3, 1, 4, 0.9, levels)
+    psi = [f"blocks.0.0.psi.{i}.{name}" for i in range(3) for name in ("u", "sigma", "layer.weight", "layer.bias")]
+    assert list(S.state_dict()) == psi + ["head.weight", "head.bias"]
 
 
 @pytest.mark.parametrize("arch", ["resnet", "dcgan"])
