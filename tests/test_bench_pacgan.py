@@ -31,7 +31,7 @@ def test_pacgan_presets_are_the_protocol(script, extra, dataset):
     G, D = nets[0], nets[1]
     assert isinstance(G, common.PacGANGenerator) and isinstance(D, common.PacGANDiscriminator)
     assert [c.out_channels for c in D.convs] == [2, 4, 8] and common.has_batch_norm(D)
-    assert not any("weight_orig" in n for n, _ in D.named_parameters())        # no spectral norm
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in D.modules())   # no spectral norm
     if script is invert_gan:
         assert isinstance(nets[2], common.PacGANEncoder)
 
@@ -40,8 +40,10 @@ def test_pacgan_presets_are_the_protocol(script, extra, dataset):
 @pytest.mark.parametrize("flags", [["--dataset", "cifar10", "--arch", "pacgan"],
                                    ["--dataset", "stacked-mnist", "--arch", "pacgan", "--img-size", "32"]])
 def test_pacgan_bad_input_is_one_line(script, flags, tmp_path):
-    proc = run_script([script, *flags, "--out", str(tmp_path / "x")], timeout=60)
+    write_mnist(str(tmp_path / "data"), n_train=50, n_test=10)         # data that loads: only the check stops it
+    proc = run_script([script, *flags, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "x")], timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not os.path.exists(tmp_path / "x")            # refused before anything is written
 
 
 # ---------------------------------------------------------------- the redraw option
