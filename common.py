@@ -15,13 +15,13 @@ the `# ====` headers: move a section, update its line here):
                                    shared flags and checks; RunControl: a training loop's stop on a
                                    signal, checkpoints, train_seconds, first lines
     4. Pictures        1055-1235   image grids and 2-D scatter plots (PIL only)
-    5. Datasets        1236-2179   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+    5. Datasets        1236-2208   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2180-3380   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2209-3530   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3381-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+    7. Metrics         3531-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
                                    mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
