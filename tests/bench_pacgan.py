@@ -448,12 +448,13 @@ def speed(args):
     losses, same machine state), after --warmup steps; prints every row's ratio to the floor."""
     args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     total = args.warmup + args.steps
-    lines = ["| row | G steps/s | floor steps/s | floor / row time ratio |", "|---|---|---|---|"]
+    lines = ["| row | G steps/s | floor steps/s | step time, row / floor |", "|---|---|---|---|"]
     stages = ["--pretext-steps", "10", "--part-steps", "10", "--part-samples", "2000", "--pi-samples", "2000"]
     for row in args.rows:
         rates = {}
         for which in ("dcgan", row) if row != "dcgan" else ("dcgan",):
-            ns = argparse.Namespace(out=os.path.join(args.out, f"speed-{which}"), results=args.out, steps=total,
+            os.makedirs(args.out, exist_ok=True)
+            ns = argparse.Namespace(out=args.out, results=args.out, steps=total,
                                     count_samples=COUNT_N,
                                     d_width=args.d_width, data_root=args.data_root, ckpt_every=total,
                                     log_every=args.warmup, smoke=False)
