@@ -548,6 +548,13 @@ def load_state(module, state_dict, what, path=""):
                          f"flags?): {first}") from None
 
 
+def load_generator(G, ckpt, path, device):
+    """G with a checkpoint's sampling weights, on `device`, in eval mode: the EMA generator when the
+    run kept one (the one its metrics.json measured), else G. For the scripts' load_sampler."""
+    load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", path)
+    return G.to(device).eval()
+
+
 def rng_state():
     """Every RNG this process draws from, as tensors and plain values (weights_only-safe)."""
     np_state = np.random.get_state()
@@ -4388,6 +4395,23 @@ def in_chunks(sample, n, chunk):
     """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
     for i in range(0, n, chunk):
         yield sample(min(chunk, n - i))
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, batch=1000, generator=None, z_device="cpu", bn_batch=False):
+    """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU; G in the mode the caller set.
+    z is drawn on `z_device` (from `generator` if given) and moved to `device`: maem_gan draws it
+    on the CPU, invert_gan on the device. bn_batch=True (BigGAN): batch norm from each chunk of 50,
+    as BigGAN-PyTorch samples its G_ema (train mode unless --G_eval_mode, which
+    launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
+    if bn_batch:
+        batch = 50
+    out = []
+    with batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), z_dim, generator=generator, device=z_device)
+            out.append(G(z.to(device)).float().cpu())
+    return torch.cat(out)
 
 
 def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):

@@ -868,22 +868,6 @@ def check_stylegan2_checkpoint(ckpt, args, path):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
-    """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
-    statistics, as the official test()); the caller restores train mode. bn_batch=True (BigGAN):
-    batch norm from each chunk of 50 instead, as BigGAN-PyTorch samples its G_ema (train mode unless
-    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
-    if bn_batch:
-        batch = 50
-    out = []
-    with common.batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
-        for i in range(0, n, batch):
-            z = torch.randn(min(batch, n - i), z_dim, generator=generator).to(device)
-            out.append(G(z).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def figure3(G, D, args, device, path, dims=4, top=5):
     """Fig. 3: rank args.fig3_samples generated samples by each of the first `dims` code dimensions
     (mu, no sampling) and show the top `top` per dimension, one row per dimension. Running top-k over
@@ -896,8 +880,8 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     dims = min(dims, args.m)
     best_v, best_x, seen = None, None, []
     for i in range(0, args.fig3_samples, 500):
-        x = generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
-                     bn_batch=args.arch == "biggan")
+        x = common.generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
+                            bn_batch=args.arch == "biggan")
         v = embed(D, x.to(device), sample=False)[:, :dims].cpu()               # (b, dims)
         if args.arch == "mlp":
             seen.append(x)
@@ -920,7 +904,7 @@ def figure3(G, D, args, device, path, dims=4, top=5):
 
 
 @torch.no_grad()
-def save_samples(G, args, device, z_fixed, real_points, path):
+def save_samples(G, args, z_fixed, real_points, path):
     """A progress picture from a fixed z (no draw from the training RNG: a resumed run stays
     bit-identical): an 8x8 grid, or for 2-D data the samples (red) over the data (grey)."""
     G = common.unwrap(G)
@@ -928,7 +912,7 @@ def save_samples(G, args, device, z_fixed, real_points, path):
     G.eval()
     # StyleGAN2's noise inputs fixed too (a draw would move the training RNG)
     with common.batch_norm_from_batch(G) if args.arch == "biggan" else contextlib.nullcontext():
-        fake = G(z_fixed.to(device), **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
+        fake = G(z_fixed, **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
     G.train(mode)
     if args.arch == "mlp":
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
@@ -947,11 +931,10 @@ def load_sampler(ckpt_path, device="cpu"):
     check_stylegan2_checkpoint(ckpt, args, ckpt_path)
     channels = common.DATASETS[args.data_name]["channels"]
     G, _ = build_networks(args, channels)
-    common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
-    G = G.to(device).eval()
+    G = common.load_generator(G, ckpt, ckpt_path, device)
 
     def sample(n):
-        return generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
 
     sample.dataset = args.data_name
     sample.data_std = args.data_std
@@ -973,14 +956,6 @@ def learning_rate(args, epoch, step=0):
     presets). Derived from the stream's epoch and the step, so a resumed run needs no scheduler state."""
     return (args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
             * common.lr_factor(step, args.steps, getattr(args, "lr_decay_from", 1.0)))
-
-
-def load_data(args):
-    """The training set (built before anything is written, so bad data leaves no output)."""
-    is_points = common.DATASETS[args.data_name]["kind"] == "points"
-    return common.build_dataset(args.data_name, root=args.data_root, split=args.split,
-                                img_size=None if is_points else args.img_size,
-                                download=args.download, data_std=args.data_std, seed=0)
 
 
 def make_optimizers(args, G, D):
@@ -1048,12 +1023,9 @@ def train(args, rt, dataset):
              f"lambda={args.lambda_norm}, EMA {args.ema}, R1 {args.r1_gamma}, path length {args.pl_weight}, "
              f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
              f"G {common.count_params(G)} / D {common.count_params(D)} params")
-    z_fixed = torch.randn(64 if not is_points else 2000, args.z_dim,
-                          generator=torch.Generator().manual_seed(args.seed + 1))
-    real_points = None
-    if is_points:
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
-        real_points = dataset.points[pick]
+    # Progress pictures: a fixed z (and for 2-D data a fixed subset of the data), no training RNG.
+    z_fixed = common.fixed_noise(2000 if is_points else 64, args.z_dim, rt.device, seed=args.seed + 1)
+    real_points = dataset.points[common.seeded_subset(len(dataset), 2000)] if is_points else None
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
     run = common.RunControl(rt, args, step, meter, ckpt)
@@ -1115,16 +1087,13 @@ def train(args, rt, dataset):
         if step % args.log_every == 0 or step == args.steps:
             common.log_step(meter, log, step, ckpt_path, lr=lr, ent_w=ent_w)
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
-            save_samples(ema.shadow if ema is not None else G, args, rt.device, z_fixed, real_points,
+            save_samples(ema.shadow if ema is not None else G, args, z_fixed, real_points,
                          os.path.join(args.out, "samples", f"step_{step:07d}.png"))
         if run.checkpoint_due(step):                           # collective: every rank calls it
-            rng_states = common.gather_rng_states(rt)
             buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
-            pl_means = common.gather_per_rank(rt, pl_mean.cpu())
-            if rt.is_main:
-                common.save_checkpoint(ckpt_path, common.training_state(
-                    METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
-                    pl_mean=pl_means, sg2_resampling=SG2_RESAMPLING, **run.state()))
+            common.save_training_state(ckpt_path, METHOD, args, step, nets, opts, rt, stream, buffers=buffer_states,
+                                       pl_mean=common.gather_per_rank(rt, pl_mean.cpu()),
+                                       sg2_resampling=SG2_RESAMPLING, **run.state())
     run.end(step)
     return (ema.shadow if ema is not None else G), D
 
@@ -1159,14 +1128,14 @@ def final_metrics(G, D, args, rt):
     """metrics.json: modes / high-quality fraction / reverse KL and the code-direction health check
     (2-D); modes and reverse KL with the mode classifier (stacked); FID, IS and I-Variance (Table 4's
     form) for other images."""
-    G = common.unwrap(G).eval()
+    G = common.unwrap(G).eval()          # BN's running statistics, as the official test()
     kind = common.DATASETS[args.data_name]["kind"]
 
     def draw(n):
-        return generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
 
     if kind == "points":
-        samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
+        samples = common.generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
         return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):
@@ -1188,7 +1157,9 @@ def final_metrics(G, D, args, rt):
 def main(argv=None):
     args = common.restore_saved_args(parse_args(argv), METHOD, RUN_CONTROL)
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
-    dataset = load_data(args)
+    # The data first: a missing or broken dataset stops the run before anything is written.
+    dataset = common.build_dataset(args.data_name, root=args.data_root, split=args.split, img_size=args.img_size,
+                                   download=args.download, data_std=args.data_std)
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()
     G, D = train(args, rt, dataset)
