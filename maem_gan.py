@@ -472,13 +472,13 @@ class ReplayBuffer:
     """
 
     def __init__(self, size, dim, device, fill_uniform=False, generator=None):
-        self.size = size
-        self.data = torch.zeros(size, dim, device=device)
-        self.ptr, self.count = 0, 0                        # next write position, number stored
+        self.size, self.ptr, self.count = size, 0, 0      # ptr: the next write position
+        data = torch.zeros(size, dim)
         if fill_uniform:
-            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()).
-            self.data.uniform_(-1, 1, generator=generator)
+            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()); a CPU draw.
+            data.uniform_(-1, 1, generator=generator)
             self.count = size
+        self.data = data.to(device)
 
     def __len__(self):
         return self.count
@@ -799,14 +799,13 @@ def g_step_loss(D_plain, fake, args, buffers, ent_w):
     v_fake, mu = embed(D_plain, fake, with_mu=True)
     adv = "g_maf" if args.loss == "maf" else "g_adv"
     terms = {adv: adv_loss_g(v_fake, args.loss)}
-    total = terms[adv]
-    figures = health(v_fake, mu, buffers["fake"])
     if not args.no_entropy:
         terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
-        total = total + ent_w * terms["g_ent"]
+    weights = {adv: 1.0, "g_ent": ent_w}
+    total = sum(weights[k] * term for k, term in terms.items())
+    figures = health(v_fake, mu, buffers["fake"])       # log only, before the buffer takes the batch
     buffers["fake"].push(v_fake)
-    terms.update({"fake_" + k: val for k, val in figures.items()})
-    return total, terms
+    return total, dict(terms, **{"fake_" + k: val for k, val in figures.items()})
 
 
 def make_buffers(args, per_rank_batch, device):
@@ -816,16 +815,9 @@ def make_buffers(args, per_rank_batch, device):
     torchrun each rank keeps its own buffers of its own codes (no all-gather): the estimator stays
     local and costs no extra collective per step. All of them are saved in the checkpoint."""
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    bufs = {}
-    for name in ("real", "fake"):
-        if args.authors_buffer:
-            bufs[name] = AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen)
-        else:
-            buf = ReplayBuffer(args.buffer_size, args.m, "cpu", fill_uniform=args.variant == "official",
-                               generator=gen)
-            buf.data = buf.data.to(device)
-            bufs[name] = buf
-    return bufs
+    if args.authors_buffer:
+        return {name: AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen) for name in ("real", "fake")}
+    return {name: ReplayBuffer(args.buffer_size, args.m, device, args.variant == "official", gen) for name in ("real", "fake")}
 
 
 # ==================================================================================================
