@@ -238,19 +238,16 @@ def build_parser():
                         "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
                         "stacked-(fashion-)mnist, ring, grid (ours)")
     p.add_argument("--variant", default="paper", choices=VARIANTS,
-                   help="paper: Eq. 8, 12-14 as written; official: the losses of the authors' "
-                        "train.py (L2 nearest neighbour with -log, real+fake buffers, warm-up, "
-                        "flip+noise DLLE with MSE and stop-gradient, a ~ N(0,1) DIsoMap with MSE, "
-                        "random flips of real images, the G step reusing the D step's z); its "
-                        "buffers are correct FIFOs searched by every code (theirs: --authors-buffer) "
-                        "and D runs one spectral-norm power iteration per step (theirs: five)")
+                   help="paper: Eq. 8, 12-14 as written; official: the authors' train.py (-log L2 nearest "
+                        "neighbour, buffers filled at start, warm-up, flip+noise DLLE and a ~ N(0,1) DIsoMap "
+                        "with MSE, real-image flips, the D step's z reused) with FIFO buffers (theirs: "
+                        "--authors-buffer) and one SN power iteration per D step (theirs: five)")
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
     g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
     g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2"],
                    help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
-                        "biggan on cifar10, stylegan2 on ffhq / celeba / animeface, each with its own "
-                        "recipe, see BACKBONE_PRESETS)")
+                        "biggan, stylegan2, each with its recipe: the backbone presets below)")
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
                    help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
                         "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
@@ -304,11 +301,9 @@ def build_parser():
                    help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
     g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
     g.add_argument("--authors-buffer", action="store_true",
-                   help="--variant official only: the authors' replay buffer, bug included, to reproduce "
-                        "their numbers: one buffer per batch position whose update drops a batch of "
-                        "slots and adds one, so after ceil((size-1)/(B-1)) updates (17 at 64 codes per "
-                        "process; the real-code buffer updates every D step) each sample's 'nearest "
-                        "neighbour' is the previous batch's code at its position")
+                   help="--variant official only: the authors' replay buffer, bug included (one per batch "
+                        "position; after 17 updates at 64 codes per process each code's 'nearest neighbour' "
+                        "is the previous batch's code at its position: AuthorsReplayBuffer)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of real images (paper: none stated; official code: on)")
     g.add_argument("--entropy-warmup", type=int, default=None,
@@ -319,10 +314,9 @@ def build_parser():
     g.add_argument("--dlle-noise", type=float, default=None,
                    help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
     g.add_argument("--dlle-noise-anneal", type=float, nargs=2, default=None, metavar=("FROM", "TO"),
-                   help="F's noise std (the adv step with --dlle-transform adv) falls linearly from "
-                        "--dlle-noise at fraction FROM of --steps to 0 at fraction TO (ours, 2-D presets: "
-                        "ring 0.25 0.75, grid 0.25 0.6; default: constant, the paper's). DLLE stays on at "
-                        "noise 0: it then compares two draws of the re-parameterised code")
+                   help="F's noise std (adv: its step) falls linearly from --dlle-noise at fraction FROM of "
+                        "--steps to 0 at TO (ours, 2-D presets; default: constant, the paper's). At noise 0 "
+                        "DLLE compares two draws of the re-parameterised code")
     g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
     g.add_argument("--iso-weight", type=float, default=None,
                    help="weight of L_Iso in D's loss (paper: none stated; official code: 1)")
