@@ -387,8 +387,8 @@ def embed(D, x, sample=True, with_mu=False):
     trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
     V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
 
-    Official code: its forward always samples; only its `embedding()` (called nowhere in the
-    repository; presumably Figure 3's) returns mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
+    Official code: its forward always samples; only its `embedding()` (called nowhere; presumably
+    Figure 3's) returns mu: we sample in every loss, mu for pictures. In float32 (AMP-safe exp).
     with_mu=True returns (V, mu) (the health figures read mu's directions).
     A D with one output (--scalar-head, the backbones' own baselines) returns it as is, (B, 1).
     """
@@ -576,9 +576,8 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
         outside the batch mean, and no lambda term.
     The cosine's gradient is sin(angle) / |V0|: it fades as codes close up in angle, where the
     official -log distance grows (README, "MaEM-GAN on 2-D data").
-    Official code: its buffer is per batch position (AuthorsReplayBuffer, used when given one); our
-    FIFO buffer lets every code search all buffered codes: a different estimator even before their
-    buffer shrinks (values a few % apart, gradients much more).
+    Official code: a buffer per batch position (AuthorsReplayBuffer, used when given one); in ours every
+    code searches all buffered codes: another estimator (values a few % apart, gradients much more).
     """
     if isinstance(buffer, AuthorsReplayBuffer):
         return buffer.loss(v0)
@@ -599,7 +598,7 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
 
 @torch.no_grad()
 def health(v, mu, buffer):
-    """The two figures that tell whether D's code space is alive (METHODS, "health check"):
+    """The two figures that tell whether D's code space is alive (README, "The three scripts"):
     cos_nn, the mean cosine of each sampled code V with its most similar buffered code (Eq. 8's
     L_ent before weighting), and cos_batch, the mean pairwise cosine of the batch's mean codes mu
     (not V, whose sampling noise would hide a shared direction). cos_batch 1.0000: every code points
@@ -933,8 +932,7 @@ def load_sampler(ckpt_path, device="cpu"):
 # The full objective, alternating (n_critic D steps per G step):
 #   D: min L_MaF (Eq. 7) + L_Iso (Eq. 14) + L_LLE (Eq. 12-13) + sigma (L_ent(real) + lambda ||V0||) (Eq. 8)
 #   G: min -L_MaF (Eq. 7) + sigma L_ent(generated) (Eq. 8)
-# The paper's: each term and sigma, lambda. The authors' code's: the unit weights of the first three
-# terms and the routing of L_ent (real codes in D's loss, generated codes in G's; see section 5).
+# The paper's: each term, sigma, lambda; the authors' code's: the unit weights and L_ent's routing (section 5).
 
 def learning_rate(args, epoch, step=0):
     """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
