@@ -10,19 +10,19 @@ the `# ====` headers: move a section, update its line here):
     0. Errors          44-139      UsageError and run_cli: bad input -> one line on stderr, exit 2
     1. Runtime         140-489     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
                                    shutdown; SIGINT/SIGTERM handlers and the ranks' agreement to stop
-    2. Checkpoints     490-653     atomic save, weights_only load, RNG capture/restore
-    3. Logging         654-1054    args.json, log.jsonl, console line with it/s and ETA; the CLI's
+    2. Checkpoints     490-660     atomic save, weights_only load, a run's sampling G, RNG state
+    3. Logging         661-1061    args.json, log.jsonl, console line with it/s and ETA; the CLI's
                                    shared flags and checks; RunControl: a training loop's stop on a
                                    signal, checkpoints, train_seconds, first lines
-    4. Pictures        1055-1235   image grids and 2-D scatter plots (PIL only)
-    5. Datasets        1236-2179   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+    4. Pictures        1062-1242   image grids and 2-D scatter plots (PIL only)
+    5. Datasets        1243-2186   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2180-3380   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2187-3442   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3381-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
-                                   mode coverage
+    7. Metrics         3443-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+                                   samples of G in chunks (generate), mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).

@@ -880,10 +880,9 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     if args.arch == "mlp":
         labels = torch.arange(dims).repeat_interleave(rows.shape[1]).numpy()
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
-        img = common.plot_points([(torch.cat(seen).numpy(), common.REAL_COLOR), (picks.numpy(), labels)],
-                                 common.extent_for(args.data_name), size=400, centers=centers,
-                                 title=f"top-{top} samples of code dims 1-{dims} (colour = dim)")
-        img.save(path)
+        common.plot_points([(torch.cat(seen).numpy(), common.REAL_COLOR), (picks.numpy(), labels)],
+                           common.extent_for(args.data_name), size=400, centers=centers,
+                           title=f"top-{top} samples of code dims 1-{dims} (colour = dim)").save(path)
     else:
         common.save_image_grid(picks, path, nrow=rows.shape[1])
 
