@@ -10,19 +10,19 @@ the `# ====` headers: move a section, update its line here):
     0. Errors          44-139      UsageError and run_cli: bad input -> one line on stderr, exit 2
     1. Runtime         140-489     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
                                    shutdown; SIGINT/SIGTERM handlers and the ranks' agreement to stop
-    2. Checkpoints     490-653     atomic save, weights_only load, RNG capture/restore
-    3. Logging         654-1054    args.json, log.jsonl, console line with it/s and ETA; the CLI's
+    2. Checkpoints     490-660     atomic save, weights_only load, a run's sampling G, RNG state
+    3. Logging         661-1061    args.json, log.jsonl, console line with it/s and ETA; the CLI's
                                    shared flags and checks; RunControl: a training loop's stop on a
                                    signal, checkpoints, train_seconds, first lines
-    4. Pictures        1055-1235   image grids and 2-D scatter plots (PIL only)
-    5. Datasets        1236-2208   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+    4. Pictures        1062-1242   image grids and 2-D scatter plots (PIL only)
+    5. Datasets        1243-2215   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2209-3530   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2216-3537   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3531-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
-                                   mode coverage
+    7. Metrics         3538-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+                                   samples of G in chunks (generate), mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).
@@ -546,6 +546,13 @@ def load_state(module, state_dict, what, path=""):
         first = str(err).strip().splitlines()[0]
         raise UsageError(f"checkpoint {path} does not fit this {what} (other architecture or "
                          f"flags?): {first}") from None
+
+
+def load_generator(G, ckpt, path, device):
+    """G with a checkpoint's sampling weights, on `device`, in eval mode: the EMA generator when the
+    run kept one (the one its metrics.json measured), else G. For the scripts' load_sampler."""
+    load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", path)
+    return G.to(device).eval()
 
 
 def rng_state():
@@ -4483,6 +4490,23 @@ def in_chunks(sample, n, chunk):
     """sample(m) for m = chunk, chunk, ..., the rest: n samples in pieces (a generator)."""
     for i in range(0, n, chunk):
         yield sample(min(chunk, n - i))
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, device, batch=1000, generator=None, z_device="cpu", bn_batch=False):
+    """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU; G in the mode the caller set.
+    z is drawn on `z_device` (from `generator` if given) and moved to `device`: maem_gan draws it
+    on the CPU, invert_gan on the device. bn_batch=True (BigGAN): batch norm from each chunk of 50,
+    as BigGAN-PyTorch samples its G_ema (train mode unless --G_eval_mode, which
+    launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
+    if bn_batch:
+        batch = 50
+    out = []
+    with batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
+        for i in range(0, n, batch):
+            z = torch.randn(min(batch, n - i), z_dim, generator=generator, device=z_device)
+            out.append(G(z.to(device)).float().cpu())
+    return torch.cat(out)
 
 
 def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):

@@ -349,23 +349,10 @@ def build_networks(args, channels):
 # 6. Evaluation and pictures (Table 1, Figure 3)
 # ==================================================================================================
 
-@torch.no_grad()
-def generate(G, n, z_dim, device, batch=10_000, bn_batch=False):
-    """n samples of G(z), z ~ N(0, I), in chunks, on the CPU. bn_batch (--arch pacgan): all n z
-    drawn first, then G in PacGAN's batches of 128 with BN on batch statistics (common.sample_bn_batch)."""
-    if bn_batch:
-        return common.sample_bn_batch(G, torch.randn(n, z_dim, device=device)).float().cpu()
-    out = []
-    for i in range(0, n, batch):
-        z = torch.randn(min(batch, n - i), z_dim, device=device)
-        out.append(G(z).float().cpu())
-    return torch.cat(out)
-
-
 def evaluate_points(G, args, device):
     """Table 1 metrics: modes covered, high-quality fraction (within 3 std), reverse KL in the
     standard form (all samples) and in the paper's (reverse_kl_hq: high-quality samples only)."""
-    samples = generate(G, args.eval_samples, args.z_dim, device).numpy()
+    samples = common.generate(G, args.eval_samples, args.z_dim, device, batch=10_000, z_device=device).numpy()
     metrics = common.mode_metrics_2d(samples, args.dataset, args.data_std)
     metrics["reverse_kl_hq"] = common.reverse_kl_hq(samples, args.dataset, args.data_std)
     return metrics
@@ -419,13 +406,12 @@ def load_sampler(ckpt_path, device="cpu"):
     args = argparse.Namespace(**ckpt["args"])
     channels = common.DATASETS[args.dataset]["channels"]
     G, _, _, _ = build_networks(args, channels)
-    # The EMA generator when the run kept one (it is the one the run's metrics.json measured).
-    weights = ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"]
-    common.load_state(G, weights, "generator", ckpt_path)
-    G = G.to(device).eval()
+    G = common.load_generator(G, ckpt, ckpt_path, device)
 
     def sample(n):
-        return generate(G, n, args.z_dim, device, bn_batch=args.arch == "pacgan")
+        if args.arch == "pacgan":         # PacGAN's sampler: all z first, batches of 128 on batch statistics
+            return common.sample_bn_batch(G, torch.randn(n, args.z_dim, device=device)).float().cpu()
+        return common.generate(G, n, args.z_dim, device, batch=10_000, z_device=device)
 
     sample.dataset = args.dataset
     sample.data_std = args.data_std
@@ -435,15 +421,6 @@ def load_sampler(ckpt_path, device="cpu"):
 # ==================================================================================================
 # 7. Training (Eq. 10: min_{G,F} max_D V(G, D) + L_cons(G, F) + L_Gau(F))
 # ==================================================================================================
-
-def load_data(args):
-    """The training set (built before anything is written, so bad data leaves no output)."""
-    is_points = common.DATASETS[args.dataset]["kind"] == "points"
-    return common.build_dataset(args.dataset, root=args.data_root, split="train",
-                                img_size=None if is_points else args.img_size,
-                                download=args.download, data_std=args.data_std, seed=0,
-                                redraw=bool(getattr(args, "redraw", False)))
-
 
 def d_step(G, D, opt_d, x, z, rt):
     """One update of D: max_D V(G, D) (Eq. 4). G only produces inputs here (under no_grad). Under
@@ -558,7 +535,7 @@ def train(args, rt, dataset):
     D_plain = common.unwrap(D)          # D inside G's loss: no DDP gradient sync (see common.Runtime.wrap)
     Dz_plain = common.unwrap(Dz) if Dz is not None else None
     # A fixed random subset of the data for the Figure 3 panels (the dataset is sorted by mode).
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
+    pick = common.seeded_subset(len(dataset), 2000)
     fixed_real = (dataset.points[pick], dataset.labels[pick]) if is_points else None
     per_rank = args.batch_size // rt.world_size
 
@@ -605,10 +582,7 @@ def train(args, rt, dataset):
             save_samples(G if ema is None else ema.shadow, F, fixed_real, args, rt.device, step,
                          args.out, is_points)
         if run.checkpoint_due(step):                            # collective: every rank calls it
-            rng_states = common.gather_rng_states(rt)
-            if rt.is_main:
-                common.save_checkpoint(ckpt_path, common.training_state(
-                    METHOD, args, step, nets, opts, rt, stream, rng_states, **run.state()))
+            common.save_training_state(ckpt_path, METHOD, args, step, nets, opts, rt, stream, **run.state())
     run.end(step)
     return (G if ema is None else ema.shadow), F, dataset
 
@@ -620,23 +594,23 @@ def final_metrics(G, args, rt, dataset):
         return evaluate_points(G, args, rt.device)
     if args.dataset.startswith("stacked"):   # no classifier flag here: load_sampler + tests/bench_pacgan.py table
         return {"skipped": "stacked data: modes are counted from ckpt.pt (tests/bench_pacgan.py table)"}
-    try:
-        # FID against the training images as training sees them (common.real_stats, cached).
-        real = args.fid_stats or dict(dataset=args.dataset, root=args.data_root, split="train",
-                                      img_size=args.img_size)
-        batches = (generate(G, min(100, args.eval_samples - i), args.z_dim, rt.device)
-                   for i in range(0, args.eval_samples, 100))
-        return common.image_metrics(batches, args.eval_samples, ["fid", "is", "ms"], real, rt.device,
-                                    inception_weights=args.inception_weights)
-    except common.UsageError as err:       # no Inception weights offline: training still counts
-        print(f"note: image metrics skipped: {err}", flush=True)
-        return {"skipped": str(err)}
+    # FID against the training images as training sees them (common.real_stats, cached); no
+    # Inception weights offline: skipped, training still counts.
+    real = args.fid_stats or dict(dataset=args.dataset, root=args.data_root, split="train", img_size=args.img_size)
+
+    def draw(n):
+        return common.generate(G, n, args.z_dim, rt.device, z_device=rt.device)
+    return common.image_metrics_or_skip(common.in_chunks(draw, args.eval_samples, 100), args.eval_samples,
+                                        ["fid", "is", "ms"], real, rt.device, inception_weights=args.inception_weights)
 
 
 def main(argv=None):
     args = common.restore_saved_args(parse_args(argv), METHOD, common.RUN_CONTROL)
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
-    dataset = load_data(args)
+    # The data first: a missing or broken dataset stops the run before anything is written.
+    dataset = common.build_dataset(args.dataset, root=args.data_root, img_size=args.img_size,
+                                   download=args.download, data_std=args.data_std,
+                                   redraw=bool(getattr(args, "redraw", False)))
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()
     G, F, dataset = train(args, rt, dataset)

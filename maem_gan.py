@@ -238,19 +238,16 @@ def build_parser():
                         "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
                         "stacked-(fashion-)mnist, ring, grid (ours)")
     p.add_argument("--variant", default="paper", choices=VARIANTS,
-                   help="paper: Eq. 8, 12-14 as written; official: the losses of the authors' "
-                        "train.py (L2 nearest neighbour with -log, real+fake buffers, warm-up, "
-                        "flip+noise DLLE with MSE and stop-gradient, a ~ N(0,1) DIsoMap with MSE, "
-                        "random flips of real images, the G step reusing the D step's z); its "
-                        "buffers are correct FIFOs searched by every code (theirs: --authors-buffer) "
-                        "and D runs one spectral-norm power iteration per step (theirs: five)")
+                   help="paper: Eq. 8, 12-14 as written; official: the authors' train.py (-log L2 nearest "
+                        "neighbour, buffers filled at start, warm-up, flip+noise DLLE and a ~ N(0,1) DIsoMap "
+                        "with MSE, real-image flips, the D step's z reused) with FIFO buffers (theirs: "
+                        "--authors-buffer) and one SN power iteration per D step (theirs: five)")
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
     g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
     g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2"],
                    help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
-                        "biggan on cifar10, stylegan2 on ffhq / celeba / animeface, each with its own "
-                        "recipe, see BACKBONE_PRESETS)")
+                        "biggan, stylegan2, each with its recipe: the backbone presets below)")
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
                    help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
                         "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
@@ -304,11 +301,9 @@ def build_parser():
                    help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
     g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
     g.add_argument("--authors-buffer", action="store_true",
-                   help="--variant official only: the authors' replay buffer, bug included, to reproduce "
-                        "their numbers: one buffer per batch position whose update drops a batch of "
-                        "slots and adds one, so after ceil((size-1)/(B-1)) updates (17 at 64 codes per "
-                        "process; the real-code buffer updates every D step) each sample's 'nearest "
-                        "neighbour' is the previous batch's code at its position")
+                   help="--variant official only: the authors' replay buffer, bug included (one per batch "
+                        "position; after 17 updates at 64 codes per process each code's 'nearest neighbour' "
+                        "is the previous batch's code at its position: AuthorsReplayBuffer)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of real images (paper: none stated; official code: on)")
     g.add_argument("--entropy-warmup", type=int, default=None,
@@ -319,10 +314,9 @@ def build_parser():
     g.add_argument("--dlle-noise", type=float, default=None,
                    help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
     g.add_argument("--dlle-noise-anneal", type=float, nargs=2, default=None, metavar=("FROM", "TO"),
-                   help="F's noise std (the adv step with --dlle-transform adv) falls linearly from "
-                        "--dlle-noise at fraction FROM of --steps to 0 at fraction TO (ours, 2-D presets: "
-                        "ring 0.25 0.75, grid 0.25 0.6; default: constant, the paper's). DLLE stays on at "
-                        "noise 0: it then compares two draws of the re-parameterised code")
+                   help="F's noise std (adv: its step) falls linearly from --dlle-noise at fraction FROM of "
+                        "--steps to 0 at TO (ours, 2-D presets; default: constant, the paper's). At noise 0 "
+                        "DLLE compares two draws of the re-parameterised code")
     g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
     g.add_argument("--iso-weight", type=float, default=None,
                    help="weight of L_Iso in D's loss (paper: none stated; official code: 1)")
@@ -393,8 +387,8 @@ def embed(D, x, sample=True, with_mu=False):
     trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
     V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
 
-    Official code: its forward always samples; only its `embedding()` (called nowhere in the
-    repository; presumably Figure 3's) returns mu. We do the same: sample in every loss, mu for pictures. Computed in float32 (AMP-safe exp).
+    Official code: its forward always samples; only its `embedding()` (called nowhere; presumably
+    Figure 3's) returns mu: we sample in every loss, mu for pictures. In float32 (AMP-safe exp).
     with_mu=True returns (V, mu) (the health figures read mu's directions).
     A D with one output (--scalar-head, the backbones' own baselines) returns it as is, (B, 1).
     """
@@ -472,13 +466,13 @@ class ReplayBuffer:
     """
 
     def __init__(self, size, dim, device, fill_uniform=False, generator=None):
-        self.size = size
-        self.data = torch.zeros(size, dim, device=device)
-        self.ptr, self.count = 0, 0                        # next write position, number stored
+        self.size, self.ptr, self.count = size, 0, 0      # ptr: the next write position
+        data = torch.zeros(size, dim)
         if fill_uniform:
-            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()).
-            self.data.uniform_(-1, 1, generator=generator)
+            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()); a CPU draw.
+            data.uniform_(-1, 1, generator=generator)
             self.count = size
+        self.data = data.to(device)
 
     def __len__(self):
         return self.count
@@ -582,9 +576,8 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
         outside the batch mean, and no lambda term.
     The cosine's gradient is sin(angle) / |V0|: it fades as codes close up in angle, where the
     official -log distance grows (README, "MaEM-GAN on 2-D data").
-    Official code: its buffer is per batch position (AuthorsReplayBuffer, used when given one); our
-    FIFO buffer lets every code search all buffered codes: a different estimator even before their
-    buffer shrinks (values a few % apart, gradients much more).
+    Official code: a buffer per batch position (AuthorsReplayBuffer, used when given one); in ours every
+    code searches all buffered codes: another estimator (values a few % apart, gradients much more).
     """
     if isinstance(buffer, AuthorsReplayBuffer):
         return buffer.loss(v0)
@@ -605,7 +598,7 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
 
 @torch.no_grad()
 def health(v, mu, buffer):
-    """The two figures that tell whether D's code space is alive (METHODS, "health check"):
+    """The two figures that tell whether D's code space is alive (README, "The three scripts"):
     cos_nn, the mean cosine of each sampled code V with its most similar buffered code (Eq. 8's
     L_ent before weighting), and cos_batch, the mean pairwise cosine of the batch's mean codes mu
     (not V, whose sampling noise would hide a shared direction). cos_batch 1.0000: every code points
@@ -799,14 +792,13 @@ def g_step_loss(D_plain, fake, args, buffers, ent_w):
     v_fake, mu = embed(D_plain, fake, with_mu=True)
     adv = "g_maf" if args.loss == "maf" else "g_adv"
     terms = {adv: adv_loss_g(v_fake, args.loss)}
-    total = terms[adv]
-    figures = health(v_fake, mu, buffers["fake"])
     if not args.no_entropy:
         terms["g_ent"] = entropy_loss(v_fake, buffers["fake"], 0.0, args.variant)
-        total = total + ent_w * terms["g_ent"]
+    weights = {adv: 1.0, "g_ent": ent_w}
+    total = sum(weights[k] * term for k, term in terms.items())
+    figures = health(v_fake, mu, buffers["fake"])       # log only, before the buffer takes the batch
     buffers["fake"].push(v_fake)
-    terms.update({"fake_" + k: val for k, val in figures.items()})
-    return total, terms
+    return total, dict(terms, **{"fake_" + k: val for k, val in figures.items()})
 
 
 def make_buffers(args, per_rank_batch, device):
@@ -816,16 +808,9 @@ def make_buffers(args, per_rank_batch, device):
     torchrun each rank keeps its own buffers of its own codes (no all-gather): the estimator stays
     local and costs no extra collective per step. All of them are saved in the checkpoint."""
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    bufs = {}
-    for name in ("real", "fake"):
-        if args.authors_buffer:
-            bufs[name] = AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen)
-        else:
-            buf = ReplayBuffer(args.buffer_size, args.m, "cpu", fill_uniform=args.variant == "official",
-                               generator=gen)
-            buf.data = buf.data.to(device)
-            bufs[name] = buf
-    return bufs
+    if args.authors_buffer:
+        return {name: AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen) for name in ("real", "fake")}
+    return {name: ReplayBuffer(args.buffer_size, args.m, device, args.variant == "official", gen) for name in ("real", "fake")}
 
 
 # ==================================================================================================
@@ -868,22 +853,6 @@ def check_stylegan2_checkpoint(ckpt, args, path):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, device, batch=1000, generator=None, bn_batch=False):
-    """n samples of G(z), z ~ N(0, I), in chunks, returned on the CPU. G in eval mode (BN running
-    statistics, as the official test()); the caller restores train mode. bn_batch=True (BigGAN):
-    batch norm from each chunk of 50 instead, as BigGAN-PyTorch samples its G_ema (train mode unless
-    --G_eval_mode, which launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
-    if bn_batch:
-        batch = 50
-    out = []
-    with common.batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
-        for i in range(0, n, batch):
-            z = torch.randn(min(batch, n - i), z_dim, generator=generator).to(device)
-            out.append(G(z).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def figure3(G, D, args, device, path, dims=4, top=5):
     """Fig. 3: rank args.fig3_samples generated samples by each of the first `dims` code dimensions
     (mu, no sampling) and show the top `top` per dimension, one row per dimension. Running top-k over
@@ -896,8 +865,8 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     dims = min(dims, args.m)
     best_v, best_x, seen = None, None, []
     for i in range(0, args.fig3_samples, 500):
-        x = generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
-                     bn_batch=args.arch == "biggan")
+        x = common.generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
+                            bn_batch=args.arch == "biggan")
         v = embed(D, x.to(device), sample=False)[:, :dims].cpu()               # (b, dims)
         if args.arch == "mlp":
             seen.append(x)
@@ -911,16 +880,15 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     if args.arch == "mlp":
         labels = torch.arange(dims).repeat_interleave(rows.shape[1]).numpy()
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
-        img = common.plot_points([(torch.cat(seen).numpy(), common.REAL_COLOR), (picks.numpy(), labels)],
-                                 common.extent_for(args.data_name), size=400, centers=centers,
-                                 title=f"top-{top} samples of code dims 1-{dims} (colour = dim)")
-        img.save(path)
+        common.plot_points([(torch.cat(seen).numpy(), common.REAL_COLOR), (picks.numpy(), labels)],
+                           common.extent_for(args.data_name), size=400, centers=centers,
+                           title=f"top-{top} samples of code dims 1-{dims} (colour = dim)").save(path)
     else:
         common.save_image_grid(picks, path, nrow=rows.shape[1])
 
 
 @torch.no_grad()
-def save_samples(G, args, device, z_fixed, real_points, path):
+def save_samples(G, args, z_fixed, real_points, path):
     """A progress picture from a fixed z (no draw from the training RNG: a resumed run stays
     bit-identical): an 8x8 grid, or for 2-D data the samples (red) over the data (grey)."""
     G = common.unwrap(G)
@@ -928,7 +896,7 @@ def save_samples(G, args, device, z_fixed, real_points, path):
     G.eval()
     # StyleGAN2's noise inputs fixed too (a draw would move the training RNG)
     with common.batch_norm_from_batch(G) if args.arch == "biggan" else contextlib.nullcontext():
-        fake = G(z_fixed.to(device), **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
+        fake = G(z_fixed, **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
     G.train(mode)
     if args.arch == "mlp":
         centers, _ = common.synthetic_modes(args.data_name, args.data_std)
@@ -947,11 +915,10 @@ def load_sampler(ckpt_path, device="cpu"):
     check_stylegan2_checkpoint(ckpt, args, ckpt_path)
     channels = common.DATASETS[args.data_name]["channels"]
     G, _ = build_networks(args, channels)
-    common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
-    G = G.to(device).eval()
+    G = common.load_generator(G, ckpt, ckpt_path, device)
 
     def sample(n):
-        return generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
 
     sample.dataset = args.data_name
     sample.data_std = args.data_std
@@ -964,8 +931,7 @@ def load_sampler(ckpt_path, device="cpu"):
 # The full objective, alternating (n_critic D steps per G step):
 #   D: min L_MaF (Eq. 7) + L_Iso (Eq. 14) + L_LLE (Eq. 12-13) + sigma (L_ent(real) + lambda ||V0||) (Eq. 8)
 #   G: min -L_MaF (Eq. 7) + sigma L_ent(generated) (Eq. 8)
-# The paper's: each term and sigma, lambda. The authors' code's: the unit weights of the first three
-# terms and the routing of L_ent (real codes in D's loss, generated codes in G's; see section 5).
+# The paper's: each term, sigma, lambda; the authors' code's: the unit weights and L_ent's routing (section 5).
 
 def learning_rate(args, epoch, step=0):
     """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
@@ -973,14 +939,6 @@ def learning_rate(args, epoch, step=0):
     presets). Derived from the stream's epoch and the step, so a resumed run needs no scheduler state."""
     return (args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
             * common.lr_factor(step, args.steps, getattr(args, "lr_decay_from", 1.0)))
-
-
-def load_data(args):
-    """The training set (built before anything is written, so bad data leaves no output)."""
-    is_points = common.DATASETS[args.data_name]["kind"] == "points"
-    return common.build_dataset(args.data_name, root=args.data_root, split=args.split,
-                                img_size=None if is_points else args.img_size,
-                                download=args.download, data_std=args.data_std, seed=0)
 
 
 def make_optimizers(args, G, D):
@@ -1048,12 +1006,9 @@ def train(args, rt, dataset):
              f"lambda={args.lambda_norm}, EMA {args.ema}, R1 {args.r1_gamma}, path length {args.pl_weight}, "
              f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
              f"G {common.count_params(G)} / D {common.count_params(D)} params")
-    z_fixed = torch.randn(64 if not is_points else 2000, args.z_dim,
-                          generator=torch.Generator().manual_seed(args.seed + 1))
-    real_points = None
-    if is_points:
-        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:2000]
-        real_points = dataset.points[pick]
+    # Progress pictures: a fixed z (and for 2-D data a fixed subset of the data), no training RNG.
+    z_fixed = common.fixed_noise(2000 if is_points else 64, args.z_dim, rt.device, seed=args.seed + 1)
+    real_points = dataset.points[common.seeded_subset(len(dataset), 2000)] if is_points else None
 
     # Ctrl-C / SIGTERM: stop after this step, saved; a checkpoint at the last step; timing.
     run = common.RunControl(rt, args, step, meter, ckpt)
@@ -1115,16 +1070,13 @@ def train(args, rt, dataset):
         if step % args.log_every == 0 or step == args.steps:
             common.log_step(meter, log, step, ckpt_path, lr=lr, ent_w=ent_w)
         if rt.is_main and (step % args.sample_every == 0 or step == args.steps):
-            save_samples(ema.shadow if ema is not None else G, args, rt.device, z_fixed, real_points,
+            save_samples(ema.shadow if ema is not None else G, args, z_fixed, real_points,
                          os.path.join(args.out, "samples", f"step_{step:07d}.png"))
         if run.checkpoint_due(step):                           # collective: every rank calls it
-            rng_states = common.gather_rng_states(rt)
             buffer_states = common.gather_per_rank(rt, {k: b.state_dict() for k, b in buffers.items()})
-            pl_means = common.gather_per_rank(rt, pl_mean.cpu())
-            if rt.is_main:
-                common.save_checkpoint(ckpt_path, common.training_state(
-                    METHOD, args, step, nets, opts, rt, stream, rng_states, buffers=buffer_states,
-                    pl_mean=pl_means, sg2_resampling=SG2_RESAMPLING, **run.state()))
+            common.save_training_state(ckpt_path, METHOD, args, step, nets, opts, rt, stream, buffers=buffer_states,
+                                       pl_mean=common.gather_per_rank(rt, pl_mean.cpu()),
+                                       sg2_resampling=SG2_RESAMPLING, **run.state())
     run.end(step)
     return (ema.shadow if ema is not None else G), D
 
@@ -1159,14 +1111,14 @@ def final_metrics(G, D, args, rt):
     """metrics.json: modes / high-quality fraction / reverse KL and the code-direction health check
     (2-D); modes and reverse KL with the mode classifier (stacked); FID, IS and I-Variance (Table 4's
     form) for other images."""
-    G = common.unwrap(G).eval()
+    G = common.unwrap(G).eval()          # BN's running statistics, as the official test()
     kind = common.DATASETS[args.data_name]["kind"]
 
     def draw(n):
-        return generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
 
     if kind == "points":
-        samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
+        samples = common.generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
         return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):
@@ -1188,7 +1140,9 @@ def final_metrics(G, D, args, rt):
 def main(argv=None):
     args = common.restore_saved_args(parse_args(argv), METHOD, RUN_CONTROL)
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
-    dataset = load_data(args)
+    # The data first: a missing or broken dataset stops the run before anything is written.
+    dataset = common.build_dataset(args.data_name, root=args.data_root, split=args.split, img_size=args.img_size,
+                                   download=args.download, data_std=args.data_std)
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()
     G, D = train(args, rt, dataset)

@@ -748,8 +748,7 @@ def load_sampler(ckpt_path, device="cpu"):
     args = argparse.Namespace(**ckpt["args"])
     channels = common.DATASETS[data_name(args)]["channels"]
     G, _ = build_gan(args, channels)
-    common.load_state(G, ckpt["G_ema"] if ckpt.get("G_ema") is not None else ckpt["G"], "generator", ckpt_path)
-    G = G.to(device).eval()
+    G = common.load_generator(G, ckpt, ckpt_path, device)
     S = load_partitioner(args, channels, ckpt.get("S"), ckpt_path, device)
     draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device, rejection=not args.no_rejection,
                         reject_tries=args.reject_tries, strict=False, bn_batch=args.arch == "pacgan")
@@ -1094,9 +1093,8 @@ def main(argv=None):
         return
     channels = common.dataset_info(data_name(args))["channels"]
     # The data first: a missing or broken dataset stops the run before anything is written.
-    dataset = common.build_dataset(data_name(args), root=args.data_root, split="train",
-                                   img_size=None if is_points(args) else args.img_size,
-                                   download=args.download, data_std=args.data_std, seed=0,
+    dataset = common.build_dataset(data_name(args), root=args.data_root, img_size=args.img_size,
+                                   download=args.download, data_std=args.data_std,
                                    redraw=bool(getattr(args, "redraw", False)))
     common.write_run_args(args.out, args, rt.is_main)
     start = time.perf_counter()
