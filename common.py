@@ -15,13 +15,13 @@ the `# ====` headers: move a section, update its line here):
                                    shared flags and checks; RunControl: a training loop's stop on a
                                    signal, checkpoints, train_seconds, first lines
     4. Pictures        1062-1242   image grids and 2-D scatter plots (PIL only)
-    5. Datasets        1243-2186   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+    5. Datasets        1243-2215   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2187-3442   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2216-3537   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3443-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+    7. Metrics         3538-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
                                    samples of G in chunks (generate), mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
@@ -1369,16 +1369,39 @@ class StackedDataset(torch.utils.data.Dataset):
     Item i stacks base images (i, p[i], q[i]) for two fixed random permutations p, q (seeded),
     so the training set is a fixed set of len(base) triplets. Label = 100*a + 10*b + c, where
     a, b, c are the labels of the R, G and B channels.
+
+    redraw=True (PacGAN's data, model.py: three training images drawn at random for every sample):
+    set_epoch(e), which BatchStream calls at each epoch's start, replaces the triplets with
+    len(base) fresh ones, each channel an independent uniform draw with replacement, from a
+    generator seeded by (seed, e) alone: deterministic, and a resumed run redraws the same ones.
+    What remains different from PacGAN (ours): the draws come in epochs of len(base) that the
+    sampler shuffles, and the epoch's last len(base) % batch triplets go unused (drop_last).
     """
 
-    def __init__(self, base_images, base_labels, seed=0):
+    def __init__(self, base_images, base_labels, seed=0, redraw=False):
+        self.base_images, self.base_labels, self.seed, self.redraw = base_images, base_labels, seed, redraw
+        self.epoch = None
+        if redraw:
+            self.set_epoch(0)
+            return
         gen = torch.Generator().manual_seed(seed)
         n = len(base_images)
-        self.triplets = torch.stack([torch.arange(n), torch.randperm(n, generator=gen),
-                                     torch.randperm(n, generator=gen)], 1)   # (N, 3)
-        self.base_images, self.base_labels = base_images, base_labels
-        digits = base_labels[self.triplets]                                  # (N, 3)
+        self._set_triplets(torch.stack([torch.arange(n), torch.randperm(n, generator=gen),
+                                        torch.randperm(n, generator=gen)], 1))   # (N, 3)
+
+    def _set_triplets(self, triplets):
+        self.triplets = triplets
+        digits = self.base_labels[triplets]                                  # (N, 3)
         self.labels = digits[:, 0] * 100 + digits[:, 1] * 10 + digits[:, 2]
+
+    def set_epoch(self, epoch):
+        """redraw: the triplets of epoch `epoch` (a function of (seed, epoch) only); else nothing."""
+        if not self.redraw or epoch == self.epoch:
+            return
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 1)
+        n = len(self.base_images)
+        self._set_triplets(torch.randint(0, n, (n, 3), generator=gen))
+        self.epoch = epoch
 
     def __len__(self):
         return len(self.triplets)
@@ -1662,11 +1685,12 @@ def load_celeba_files(root, split="train", download=False):
 
 # --- One entry point ----------------------------------------------------------------------------
 def build_dataset(name, root=None, split="train", img_size=None, download=False, data_std=None,
-                  n_points=100_000, seed=0):
+                  n_points=100_000, seed=0, redraw=False):
     """Any dataset of DATASETS as a torch Dataset of (x, y); x in [-1, 1].
 
     split: "train" (default), "test", "all" (train+test; MaEM's CIFAR-10 runs use it), and for
     STL-10 also "unlabeled" / "train+unlabeled". img_size: None = the dataset's default.
+    redraw: stacked datasets only, fresh triplets every epoch (StackedDataset).
     """
     info = dataset_info(name)
     if info["kind"] == "points":
@@ -1680,7 +1704,7 @@ def build_dataset(name, root=None, split="train", img_size=None, download=False,
         images, labels = load_mnist_like(base, root, split, download)
         images = _resize_uint8(images, size)
         if name.startswith("stacked"):
-            return StackedDataset(images, labels, seed)
+            return StackedDataset(images, labels, seed, redraw=redraw)
         return TensorImageDataset(images, labels)
     if name in ("cifar10", "cifar100"):
         images, labels = load_cifar(name, root, split, download)
@@ -1740,6 +1764,8 @@ class BatchStream:
 
     def _start_epoch(self):
         self.sampler.set_epoch(self.epoch)
+        if hasattr(self.dataset, "set_epoch"):       # StackedDataset(redraw=True): this epoch's triplets
+            self.dataset.set_epoch(self.epoch)
         idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
         n = self.steps_per_epoch * self.per_rank
         batches = idx[:n].view(self.steps_per_epoch, self.per_rank)[self.pos:]
@@ -1979,6 +2005,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def get_batch(self, idx):
         return fetch_batch(self.base, idx), idx
+
+    def set_epoch(self, epoch):                      # the base's redraw (StackedDataset), if any
+        getattr(self.base, "set_epoch", lambda e: None)(epoch)
 
 
 def simclr_augment(x, crop=0.2, flip=0.5, color=0.4, color_p=0.8, gray=0.2):
@@ -2579,6 +2608,30 @@ class PacGANDiscriminator(nn.Module):
         return self.head(h.flatten(1), y)   # (B, out_dim) or (B, n_classes, out_dim)
 
 
+class PacGANEncoder(nn.Module):
+    """InvertGAN's F for --arch pacgan (ours: sized like G, as InvertGAN's Table 3 F mirrors its
+    Table 4 G): G's layers in reverse, a 3x3 conv to width@28, [3x3 stride-2 SAME conv +
+    LeakyReLU 0.2] to 2w@14, 4w@7, 8w@4, linear 16*8w -> out_dim (286,928 parameters at w 8,
+    out_dim 256; G 287,875). No normalisation (as InvertGAN's F, common.InvertResBlock): F(x_i)
+    must not depend on the other samples of the batch (Prop. 1). PyTorch's default init (ours)."""
+
+    def __init__(self, img_size=28, channels=3, out_dim=256, width=8):
+        super().__init__()
+        _check_size("pacgan", img_size, (28,))
+        ch = [width, 2 * width, 4 * width, 8 * width]
+        self.from_img = nn.Conv2d(channels, ch[0], 3, 1, 1)
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, 2) for a, b in zip(ch[:-1], ch[1:])])
+        self.sizes = [28, 14, 7]
+        self.fc = nn.Linear(ch[-1] * 4 * 4, out_dim)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.from_img(x), 0.2)                               # (B, w, 28, 28)
+        for conv, size in zip(self.convs, self.sizes):
+            before, after = _tf_same_pads(size, 2)
+            h = F.leaky_relu(conv(F.pad(h, (before, after, before, after))), 0.2)
+        return self.fc(h.flatten(1))                                          # (B, out_dim)
+
+
 # ------------------------------------------------------------------------------------------------
 # SNGAN-style ResNets (PGMGAN, InvertGAN's image D, MaEM-GAN AnimeFace)
 # ------------------------------------------------------------------------------------------------
@@ -2912,15 +2965,57 @@ def build_discriminator(arch, img_size, channels, width=None, out_dim=1, n_class
     return ResNetDiscriminator(img_size, channels, width, out_dim, n_classes)
 
 
+# --- PacGAN's stacked benchmark (--arch pacgan in every script; tests/bench_pacgan.py) ----------
+PACGAN_DATASETS = ("stacked-mnist", "stacked-fashion-mnist")
+PACGAN_BATCH = 128      # PacGAN model.py / config.py: batch 128, also the sampler's batch (its BN on batch statistics)
+
+
+def check_pacgan(dataset, img_size):
+    """--arch pacgan is PacGAN's stacked-MNIST protocol: stacked data at 28x28, nothing else."""
+    if dataset not in PACGAN_DATASETS:
+        raise UsageError(f"--arch pacgan is for {' / '.join(PACGAN_DATASETS)} (PacGAN's stacked MNIST), "
+                         f"not {dataset}")
+    if img_size != 28:
+        raise UsageError(f"--arch pacgan runs at 28x28 (PacGAN's networks), not --img-size {img_size}")
+
+
+def has_batch_norm(net):
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unwrap(net).modules())
+
+
+def d_real_fake(D, real, fake, y_real=None, y_fake=None):
+    """D's outputs on the real and on the fake batch. One forward of both (one DDP reduction)
+    unless D has BatchNorm (the pacgan D): then each batch on its own, as PacGAN's model.py, so
+    that neither batch's BN statistics mix into the other's outputs."""
+    cond = y_real is not None
+    if has_batch_norm(D):
+        return (D(real, y_real) if cond else D(real)), (D(fake, y_fake) if cond else D(fake))
+    both = torch.cat([real, fake.to(real.dtype)])
+    out = D(both, torch.cat([y_real, y_fake])) if cond else D(both)
+    return out[:len(real)], out[len(real):]
+
+
+@torch.no_grad()
+def sample_bn_batch(G, z, y=None, batch=PACGAN_BATCH):
+    """G(z) in batches of `batch`, every BN on that batch's statistics (running statistics left
+    as they were): PacGAN's sampler (its TF batch_norm never leaves training mode)."""
+    with batch_norm_from_batch(G):
+        return torch.cat([G(z[i:i + batch]) if y is None else G(z[i:i + batch], y[i:i + batch])
+                          for i in range(0, len(z), batch)])
+
+
 def build_encoder(arch, img_size, channels, out_dim, width=None):
-    """InvertGAN's F: x -> (B, out_dim). "mlp" (2-D data) or "invert-resnet" (Table 3)."""
+    """InvertGAN's F: x -> (B, out_dim). "mlp" (2-D data), "invert-resnet" (Table 3) or "pacgan"
+    (PacGANEncoder, sized like G)."""
     _check_arch(arch)
     width = width or _DEFAULT_WIDTH[arch]
     if arch == "mlp":
         return MLP(_mlp_dim(img_size, channels), out_dim, hidden=width)
     if arch == "invert-resnet":
         return ResNetEncoder(img_size, channels, out_dim, width)
-    raise UsageError(f"no encoder for architecture '{arch}'; use 'mlp' or 'invert-resnet'")
+    if arch == "pacgan":
+        return PacGANEncoder(img_size, channels, out_dim, width)
+    raise UsageError(f"no encoder for architecture '{arch}'; use 'mlp', 'invert-resnet' or 'pacgan'")
 
 
 # ------------------------------------------------------------------------------------------------

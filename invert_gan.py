@@ -77,7 +77,22 @@ _IMAGES = dict(
     # G/F step; no weight averaging; logging.
     lr=2e-4, beta1=0.5, beta2=0.999, lr_decay_from=1.0, n_dis=1, ema=0.0, ema_start=0,
     log_every=200, sample_every=5000, ckpt_every=5000)
+_PACGAN = dict(
+    # PacGAN's stacked-MNIST protocol (tests/bench_pacgan.py), fjxmlzn/PacGAN D=0.25G config.py:
+    # batch 128, z 256, Adam betas (0.5, 0.99), lr 1e-4 for G (and F, trained with G, Eq. 10) and
+    # 2e-4 for D (and D_z), 500K iterations, 25,600 counted samples. model.py: G and D (common.
+    # PacGANGenerator / PacGANDiscriminator, D width 2 = 1/4 of G; BN in D, no spectral norm), BCE
+    # with the non-saturating G loss (InvertGAN's own, Eq. 4), one D step per G step (n_dis 1, also
+    # ours for InvertGAN), a constant lr. Data drawn afresh (redraw, common.StackedDataset).
+    # Ours: F sized like G (common.PacGANEncoder); InvertGAN's L_cons / L_Gau unchanged; a fresh z
+    # for the G/F step (PacGAN reuses the D step's z: same distribution); no EMA; logging.
+    arch="pacgan", img_size=28, z_dim=256, batch_size=128, steps=500_000, width=8, d_width=2,
+    lr=1e-4, lr_d=2e-4, beta1=0.5, beta2=0.99, lr_decay_from=1.0, n_dis=1, ema=0.0, ema_start=0,
+    redraw=True, eval_samples=25_600, log_every=500, sample_every=5000, ckpt_every=5000)
 PRESETS = {
+    # PacGAN's Table 3 benchmark on the stacked datasets (_PACGAN): keyed (dataset, arch).
+    ("stacked-mnist", "pacgan"): _PACGAN,
+    ("stacked-fashion-mnist", "pacgan"): _PACGAN,
     # Sec. 5.1: Fig. 3 after 24K mini-batches; 50K test samples.
     "ring": dict(_TOY, steps=24_000, eval_samples=50_000),
     # Ours: 48K steps (the paper gives 24K only for the ring's Fig. 3, and trains the grid of
@@ -100,26 +115,50 @@ PRESET_SOURCES = {
     "cifar10": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; D and optimiser ours)",
     "cifar100": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; D and optimiser ours)",
     "stl10": "Sec. 5.2 / App. A.2 (batch 64, 100K steps, latent 20; 48x48, D and optimiser ours)",
+    ("stacked-mnist", "pacgan"): "PacGAN D=0.25G config.py / model.py (batch 128, z 256, lr G 1e-4 D 2e-4, "
+                                 "betas 0.5/0.99, BCE, 1 D step); F sized like G, ours",
+    ("stacked-fashion-mnist", "pacgan"): "as stacked-mnist --arch pacgan (PacGAN's protocol on Fashion-MNIST, ours)",
 }
 GAUSS_LOSSES = ("pnorm", "w2", "kl", "w2-1d", "zdisc", "none")
 POINT_DATASETS = ("ring", "grid")
+
+
+def preset_for(args):
+    """PRESETS[(dataset, arch)] for --arch pacgan, else PRESETS[dataset]; one line if there is none."""
+    key = (args.dataset, args.arch) if args.arch == "pacgan" else args.dataset
+    if args.arch == "pacgan":
+        common.check_pacgan(args.dataset, args.img_size or 28)
+    if key not in PRESETS:
+        raise common.UsageError(f"--dataset {args.dataset} needs --arch pacgan (PacGAN's stacked protocol)")
+    return PRESETS[key]
 
 
 def parse_args(argv=None):
     p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\nFlags left unset take the "
                          "dataset's preset, listed at the end.", formatter_class=common.PresetHelpFormatter,
                          epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
-    p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
-                   help="ring/grid (Sec. 5.1) or cifar10/cifar100/stl10 (Sec. 5.2)")
+    p.add_argument("--dataset", required=True, choices=sorted({k if isinstance(k, str) else k[0] for k in PRESETS}),
+                   help="ring/grid (Sec. 5.1), cifar10/cifar100/stl10 (Sec. 5.2), stacked-(fashion-)mnist "
+                        "with --arch pacgan (PacGAN's Table 3 protocol, ours)")
     p.add_argument("--steps", type=int, default=None, help="G updates (24K on the ring, Fig. 3; 48K on the grid, ours; 100K on images, Sec. 5.2)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (128 on 2-D, Sec. 5.1; 64 on images, Sec. 5.2)")
     p.add_argument("--z-dim", type=int, default=None, help="latent dimension l (2 on 2-D; 20 on images, Table 3)")
-    p.add_argument("--arch", default=None, choices=["mlp", "invert-resnet"], help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2)")
+    p.add_argument("--arch", default=None, choices=["mlp", "invert-resnet", "pacgan"],
+                   help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2; pacgan: PacGAN's stacked-MNIST "
+                        "G and reduced D, with F sized like G (common.PacGANEncoder: G's layers reversed, no BN; "
+                        "ours, as Table 3's F mirrors Table 4's G) and D_z as for images)")
+    p.add_argument("--d-width", type=int, default=None,
+                   help="--arch pacgan: D's width (2 = D at 1/4 of G, 585 parameters; 4 = 1/2)")
+    p.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
+                   help="stacked data: fresh random triplets every epoch (PacGAN's on-the-fly data; "
+                        "common.StackedDataset); on in the pacgan presets")
     p.add_argument("--width", type=int, default=None,
                    help="hidden units of the MLPs G, F, D, D_z (ours: 128) / base channels of the image "
                         "G, F (64, Tables 3-4) and D (ours: 64)")
     p.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's, 48 for STL-10)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate for G, F, D and D_z (ours)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate for G and F (and D, D_z without --lr-d; ours)")
+    p.add_argument("--lr-d", type=float, default=None,
+                   help="Adam learning rate for D and D_z (default: --lr; pacgan preset: 2e-4, PacGAN config.py)")
     p.add_argument("--beta1", type=float, default=None, help="Adam beta1 (ours)")
     p.add_argument("--beta2", type=float, default=None, help="Adam beta2 (ours)")
     p.add_argument("--n-dis", type=int, default=None,
@@ -153,17 +192,19 @@ def parse_args(argv=None):
     p.add_argument("--fid-stats", default=None, help="real-data statistics .npz (mu, sigma) for FID (else computed from the dataset)")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
-    common.apply_presets(args, PRESETS[args.dataset], METHOD)
+    common.apply_presets(args, preset_for(args), METHOD)
     if args.img_size is None:
         args.img_size = 1 if args.arch == "mlp" else common.DATASETS[args.dataset]["img_size"]
     points = args.dataset in POINT_DATASETS
+    if (args.d_width is not None or args.redraw) and args.arch != "pacgan":
+        raise common.UsageError("--d-width and --redraw are for --arch pacgan (stacked data)")
     if points != (args.arch == "mlp"):
         # The MLPs are the 2-D networks of Sec. 5.1, the ResNets those of App. A.2 for images: an MLP on
         # cifar10 would silently train on 1x1 images, a ResNet cannot read 2-D points.
         raise common.UsageError(f"--arch {args.arch} does not fit --dataset {args.dataset}: use --arch "
                                 f"{'mlp' if points else 'invert-resnet'}")
     common.check_flags(args, positive=("z_dim", "n_dis", "width", "img_size", "eval_samples", "lr",
-                                       "prior_samples"),
+                                       "lr_d", "prior_samples", "d_width"),
                        nonnegative=("beta1", "beta2", "lambda_cons", "lambda_gauss", "eig_eps",
                                     "ema", "ema_start"))
     if not 0 <= args.lr_decay_from <= 1:
@@ -289,11 +330,15 @@ def build_networks(args, channels):
     common.InvertResBlock). The image D is ours: the appendix gives none, so SNGAN's ResNet D
     (spectral norm), with --width base channels. D_z (App. A.1 gives no architecture, ours): a
     4-layer ReLU MLP on the codes, as wide as the 2-D networks, 128 units for images.
+    --arch pacgan: PacGAN's G and reduced D, F sized like G (common.PacGANEncoder, ours).
     """
     size = args.img_size
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width)
-    D = common.build_discriminator(args.arch if args.arch == "mlp" else "resnet", size, channels,
-                                   width=args.width)
+    if args.arch == "pacgan":     # PacGAN's reduced D (BN, no spectral norm) at --d-width
+        D = common.build_discriminator("pacgan", size, channels, width=args.d_width)
+    else:
+        D = common.build_discriminator(args.arch if args.arch == "mlp" else "resnet", size, channels,
+                                       width=args.width)
     F = common.build_encoder(args.arch, size, channels, args.z_dim, width=args.width)
     Dz = (common.MLP(args.z_dim, 1, hidden=args.width if args.arch == "mlp" else 128)
           if args.gauss_loss == "zdisc" else None)
@@ -351,7 +396,8 @@ def save_samples(G, F, stream_data, args, device, step, out, is_points):
     else:
         with torch.no_grad():
             z = common.fixed_noise(64, args.z_dim, device)
-            common.save_image_grid(common.unwrap(G)(z), path, nrow=8)
+            net = common.unwrap(G)
+            common.save_image_grid(common.sample_bn_batch(net, z) if args.arch == "pacgan" else net(z), path, nrow=8)
 
 
 def load_sampler(ckpt_path, device="cpu"):
@@ -363,6 +409,8 @@ def load_sampler(ckpt_path, device="cpu"):
     G = common.load_generator(G, ckpt, ckpt_path, device)
 
     def sample(n):
+        if args.arch == "pacgan":         # PacGAN's sampler: all z first, batches of 128 on batch statistics
+            return common.sample_bn_batch(G, torch.randn(n, args.z_dim, device=device)).float().cpu()
         return common.generate(G, n, args.z_dim, device, batch=10_000, z_device=device)
 
     sample.dataset = args.dataset
@@ -378,14 +426,13 @@ def d_step(G, D, opt_d, x, z, rt):
     """One update of D: max_D V(G, D) (Eq. 4). G only produces inputs here (under no_grad). Under
     torchrun D sees this rank's share of x and z; the loss is a per-sample mean, so DDP's gradient
     average equals the gradient on the global batch."""
-    n = x.shape[0]
     with rt.autocast():
         with torch.no_grad():
             fake = G(z)
         # Real and fake in one forward: one DDP reduction per backward, and the same
-        # spectral-norm power iteration for both halves.
-        logits = D(torch.cat([x, fake.to(x.dtype)])).float()
-        d_loss = gan_loss_d(logits[:n], logits[n:])
+        # spectral-norm power iteration for both halves (apart for a BN D: common.d_real_fake).
+        d_real, d_fake = common.d_real_fake(D, x, fake)
+        d_loss = gan_loss_d(d_real.float(), d_fake.float())
     opt_d.zero_grad(set_to_none=True)
     rt.backward_step(d_loss, opt_d)
     return d_loss
@@ -465,8 +512,9 @@ def train(args, rt, dataset):
     betas = (args.beta1, args.beta2)
     # One optimiser for G and F together: Eq. 10 minimises over (G, F) jointly.
     opt_gf = common.adam(list(G.parameters()) + list(F.parameters()), lr=args.lr, betas=betas)
-    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
-    opt_dz = common.adam(Dz.parameters(), lr=args.lr, betas=betas) if Dz is not None else None
+    lr_d = args.lr if getattr(args, "lr_d", None) is None else args.lr_d     # --lr-d, default --lr
+    opt_d = common.adam(D.parameters(), lr=lr_d, betas=betas)
+    opt_dz = common.adam(Dz.parameters(), lr=lr_d, betas=betas) if Dz is not None else None
 
     # Optional EMA of G's weights (ours): the generator that samples and metrics use.
     ema = common.EMA(G, args.ema).to(rt.device) if args.ema > 0 else None
@@ -496,8 +544,10 @@ def train(args, rt, dataset):
     while run.going(step):
         # lr of this step: constant, then linear to 0 after --lr-decay-from (a function of the
         # step alone, so a resumed run gets the same values).
-        lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
-        common.set_lr((opt_gf, opt_d, opt_dz), lr)
+        factor = common.lr_factor(step, args.steps, args.lr_decay_from)
+        lr = args.lr * factor
+        common.set_lr((opt_gf,), lr)
+        common.set_lr((opt_d, opt_dz), lr_d * factor)
         # Eq. 10: min_{G,F} max_D V(G, D) + lambda_cons L_cons(G, F) + lambda_gauss L_Gau(F),
         # alternating: n_dis updates of the critics, then one of (G, F).
         # ---- max side: D on V (Eq. 4); with zdisc also D_z on Eq. 13 (App. A.1; ours: as often
@@ -542,6 +592,8 @@ def final_metrics(G, args, rt, dataset):
     G = common.unwrap(G).eval()
     if common.DATASETS[args.dataset]["kind"] == "points":
         return evaluate_points(G, args, rt.device)
+    if args.dataset.startswith("stacked"):   # no classifier flag here: load_sampler + tests/bench_pacgan.py table
+        return {"skipped": "stacked data: modes are counted from ckpt.pt (tests/bench_pacgan.py table)"}
     # FID against the training images as training sees them (common.real_stats, cached); no
     # Inception weights offline: skipped, training still counts.
     real = args.fid_stats or dict(dataset=args.dataset, root=args.data_root, split="train", img_size=args.img_size)
@@ -557,7 +609,8 @@ def main(argv=None):
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
     # The data first: a missing or broken dataset stops the run before anything is written.
     dataset = common.build_dataset(args.dataset, root=args.data_root, img_size=args.img_size,
-                                   download=args.download, data_std=args.data_std)
+                                   download=args.download, data_std=args.data_std,
+                                   redraw=bool(getattr(args, "redraw", False)))
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()
     G, F, dataset = train(args, rt, dataset)

@@ -117,7 +117,31 @@ _IMAGES = dict(
     # momentum 0.9 (no Nesterov), weight decay 1e-4, cosine to 1e-3 x lr, temperature 0.1.
     pretext_steps=49_000, pretext_batch_size=512, pretext_lr=0.4, temperature=0.1,
     log_every=200, sample_every=5000, ckpt_every=5000)
+_PACGAN = dict(
+    # PacGAN's stacked-MNIST protocol (tests/bench_pacgan.py), fjxmlzn/PacGAN D=0.25G config.py:
+    # batch 128, z 256, Adam betas (0.5, 0.99), lr 1e-4 for G and 2e-4 for D, 500K iterations,
+    # 25,600 counted samples; model.py: common.PacGANGenerator (here with per-partition BN) and
+    # PacGANDiscriminator (width 2 = 1/4 of G; BN, no spectral norm) with k per-partition outputs,
+    # BCE with the non-saturating G loss (--loss standard, not PGMGAN's hinge) and one D step per G
+    # step (not PGMGAN's 4). Data drawn afresh every epoch (redraw, common.StackedDataset).
+    # PGMGAN's own: k = 200 (Table 1, stacked MNIST), the guide of the stacked-mnist preset (mean,
+    # 6.0 - 1.2e-4 per step, floor 1e-4). Stages sized for one CPU core (ours, ~10 minutes beside a
+    # GAN stage of ~1 h): SimCLR 1000 steps of batch 256 (SCAN: ~49K of 512) on a 2-block width-16
+    # partitioner with 2 squeezes (Sec. 5: 20 blocks of width 128 cost seconds per step on a CPU),
+    # kNN graph of 20K training images (10 neighbours, official stacked config), S trained 1000
+    # steps of batch 128 at lr 1e-3 (SCAN: 20K steps at 1e-4; 10x the lr for 20x fewer steps).
+    arch="pacgan", img_size=28, width=8, d_width=2, z_dim=256, batch_size=128, steps=500_000,
+    lr=1e-4, lr_d=2e-4, beta1=0.5, beta2=0.99, n_dis=1, loss="standard", k=200, guide_weight=6.0,
+    guide_anneal=1.2e-4, guide_min=1e-4, guide_reduce="mean", ema=0.0, ema_start=0, lr_decay_from=1.0,
+    eval_samples=25_600, redraw=True,
+    part_blocks=2, part_width=16, part_levels=2, part_steps=1000, part_batch_size=128, part_lr=1e-3,
+    part_restarts=1, part_samples=20_000, neighbors=10, alpha=0.0, beta=5.0,
+    pretext_steps=1000, pretext_batch_size=256, pretext_lr=0.4, temperature=0.1,
+    log_every=500, sample_every=5000, ckpt_every=5000)
 PRESETS = {
+    # PacGAN's Table 3 benchmark (_PACGAN), keyed (dataset, arch): --arch pacgan.
+    ("stacked-mnist", "pacgan"): _PACGAN,
+    ("stacked-fashion-mnist", "pacgan"): _PACGAN,
     "grid": dict(_TOY, k=25),
     "ring": dict(_TOY, k=8),
     # Official code configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guided; its twin
@@ -146,6 +170,9 @@ PRESET_SOURCES = {
     "stl10": "Table 2 (48x48) + official configs/stl10/scan_guide101_biggan_D4.yaml (guide mean 6.0); "
              "SCAN's configs",
     "imagenet": "Sec. 5.3 (128x128, k 1000; BigGAN replaced by the SNGAN ResNet 128, ours)",
+    ("stacked-mnist", "pacgan"): "PacGAN D=0.25G config.py / model.py (batch 128, z 256, lr G 1e-4 D 2e-4, "
+                                 "betas 0.5/0.99, BCE, 1 D step) + Table 1's k 200; stages sized for a CPU, ours",
+    ("stacked-fashion-mnist", "pacgan"): "as stacked-mnist --arch pacgan (PacGAN's protocol on Fashion-MNIST, ours)",
 }
 
 SHORT_RUN = """\
@@ -165,11 +192,19 @@ DATA_NAME = {"imagenet": "folder"}
 IMG_SIZE = {"imagenet": 128}
 
 
+def preset_for(args):
+    """PRESETS[(dataset, "pacgan")] with --arch pacgan (stacked data at 28x28 only), else PRESETS[dataset]."""
+    if args.arch != "pacgan":
+        return PRESETS[args.dataset]
+    common.check_pacgan(args.dataset, args.img_size or 28)
+    return PRESETS[(args.dataset, "pacgan")]
+
+
 def parse_args(argv=None):
     p = common.ArgParser(description=__doc__.split("\n\n")[0] + "\n\n" + SHORT_RUN,
                          formatter_class=common.PresetHelpFormatter,
                          epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
-    p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
+    p.add_argument("--dataset", required=True, choices=sorted(k for k in PRESETS if isinstance(k, str)),
                    help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
                         "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
                         "imagenet 128x128 folder (Table 3)")
@@ -220,14 +255,22 @@ def parse_args(argv=None):
     g = p.add_argument_group("GAN (Eq. 2, 6, 8)")
     g.add_argument("--steps", type=int, default=None, help="G updates")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (official: 100)")
-    g.add_argument("--arch", default=None, choices=["mlp", "resnet", "dcgan"],
-                   help="G/D networks (mlp on 2-D; resnet = SN-GAN, Sec. 5)")
+    g.add_argument("--arch", default=None, choices=["mlp", "resnet", "dcgan", "pacgan"],
+                   help="G/D networks (mlp on 2-D; resnet = SN-GAN, Sec. 5; pacgan: PacGAN's stacked-MNIST G "
+                        "and reduced D with k outputs, its own preset)")
+    g.add_argument("--d-width", type=int, default=None,
+                   help="--arch pacgan: D's width (2 = D at 1/4 of G, 4 = 1/2)")
+    g.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
+                   help="stacked data: fresh random triplets every epoch (PacGAN's on-the-fly data; "
+                        "common.StackedDataset); on in the pacgan presets")
     g.add_argument("--width", type=int, default=None, help="MLP hidden units (official 2-D: 200) / base channels (64)")
     g.add_argument("--d-act", default=None, choices=["maxout", "relu"],
                    help="activation of the mlp D on 2-D data (official: maxout, 5 pieces)")
     g.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's; STL-10 48)")
     g.add_argument("--z-dim", type=int, default=None, help="latent dimension (official: 2 on 2-D, 128 images)")
-    g.add_argument("--lr", type=float, default=None, help="Adam lr of G and D (official images: 2e-4)")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr of G (and of D without --lr-d; official images: 2e-4)")
+    g.add_argument("--lr-d", type=float, default=None,
+                   help="Adam lr of D (default: --lr; pacgan preset: 2e-4, PacGAN config.py)")
     g.add_argument("--lr-decay-from", type=float, default=None,
                    help="fraction of --steps after which the lr of G and D decays linearly to 0 "
                         "(1 = constant, as in the official image configs; 2-D default ours)")
@@ -264,16 +307,18 @@ def parse_args(argv=None):
     g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
-    common.apply_presets(args, PRESETS[args.dataset], METHOD)
+    common.apply_presets(args, preset_for(args), METHOD)
     points = common.dataset_info(data_name(args))["kind"] == "points"
     if args.img_size is None:
         args.img_size = 1 if points else IMG_SIZE.get(args.dataset, common.DATASETS[data_name(args)]["img_size"])
+    if (args.d_width is not None or args.redraw) and args.arch != "pacgan":
+        raise common.UsageError("--d-width and --redraw are for --arch pacgan (stacked data)")
     if points and args.arch != "mlp":
         raise common.UsageError("2-D data needs --arch mlp")
     if args.d_act is not None and args.arch != "mlp":
         raise common.UsageError(f"--d-act sets the mlp D of 2-D data; --arch {args.arch} has its own activations")
     common.check_in(args, "lr_decay_from", "[0, 1]", "a fraction of --steps")
-    common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "neighbors",
+    common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "lr_d", "d_width", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
                                        "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
                                        "temperature", "proj_dim", "knn_chunk_mb", "reject_tries"),
@@ -569,7 +614,7 @@ def partition_ids(x, idx, S, random_ids):
     return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
 
-def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, strict=True):
+def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, strict=True, bn_batch=False):
     """n -> (n samples, acceptance rate n / draws). y ~ pi (partition sizes of the training data),
     x = G_y(z). With rejection (Sec. 4.2: "only accepting samples with R_i(x) being equal to zero",
     i.e. argmax S(x) = y, Eq. 7), a rejected sample redraws z for the same y, at most reject_tries
@@ -577,8 +622,21 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
     (strict) or are kept as last drawn and counted in sample.stats["forced"].
     Official code (seeded_sampler.py, SeededRejectionSampler): the same with 21 redraws. Their
     training-time evaluator (gan_training/eval.py) instead takes y = argmax S of real batches and
-    never rejects."""
+    never rejects. bn_batch (--arch pacgan): z drawn for all n, then G in PacGAN's batches of 128 with
+    BN on batch statistics; a redraw recomputes the whole batches of 128 that hold a rejected sample
+    and keeps only the rejected rows' new outputs (ours: every forward stays a batch of 128)."""
     tries = reject_tries if rejection and S is not None else 0
+    size = common.PACGAN_BATCH
+
+    def redo(x, z, y, bad):                 # new G_y(z) of the rows `bad`, written into x
+        if not bn_batch:
+            x[bad] = G(z[bad], y[bad]).float()
+            return
+        for b in torch.unique(bad // size).tolist():     # the whole batches of 128 that hold them
+            new = common.sample_bn_batch(G, z[b * size:(b + 1) * size], y[b * size:(b + 1) * size], size)
+            rows = bad[bad // size == b]
+            x[rows] = new[rows - b * size].float()
+
     stats = collections.Counter(drawn=0, returned=0, forced=0)
 
     def outside(x, y, idx):                     # the rows idx whose x is not in A_y: R_y(x) > 0
@@ -587,10 +645,12 @@ def make_sampler(G, S, pi, z_dim, device, rejection=True, reject_tries=50, stric
     @torch.no_grad()
     def sample(n):
         y = torch.multinomial(pi.float().cpu(), n, replacement=True).to(device)      # y ~ pi: (n,)
-        x = G(torch.randn(n, z_dim, device=device), y).float()                       # x = G_y(z)
+        z = torch.randn(n, z_dim, device=device)
+        x = (common.sample_bn_batch(G, z, y, size) if bn_batch else G(z, y)).float()  # x = G_y(z)
         bad, drawn, redraws = outside(x, y, torch.arange(n, device=device)), n, 0
         while len(bad) and redraws < tries:     # redraw z (same y) for the rejected ones
-            x[bad] = G(torch.randn(len(bad), z_dim, device=device), y[bad]).float()
+            z[bad] = torch.randn(len(bad), z_dim, device=device)
+            redo(x, z, y, bad)
             bad, drawn, redraws = outside(x, y, bad), drawn + len(bad), redraws + 1
         if len(bad) and strict:
             raise RuntimeError(f"rejection sampling: {len(bad)} of {n} samples still rejected "
@@ -611,8 +671,10 @@ def build_gan(args, channels):
     # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
     # conv_bias: only the DCGAN D has the option; without biases it learns nothing useful with the
     # hinge loss (README, "PGMGAN on stacked-Fashion-MNIST"). The ResNet and MLP Ds have biases anyway.
-    D = common.build_discriminator(args.arch, size, channels, width=args.width, out_dim=1, n_classes=args.k,
-                                   conv_bias=True, mlp_act=getattr(args, "d_act", None) or "relu")
+    # pacgan: PacGAN's reduced D (BN, no spectral norm) at --d-width, k outputs (common.OutputHeads).
+    D = common.build_discriminator(args.arch, size, channels,
+                                   width=args.d_width if args.arch == "pacgan" else args.width, out_dim=1,
+                                   n_classes=args.k, conv_bias=True, mlp_act=getattr(args, "d_act", None) or "relu")
     return G, D
 
 
@@ -667,7 +729,8 @@ def final_metrics(sample_fn, args, device):
         out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
         classifier = common.load_mode_classifier(args.classifier, device)
-        out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, 500), classifier, device))
+        chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
+        out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, chunk), classifier, device))
     else:
         real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
                                       img_size=args.img_size)
@@ -687,8 +750,8 @@ def load_sampler(ckpt_path, device="cpu"):
     G, _ = build_gan(args, channels)
     G = common.load_generator(G, ckpt, ckpt_path, device)
     S = load_partitioner(args, channels, ckpt.get("S"), ckpt_path, device)
-    draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device,
-                        rejection=not args.no_rejection, reject_tries=args.reject_tries, strict=False)
+    draw = make_sampler(G, S, ckpt["pi"].float(), args.z_dim, device, rejection=not args.no_rejection,
+                        reject_tries=args.reject_tries, strict=False, bn_batch=args.arch == "pacgan")
 
     def sample(n):
         x, _ = draw(n)
@@ -817,6 +880,8 @@ def run_partition(args, rt, dataset, channels):
     rank drawing its own anchors, and H(mean S) of Eq. 5 uses each rank's own batch.
     """
     start = time.perf_counter()
+    if hasattr(dataset, "set_epoch"):   # redraw: the epoch-0 triplets, whichever stage ran before
+        dataset.set_epoch(0)
     # One log (partition/) over all restarts: restart r's step t is logged as r * part_steps + t.
     log = common.Logger(os.path.join(args.out, "partition"), rt.is_main, args.part_steps * args.part_restarts)
     S, random_ids, lab = None, None, torch.arange(len(dataset))    # lab: the points given ids
@@ -892,7 +957,8 @@ def run_gan(args, rt, dataset, channels):
     G, D = rt.wrap(G), rt.wrap(D)
     betas = (args.beta1, args.beta2)
     opt_g = common.adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = common.adam(D.parameters(), lr=args.lr, betas=betas)
+    lr_d = args.lr if getattr(args, "lr_d", None) is None else args.lr_d      # --lr-d, default --lr
+    opt_d = common.adam(D.parameters(), lr=lr_d, betas=betas)
 
     ckpt_path = stage_path(args, "ckpt.pt")
     nets = {"G": G, "D": D, "G_ema": ema}
@@ -919,8 +985,10 @@ def run_gan(args, rt, dataset, channels):
     run = common.RunControl(rt, args, step, meter, ckpt, early=False,
                             seconds=common.saved_seconds(part))
     while run.going(step):
-        lr = args.lr * common.lr_factor(step, args.steps, args.lr_decay_from)
-        common.set_lr((opt_g, opt_d), lr)
+        factor = common.lr_factor(step, args.steps, args.lr_decay_from)
+        lr = args.lr * factor
+        common.set_lr((opt_g,), lr)
+        common.set_lr((opt_d,), lr_d * factor)
         # ---- D steps: max_D sum_i pi_i V(D_i, G_i, A_i) (Eq. 1-2). Real x of the batch carry
         # their partition ids y = argmax S(x); the fakes are G_y(z) for the same ids, so each
         # head D_y sees real and fake data of partition y in the proportions pi. Eq. 2 takes the
@@ -933,9 +1001,10 @@ def run_gan(args, rt, dataset, channels):
             with rt.autocast():
                 with torch.no_grad():
                     fake = G(z, y)
-                # Real and fake in one forward of the DDP-wrapped D (one gradient reduction).
-                out = D(torch.cat([x, fake.to(x.dtype)]), torch.cat([y, y])).float().squeeze(1)
-                d_loss = d_loss_fn(out[:per_rank], out[per_rank:], args.loss)
+                # Real and fake in one forward of the DDP-wrapped D (one gradient reduction);
+                # apart for a BN D (pacgan), as PacGAN (common.d_real_fake).
+                d_real, d_fake = common.d_real_fake(D, x, fake, y, y)
+                d_loss = d_loss_fn(d_real.float().squeeze(1), d_fake.float().squeeze(1), args.loss)
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
 
@@ -976,7 +1045,7 @@ def run_gan(args, rt, dataset, channels):
     run.end(step)
     G_eval = (ema.shadow if ema is not None else common.unwrap(G)).eval()
     return make_sampler(G_eval, S, pi.float(), args.z_dim, device, rejection=not args.no_rejection,
-                        reject_tries=args.reject_tries, strict=False), part["metrics"]
+                        reject_tries=args.reject_tries, strict=False, bn_batch=args.arch == "pacgan"), part["metrics"]
 
 
 def save_samples(G, ema, S, pi, fixed_real, args, device, step):
@@ -1025,7 +1094,8 @@ def main(argv=None):
     channels = common.dataset_info(data_name(args))["channels"]
     # The data first: a missing or broken dataset stops the run before anything is written.
     dataset = common.build_dataset(data_name(args), root=args.data_root, img_size=args.img_size,
-                                   download=args.download, data_std=args.data_std)
+                                   download=args.download, data_std=args.data_std,
+                                   redraw=bool(getattr(args, "redraw", False)))
     common.write_run_args(args.out, args, rt.is_main)
     start = time.perf_counter()
     metrics = {}

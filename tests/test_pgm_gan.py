@@ -495,8 +495,9 @@ def test_image_presets_parse_build_and_use_the_official_guide_strength():
     equals the official 6.0 * mean_c (f_c - f_i)_+ (configs/*/scan_guide*.yaml), not 6.0 * sum."""
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
     y = torch.tensor([1])
-    for dataset in pgm_gan.PRESETS:
-        args = pgm_gan.parse_args(["--dataset", dataset, "--out", "/tmp/unused", "--width", "4",
+    for key in pgm_gan.PRESETS:              # a dataset, or (dataset, "pacgan"): --arch pacgan
+        dataset, arch = (key, []) if isinstance(key, str) else (key[0], ["--arch", key[1]])
+        args = pgm_gan.parse_args(["--dataset", dataset, *arch, "--out", "/tmp/unused", "--width", "4",
                                    "--part-width", "4", "--part-blocks", "2"])
         channels = common.dataset_info(pgm_gan.data_name(args))["channels"]
         G, D = pgm_gan.build_gan(args, channels)
@@ -508,7 +509,7 @@ def test_image_presets_parse_build_and_use_the_official_guide_strength():
         if not pgm_gan.is_points(args):
             strength = pgm_gan.guide_weight(args, 0) * pgm_gan.guide(logits, y, args.guide_reduce)
             assert strength.item() == pytest.approx(6.0 * 3 / 4), dataset
-            assert args.ema == 0 and args.eval_samples == 50_000, dataset
+            assert args.ema == 0 and args.eval_samples == (25_600 if arch else 50_000), dataset
 
 
 IMG_FLAGS = ["--k", "4", "--width", "8", "--batch-size", "4", "--pretext-batch-size", "8",

@@ -1,0 +1,171 @@
+"""--arch pacgan in the method scripts (PacGAN's Table 3 protocol) and tests/bench_pacgan.py's table
+runner, on fake stacked Fashion-MNIST (idx files written here, not the real data)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import bench_pacgan
+import common
+import invert_gan
+import pgm_gan
+from conftest import run_script
+from test_common import write_mnist
+
+# ---------------------------------------------------------------- the presets
+# PacGAN fjxmlzn/PacGAN stacked_MNIST_experiments/unrolled_GAN_experiment/D=0.25G config.py/model.py.
+PROTOCOL = dict(arch="pacgan", img_size=28, z_dim=256, batch_size=128, lr=1e-4, lr_d=2e-4, beta1=0.5,
+                beta2=0.99, n_dis=1, d_width=2, width=8, redraw=True, eval_samples=25_600, lr_decay_from=1.0)
+
+
+@pytest.mark.parametrize("script,extra", [(invert_gan, {}), (pgm_gan, dict(loss="standard", k=200))])
+@pytest.mark.parametrize("dataset", ["stacked-mnist", "stacked-fashion-mnist"])
+def test_pacgan_presets_are_the_protocol(script, extra, dataset):
+    args = script.parse_args(["--dataset", dataset, "--arch", "pacgan", "--out", "/tmp/unused"])
+    for key, value in dict(PROTOCOL, **extra).items():
+        assert getattr(args, key) == value, key
+    channels = common.DATASETS[dataset]["channels"]
+    nets = script.build_networks(args, channels) if script is invert_gan else script.build_gan(args, channels)
+    G, D = nets[0], nets[1]
+    assert isinstance(G, common.PacGANGenerator) and isinstance(D, common.PacGANDiscriminator)
+    assert [c.out_channels for c in D.convs] == [2, 4, 8] and common.has_batch_norm(D)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in D.modules())   # no spectral norm
+    if script is invert_gan:
+        assert isinstance(nets[2], common.PacGANEncoder)
+
+
+@pytest.mark.parametrize("script", ["invert_gan.py", "pgm_gan.py"])
+@pytest.mark.parametrize("flags", [["--dataset", "cifar10", "--arch", "pacgan"],
+                                   ["--dataset", "stacked-mnist", "--arch", "pacgan", "--img-size", "32"]])
+def test_pacgan_bad_input_is_one_line(script, flags, tmp_path):
+    write_mnist(str(tmp_path / "data"), n_train=50, n_test=10)         # data that loads: only the check stops it
+    proc = run_script([script, *flags, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "x")], timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not os.path.exists(tmp_path / "x")            # refused before anything is written
+
+
+# ---------------------------------------------------------------- the redraw option
+def test_redraw_gives_fresh_triplets_per_epoch_and_resumes_bit_exactly():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    ds = common.StackedDataset(images, labels, seed=3, redraw=True)
+    rt = common.setup_runtime("cpu", seed=0)
+    stream = common.BatchStream(ds, 16, rt, seed=5)
+    trip = []
+    for _ in range(3):                           # 3 epochs of 4 batches
+        for _ in range(4):
+            next(stream)
+        trip.append(ds.triplets.clone())
+    next(stream)                                 # epoch 3 starts
+    assert ds.epoch == 3
+    assert not torch.equal(trip[0], trip[1]) and not torch.equal(trip[1], trip[2])
+    assert trip[0][:, 0].tolist() != list(range(64))   # independent uniform draws, not (i, p[i], q[i])
+    # a resumed stream (state after 6 batches) gives the same batches as the uninterrupted one
+    a = common.BatchStream(common.StackedDataset(images, labels, seed=3, redraw=True), 16, rt, seed=5)
+    for _ in range(6):
+        next(a)
+    state = a.state_dict()
+    b = common.BatchStream(common.StackedDataset(images, labels, seed=3, redraw=True), 16, rt, seed=5)
+    b.load_state_dict(state)
+    for _ in range(8):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # without redraw the triplets stay the fixed set
+    fixed = common.StackedDataset(images, labels, seed=3)
+    before = fixed.triplets.clone()
+    fixed_stream = common.BatchStream(fixed, 16, rt, seed=5)
+    for _ in range(9):
+        next(fixed_stream)
+    assert torch.equal(fixed.triplets, before)
+
+
+# ---------------------------------------------------------------- the scripts end to end
+def test_scripts_run_pacgan_end_to_end_and_sample_in_batches_of_128(tmp_path):
+    root = str(tmp_path / "fmnist")
+    write_mnist(root, n_train=300, n_test=50)
+    common_flags = ["--dataset", "stacked-fashion-mnist", "--arch", "pacgan", "--data-root", root, "--device", "cpu",
+                    "--steps", "3", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "3"]
+    runs = {"invert_gan": [*common_flags, "--batch-size", "16"],
+            "pgm_gan": [*common_flags, *bench_pacgan.SMOKE["pgm_gan"], "--eval-samples", "0"]}
+    for script, flags in runs.items():
+        out = str(tmp_path / script)
+        proc = run_script([f"{script}.py", *flags, "--out", out], timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        mod = {"invert_gan": invert_gan, "pgm_gan": pgm_gan}[script]
+        sample = mod.load_sampler(os.path.join(out, "ckpt.pt"))
+        torch.manual_seed(1)
+        x = sample(256)
+        assert x.shape == (256, 3, 28, 28)
+        if script == "invert_gan":
+            # BN on batch statistics in batches of 128: the second half alone gives the same samples
+            G = invert_gan.build_networks(argparse_ns(out), 3)[0]
+            G.load_state_dict(torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["G"])
+            torch.manual_seed(1)
+            z = torch.randn(256, 256)
+            with common.batch_norm_from_batch(G), torch.no_grad():
+                assert torch.allclose(x[128:], G(z[128:]), atol=1e-6)
+                assert not torch.allclose(x[:128], G(z[:64].repeat(2, 1))[:128], atol=1e-3)
+
+
+def argparse_ns(out):
+    import argparse
+    return argparse.Namespace(**torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["args"])
+
+
+# ---------------------------------------------------------------- the runner
+ROWS = ["dcgan", "invert", "pgm"]
+
+
+def table(out, results, root, clf, *extra):
+    proc = run_script(["tests/bench_pacgan.py", "table", "--smoke", "--out", out, "--results", results,
+                       "--data-root", root, "--classifier", clf, "--rows", *ROWS, "--seeds", "0",
+                       "--steps", "4", "--ckpt-every", "2", "--log-every", "1", "--jobs", "2", "--count-samples", "256",
+                       *extra], timeout=600)
+    return proc
+
+
+def test_table_runs_counts_skips_and_resumes(tmp_path):
+    root, out, results = str(tmp_path / "fmnist"), str(tmp_path / "runs"), str(tmp_path / "results")
+    write_mnist(root, n_train=700, n_test=300)
+    clf = str(tmp_path / "clf.pt")
+    common.train_mode_classifier("fashion-mnist", clf, root=root, epochs=2, batch_size=16,
+                                 calibration_samples=300, log=lambda *a: None)
+    proc = table(out, results, root, clf)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = {row: f"{row}-d2-n4-s0" for row in ROWS}
+    recs = {}
+    for row, name in names.items():
+        rec = json.load(open(os.path.join(results, name + ".json")))
+        missing = [f for f in bench_pacgan.RESULT_FIELDS if f not in rec]
+        assert not missing, missing
+        assert rec["row"] == row and rec["steps"] == 4 and rec["d_width"] == 2 and rec["samples"] == 256
+        assert rec["classifier_sha256"] == common.file_sha256(clf)
+        assert os.path.isfile(os.path.join(results, name + ".png"))
+        recs[row] = rec
+    # again: every run is done, nothing launched or counted, results unchanged
+    stamp = {n: os.stat(os.path.join(results, n + ".json")).st_mtime_ns for n in names.values()}
+    again = table(out, results, root, clf)
+    lines = again.stdout.splitlines()
+    assert again.returncode == 0 and not any(x.startswith(("$ ", "counted ")) for x in lines), again.stdout
+    assert {n: os.stat(os.path.join(results, n + ".json")).st_mtime_ns for n in names.values()} == stamp
+    # cut runs: stopped by --time-limit mid-training (the floor saves ckpt.pt on SIGTERM, the scripts
+    # theirs), then continued by the same command: the floor from its ckpt.pt, invert with --resume
+    cut = table(out, results, root, clf, "--rows", "dcgan", "invert", "--steps", "300", "--time-limit", "25")
+    assert cut.returncode == 3, cut.stdout[-3000:]
+    inv = os.path.join(out, "invert-d2-n300-s0")
+    inv_cut = os.path.isfile(os.path.join(inv, "ckpt.pt"))        # a busy machine may cut it before one
+    rest = table(out, results, root, clf, "--rows", "dcgan", "invert", "--steps", "300")
+    assert rest.returncode == 0, rest.stdout[-3000:]
+    starts = [line for line in rest.stdout.splitlines() if line.startswith("$ ")]
+    assert len(starts) == 2 and [s for s in starts if "invert_gan" in s][0].endswith("--resume") == inv_cut
+    floor_log = open(os.path.join(out, "dcgan-d2-n300-s0.log")).read()
+    assert "resumed at step" in floor_log and "finished 300 steps" in floor_log
+    steps = [json.loads(line)["step"] for line in open(os.path.join(inv, "log.jsonl"))]
+    assert steps == list(range(1, 301))              # each step logged once: continued, not restarted
+    for name in ("dcgan-d2-n300-s0", "invert-d2-n300-s0"):
+        assert json.load(open(os.path.join(results, name + ".json")))["steps"] == 300
+    summary = run_script(["tests/bench_pacgan.py", "table", "--summary", "--results", results], timeout=60)
+    assert summary.returncode == 0 and "InvertGAN (p-norm)" in summary.stdout
