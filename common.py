@@ -4498,9 +4498,10 @@ def generate(G, n, z_dim, device, batch=1000, generator=None, z_device="cpu", bn
     z is drawn on `z_device` (from `generator` if given) and moved to `device`: maem_gan draws it
     on the CPU, invert_gan on the device. bn_batch=True (BigGAN): batch norm from each chunk of 50,
     as BigGAN-PyTorch samples its G_ema (train mode unless --G_eval_mode, which
-    launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README)."""
+    launch_cifar_ema.sh does not set; its batch 50, as 2x25 on two GPUs: README); an int: chunks of
+    that many (PacGAN's sampler: PACGAN_BATCH, its TF batch_norm never leaves training mode)."""
     if bn_batch:
-        batch = 50
+        batch = 50 if bn_batch is True else int(bn_batch)
     out = []
     with batch_norm_from_batch(G) if bn_batch else contextlib.nullcontext():
         for i in range(0, n, batch):

@@ -176,6 +176,15 @@ BACKBONE_PRESETS = {
     ("celeba", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
     ("animeface", "stylegan2"): dict(arch="stylegan2", img_size=64, n_critic=1, loss="ns", lr_decay=1.0, width=64),
 }
+# PacGAN's stacked-MNIST protocol (tests/bench_pacgan.py; fjxmlzn/PacGAN D=0.25G model.py / config.py):
+# its G and reduced BN D (no spectral norm, --d-width 2) at 28x28, z 256, batch 128, Adam (0.5, 0.99),
+# lr 1e-4 G / 2e-4 D, one D step per G step, no decay, data drawn afresh (--redraw), 25,600 counted
+# samples, 500K steps. Ours: the protocol's BCE on the realness (--loss ns) replaces L_MaF, a critic
+# loss that needs a Lipschitz D (the protocol's D has none); m, sigma, lambda and F as CIFAR-10's.
+_PACGAN = dict(arch="pacgan", img_size=28, z_dim=256, width=8, d_width=2, batch_size=128, lr=1e-4, lr_d=2e-4,
+               beta1=0.5, beta2=0.99, n_critic=1, loss="ns", lr_decay=1.0, redraw=True, steps=500_000,
+               eval_samples=25_600, log_every=500, sample_every=5000, ckpt_every=5000)
+BACKBONE_PRESETS.update({("stacked-mnist", "pacgan"): _PACGAN, ("stacked-fashion-mnist", "pacgan"): _PACGAN})
 # --variant official changes these defaults (where the flag was not given): the code's F(x) is a
 # random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
 # loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
@@ -245,9 +254,10 @@ def build_parser():
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
     g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
-    g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2"],
+    g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2", "pacgan"],
                    help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
-                        "biggan, stylegan2, each with its recipe: the backbone presets below)")
+                        "biggan, stylegan2; pacgan: PacGAN's stacked-MNIST protocol; each with its recipe: "
+                        "the backbone presets below)")
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
                    help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
                         "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
@@ -285,6 +295,10 @@ def build_parser():
                    help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace); under torchrun "
                         "write --code-dim (torchrun's own parser rejects --m as an ambiguous abbreviation)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D (Suppl.: 1e-4)")
+    g.add_argument("--lr-d", type=float, default=None, help="D's learning rate if not --lr (pacgan: 2e-4, PacGAN)")
+    g.add_argument("--d-width", type=int, default=None, help="--arch pacgan: D's width (2 = D at 1/4 of G, 4 = 1/2)")
+    g.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
+                   help="stacked data: fresh random triplets every epoch (PacGAN; common.StackedDataset)")
     g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (Suppl.: 0.0)")
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
     g.add_argument("--n-critic", type=int, default=None, help="D updates per G update (official README: 3)")
@@ -342,6 +356,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.authors_buffer and args.variant != "official":
         p.error("--authors-buffer reproduces the official code's buffer: use it with --variant official")
+    if args.arch == "pacgan":
+        common.check_pacgan(args.dataset, args.img_size or 28)
     if args.arch in ("biggan", "stylegan2") and (args.dataset, args.arch) not in BACKBONE_PRESETS:
         keys = sorted(f"{d} --arch {a}" for d, a in BACKBONE_PRESETS if a == args.arch)
         p.error(f"--arch {args.arch} has presets for: {', '.join(keys)}")
@@ -360,7 +376,7 @@ def check_args(p, args):
     """One-line errors for values out of range or flags that do not fit --arch."""
     common.check_flags(args, positive=("z_dim", "m", "n_critic", "width", "img_size", "eval_samples",
                                        "lr", "lr_decay", "lr_decay_epochs", "buffer_size", "fig3_samples",
-                                       "r1_every", "pl_every"),
+                                       "r1_every", "pl_every", "lr_d", "d_width"),
                        nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
                                     "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight", "ema",
                                     "ema_start", "r1_gamma", "pl_weight", "style_mixing"))
@@ -376,6 +392,8 @@ def check_args(p, args):
         p.error("--ema must be < 1 and --style-mixing at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
         p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
+    if args.arch != "pacgan" and (args.d_width is not None or args.redraw):
+        p.error("--d-width and --redraw are for --arch pacgan (stacked data)")
 
 
 # ==================================================================================================
@@ -747,7 +765,8 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
     Every input of D goes through the DDP-wrapped D in *one* forward: one gradient all-reduce and
     one spectral-norm power iteration per D step (Official code: five D calls per step, so five
     power iterations). An ablation leaves its inputs out, so the L_MaF-only baseline costs exactly
-    a plain D step. Returns (total, the terms and the health figures for the log, not summed).
+    a plain D step; a BN D (--arch pacgan) takes one forward per input. Returns (total, the terms
+    and the health figures for the log, not summed).
     """
     variant = args.variant
     # ---- D's inputs, each (B, ...): real, fake, and the inputs of the terms switched on.
@@ -757,8 +776,11 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
     if args.dlle_transform != "none":                                   # F(x), F(G(z)), Eq. 12
         inputs["real_aug"] = dlle_transform(x, args, D_plain, std=dlle_std)
         inputs["fake_aug"] = dlle_transform(fake, args, D_plain, std=dlle_std)
-    with common.minibatch_parts(D, len(inputs)):      # StyleGAN2's minibatch std: per input
-        v_all, mu_all = embed(D, torch.cat(list(inputs.values())), with_mu=True)   # (k B, m), k = 2..5
+    if common.has_batch_norm(D):    # pacgan: a BN D sees each input on its own (PacGAN's model.py)
+        v_all, mu_all = (torch.cat(t) for t in zip(*(embed(D, inp, with_mu=True) for inp in inputs.values())))
+    else:
+        with common.minibatch_parts(D, len(inputs)):      # StyleGAN2's minibatch std: per input
+            v_all, mu_all = embed(D, torch.cat(list(inputs.values())), with_mu=True)   # (k B, m), k = 2..5
     v = dict(zip(inputs, v_all.split(x.shape[0])))                      # name -> code (B, m)
 
     # ---- the terms
@@ -830,6 +852,9 @@ def build_networks(args, channels):
         D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=d_out, channel_base=base,
                                           channel_max=top, mbstd_group=cfg["mbstd_group"])
         return G, D
+    if args.arch == "pacgan":       # PacGAN's G and reduced BN D (no spectral norm), D's own width
+        return (common.build_generator("pacgan", args.z_dim, 28, channels, width=args.width),
+                common.build_discriminator("pacgan", 28, channels, width=args.d_width, out_dim=d_out))
     attn = tuple(getattr(args, "attn_res", None) or ())
     G = common.build_generator(args.arch, args.z_dim, args.img_size, channels, width=args.width, attention=attn)
     D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width,
@@ -837,6 +862,10 @@ def build_networks(args, channels):
     if args.arch == "mlp" and getattr(args, "d_spectral_norm", True):
         common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
     return G, D
+
+
+# Samplers on batch statistics: BigGAN's G_ema in batches of 50, PacGAN's G in batches of 128.
+BN_SAMPLING = {"biggan": True, "pacgan": common.PACGAN_BATCH}
 
 
 # Checkpoints name the StyleGAN2 resampling they were trained with: the official [1,3,3,1] filter
@@ -866,7 +895,7 @@ def figure3(G, D, args, device, path, dims=4, top=5):
     best_v, best_x, seen = None, None, []
     for i in range(0, args.fig3_samples, 500):
         x = common.generate(G, min(500, args.fig3_samples - i), args.z_dim, device, generator=gen,
-                            bn_batch=args.arch == "biggan")
+                            bn_batch=BN_SAMPLING.get(args.arch, False))
         v = embed(D, x.to(device), sample=False)[:, :dims].cpu()               # (b, dims)
         if args.arch == "mlp":
             seen.append(x)
@@ -895,7 +924,7 @@ def save_samples(G, args, z_fixed, real_points, path):
     mode = G.training
     G.eval()
     # StyleGAN2's noise inputs fixed too (a draw would move the training RNG)
-    with common.batch_norm_from_batch(G) if args.arch == "biggan" else contextlib.nullcontext():
+    with common.batch_norm_from_batch(G) if args.arch in BN_SAMPLING else contextlib.nullcontext():
         fake = G(z_fixed, **({"noise_mode": "const"} if args.arch == "stylegan2" else {})).float().cpu()
     G.train(mode)
     if args.arch == "mlp":
@@ -918,7 +947,7 @@ def load_sampler(ckpt_path, device="cpu"):
     G = common.load_generator(G, ckpt, ckpt_path, device)
 
     def sample(n):
-        return common.generate(G, n, args.z_dim, device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, device, bn_batch=BN_SAMPLING.get(args.arch, False))
 
     sample.dataset = args.data_name
     sample.data_std = args.data_std
@@ -941,6 +970,10 @@ def learning_rate(args, epoch, step=0):
             * common.lr_factor(step, args.steps, getattr(args, "lr_decay_from", 1.0)))
 
 
+def d_lr(args):
+    return args.lr if getattr(args, "lr_d", None) is None else args.lr_d     # --lr-d, default --lr
+
+
 def make_optimizers(args, G, D):
     """Adam for G and D. Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied
     every k steps scales Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one
@@ -948,7 +981,7 @@ def make_optimizers(args, G, D):
     c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
     c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
     opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
-    opt_d = common.adam(D.parameters(), lr=args.lr * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
+    opt_d = common.adam(D.parameters(), lr=d_lr(args) * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
     return opt_g, opt_d, c_g, c_d
 
 
@@ -1016,7 +1049,7 @@ def train(args, rt, dataset):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch, step)
-        for opt, c in ((opt_g, c_g), (opt_d, c_d)):
+        for opt, c in ((opt_g, c_g), (opt_d, c_d * d_lr(args) / args.lr)):
             common.set_lr([opt], lr * c)
         ent_w = entropy_weight(args, epoch)
 
@@ -1115,7 +1148,7 @@ def final_metrics(G, D, args, rt):
     kind = common.DATASETS[args.data_name]["kind"]
 
     def draw(n):
-        return common.generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
+        return common.generate(G, n, args.z_dim, rt.device, bn_batch=BN_SAMPLING.get(args.arch, False))
 
     if kind == "points":
         samples = common.generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
@@ -1142,7 +1175,7 @@ def main(argv=None):
     rt = common.setup_runtime(args.device, args.amp, args.seed, args.compile, args.threads)
     # The data first: a missing or broken dataset stops the run before anything is written.
     dataset = common.build_dataset(args.data_name, root=args.data_root, split=args.split, img_size=args.img_size,
-                                   download=args.download, data_std=args.data_std)
+                                   download=args.download, data_std=args.data_std, redraw=bool(args.redraw))
     common.prepare_out_dir(args.out, args, args.resume, rt.is_main)
     start = time.perf_counter()
     G, D = train(args, rt, dataset)

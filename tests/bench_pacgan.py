@@ -283,7 +283,7 @@ class TableRun:
                       "--data-root", a.data_root, "--device", "cpu", "--seed", str(self.seed), "--out", self.out,
                       "--steps", str(a.steps), "--d-width", str(a.d_width), "--log-every", str(log_every),
                       "--ckpt-every", str(every), "--sample-every", str(a.steps)]
-        if self.script != "invert_gan":    # counted here; invert_gan skips its own on stacked data
+        if self.script == "pgm_gan":       # counted here (invert_gan and maem_gan, with no --classifier, skip theirs)
             cmd += ["--eval-samples", "0"]
         cmd += (SMOKE[self.script] if a.smoke else []) + self.flags
         return cmd + (["--resume"] if resume else [])

@@ -10,6 +10,7 @@ import torch
 import bench_pacgan
 import common
 import invert_gan
+import maem_gan
 import pgm_gan
 from conftest import run_script
 from test_common import write_mnist
@@ -17,17 +18,18 @@ from test_common import write_mnist
 # ---------------------------------------------------------------- the presets
 # PacGAN fjxmlzn/PacGAN stacked_MNIST_experiments/unrolled_GAN_experiment/D=0.25G config.py/model.py.
 PROTOCOL = dict(arch="pacgan", img_size=28, z_dim=256, batch_size=128, lr=1e-4, lr_d=2e-4, beta1=0.5,
-                beta2=0.99, n_dis=1, d_width=2, width=8, redraw=True, eval_samples=25_600, lr_decay_from=1.0)
+                beta2=0.99, d_width=2, width=8, redraw=True, eval_samples=25_600, lr_decay_from=1.0)
 
 
-@pytest.mark.parametrize("script,extra", [(invert_gan, {}), (pgm_gan, dict(loss="standard", k=200))])
+@pytest.mark.parametrize("script,extra", [(invert_gan, dict(n_dis=1)), (pgm_gan, dict(loss="standard", k=200, n_dis=1)),
+                                          (maem_gan, dict(loss="ns", n_critic=1, lr_decay=1.0))])
 @pytest.mark.parametrize("dataset", ["stacked-mnist", "stacked-fashion-mnist"])
 def test_pacgan_presets_are_the_protocol(script, extra, dataset):
     args = script.parse_args(["--dataset", dataset, "--arch", "pacgan", "--out", "/tmp/unused"])
     for key, value in dict(PROTOCOL, **extra).items():
         assert getattr(args, key) == value, key
     channels = common.DATASETS[dataset]["channels"]
-    nets = script.build_networks(args, channels) if script is invert_gan else script.build_gan(args, channels)
+    nets = script.build_gan(args, channels) if script is pgm_gan else script.build_networks(args, channels)
     G, D = nets[0], nets[1]
     assert isinstance(G, common.PacGANGenerator) and isinstance(D, common.PacGANDiscriminator)
     assert [c.out_channels for c in D.convs] == [2, 4, 8] and common.has_batch_norm(D)
@@ -36,7 +38,7 @@ def test_pacgan_presets_are_the_protocol(script, extra, dataset):
         assert isinstance(nets[2], common.PacGANEncoder)
 
 
-@pytest.mark.parametrize("script", ["invert_gan.py", "pgm_gan.py"])
+@pytest.mark.parametrize("script", ["invert_gan.py", "pgm_gan.py", "maem_gan.py"])
 @pytest.mark.parametrize("flags", [["--dataset", "cifar10", "--arch", "pacgan"],
                                    ["--dataset", "stacked-mnist", "--arch", "pacgan", "--img-size", "32"]])
 def test_pacgan_bad_input_is_one_line(script, flags, tmp_path):
@@ -89,19 +91,24 @@ def test_scripts_run_pacgan_end_to_end_and_sample_in_batches_of_128(tmp_path):
     common_flags = ["--dataset", "stacked-fashion-mnist", "--arch", "pacgan", "--data-root", root, "--device", "cpu",
                     "--steps", "3", "--log-every", "1", "--ckpt-every", "3", "--sample-every", "3"]
     runs = {"invert_gan": [*common_flags, "--batch-size", "16"],
+            "maem_gan": [*common_flags, *bench_pacgan.SMOKE["maem_gan"], "--fig3-samples", "16"],
             "pgm_gan": [*common_flags, *bench_pacgan.SMOKE["pgm_gan"], "--eval-samples", "0"]}
     for script, flags in runs.items():
         out = str(tmp_path / script)
         proc = run_script([f"{script}.py", *flags, "--out", out], timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        mod = {"invert_gan": invert_gan, "pgm_gan": pgm_gan}[script]
+        mod = {"invert_gan": invert_gan, "pgm_gan": pgm_gan, "maem_gan": maem_gan}[script]
+        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+        if script == "maem_gan":      # the protocol's two learning rates reach the optimisers
+            assert [g["lr"] for g in ck["opt_g"]["param_groups"]] == [1e-4]
+            assert [g["lr"] for g in ck["opt_d"]["param_groups"]] == [2e-4]
         sample = mod.load_sampler(os.path.join(out, "ckpt.pt"))
         torch.manual_seed(1)
         x = sample(256)
         assert x.shape == (256, 3, 28, 28)
-        if script == "invert_gan":
+        if script in ("invert_gan", "maem_gan"):
             # BN on batch statistics in batches of 128: the second half alone gives the same samples
-            G = invert_gan.build_networks(argparse_ns(out), 3)[0]
+            G = mod.build_networks(argparse_ns(out), 3)[0]
             G.load_state_dict(torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["G"])
             torch.manual_seed(1)
             z = torch.randn(256, 256)
@@ -110,13 +117,51 @@ def test_scripts_run_pacgan_end_to_end_and_sample_in_batches_of_128(tmp_path):
                 assert not torch.allclose(x[:128], G(z[:64].repeat(2, 1))[:128], atol=1e-3)
 
 
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", [maem_gan, invert_gan, pgm_gan])
+def test_the_pacgan_preset_trains_on_redrawn_triplets(script, monkeypatch, tmp_path):
+    # main() hands the preset's redraw to the data (a fixed set of 60K triplets otherwise).
+    seen = {}
+
+    def fake_build_dataset(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise _Loaded
+
+    monkeypatch.setattr(common, "build_dataset", fake_build_dataset)
+    with pytest.raises(_Loaded):
+        script.main(["--dataset", "stacked-fashion-mnist", "--arch", "pacgan", "--out", str(tmp_path / "x"),
+                     "--device", "cpu"])
+    assert seen["name"] == "stacked-fashion-mnist" and seen["redraw"] is True and seen["img_size"] == 28
+
+
+def test_maem_bn_discriminator_sees_each_input_on_its_own():
+    # A BN D on one concatenated batch would mix the fake batch's statistics into the real codes:
+    # the real codes' mean (mu, no noise) must not depend on the fake batch.
+    args = maem_gan.parse_args(["--dataset", "stacked-fashion-mnist", "--arch", "pacgan", "--m", "4",
+                                "--batch-size", "8", "--out", "/tmp/unused"])
+    torch.manual_seed(0)
+    G, D = maem_gan.build_networks(args, 3)
+    x = torch.rand(8, 3, 28, 28) * 2 - 1
+    figures = []
+    for seed in (1, 2):
+        fake = G(torch.randn(8, 256, generator=torch.Generator().manual_seed(seed))).detach()
+        buffers = maem_gan.make_buffers(args, 8, "cpu")
+        torch.manual_seed(3)
+        _, terms = maem_gan.d_step_loss(D, D, x, fake, args, buffers, ent_w=1.0)
+        figures.append(float(terms["real_cos_batch"]))
+    assert figures[0] == pytest.approx(figures[1], abs=1e-6)
+
+
 def argparse_ns(out):
     import argparse
     return argparse.Namespace(**torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["args"])
 
 
 # ---------------------------------------------------------------- the runner
-ROWS = ["dcgan", "invert", "pgm"]
+ROWS = ["dcgan", "maem", "invert", "pgm"]
 
 
 def table(out, results, root, clf, *extra):
