@@ -1166,7 +1166,8 @@ def final_metrics(G, D, args, rt):
         return generate(G, n, args.z_dim, rt.device, bn_batch=args.arch == "biggan")
 
     if kind == "points":
-        samples = generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
+        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
+        samples = common.sample_points(lambda n: generate(G, n, args.z_dim, rt.device), args.eval_samples, rt.device)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
         return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):

@@ -664,7 +664,8 @@ def final_metrics(sample_fn, args, device):
         progress.add(m)
         return x
     if is_points(args):
-        out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
+        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
+        out = common.mode_metrics_2d(common.sample_points(draw, n, device).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
         classifier = common.load_mode_classifier(args.classifier, device)
         out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, 500), classifier, device))
@@ -675,7 +676,12 @@ def final_metrics(sample_fn, args, device):
                                            inception_weights=args.inception_weights)
         if "skipped" in out:                    # no Inception weights offline: training still counts
             return out
-    return dict(out, acceptance=stats["returned"] / max(stats["drawn"], 1), forced=stats["forced"])
+    return dict(out, **sampler_metrics(stats))
+
+
+def sampler_metrics(stats):
+    """The rejection sampler's acceptance rate and its count of forced samples (make_sampler)."""
+    return {"acceptance": stats["returned"] / max(stats["drawn"], 1), "forced": stats["forced"]}
 
 
 def load_sampler(ckpt_path, device="cpu"):
@@ -701,6 +707,7 @@ def load_sampler(ckpt_path, device="cpu"):
 
     sample.dataset = args.dataset
     sample.data_std = args.data_std
+    sample.metrics = lambda: sampler_metrics(draw.stats)          # evaluate.py ckpt adds them
     return sample
 
 
