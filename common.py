@@ -2784,9 +2784,10 @@ class InvertResNetGenerator(nn.Module):
         ResnetBlock 256 -> 128 at 8x8,   Upsample x2 -> 16x16
         ResnetBlock 128 -> 64  at 16x16, Upsample x2 -> 32x32
         ResnetBlock 64 -> 64   at 32x32
-        Conv2d 3x3 64 -> channels (after LeakyReLU, as GAN_stability), tanh
-    i.e. each block works *before* its upsampling, in the table's order (GAN_stability's own
-    generator upsamples first). img_size 48 (STL-10, not in the paper's table): the same stack
+        Conv2d 3x3 64 -> channels (after LeakyReLU, as GAN_stability), tanh (ours: the table ends
+        at the conv; tanh keeps images in [-1, 1] as every G here)
+    i.e. each block works *before* its upsampling (ours: our reading of the table's row order and
+    output sizes; GAN_stability's own generator upsamples first). img_size 48 (STL-10, not in the paper's table): the same stack
     from 6x6 (Linear to 512*6*6 = 18432), 6 -> 12 -> 24 -> 48. Channels: 8w, 4w, 2w, w, w."""
 
     def __init__(self, z_dim, img_size=32, channels=3, width=64, res_scale=0.1):
@@ -2810,7 +2811,7 @@ class InvertResNetGenerator(nn.Module):
 class ResNetEncoder(nn.Module):
     """InvertGAN's inverse network F, Table 3. At img_size 32, width 64:
         Conv2d 3x3 channels -> 64 at 32x32
-        ResnetBlock 64 -> 64 at 32x32,    AvgPool 3x3 s2 (pad 1) -> 16x16
+        ResnetBlock 64 -> 64 at 32x32,    AvgPool 3x3 s2 (pad 1, ours: the table's 16x16 needs it) -> 16x16
         ResnetBlock 64 -> 128 at 16x16,   AvgPool -> 8x8
         ResnetBlock 128 -> 256 at 8x8,    AvgPool -> 4x4
         ResnetBlock 256 -> 512 at 4x4
