@@ -2331,8 +2331,10 @@ class OutputHeads(nn.Module):
 
     out_c(h) = shared(h) + per_class_c(h). This is how PGMGAN's official D realises its k
     discriminators (biggan.py: `linear(h)` plus the row of `linear_c(h)` of the label): one shared
-    trunk, a per-partition output. Adding a shared term to a per-class term is the same function
-    class as separate per-class heads; the shared bias makes a separate per-class bias redundant.
+    trunk, a per-partition output. Adding a shared term to per-class weights spans the same linear
+    maps as separate per-class heads, but the shared bias is one offset for all classes: without a
+    per-class bias (the official `linear_c` has one; `bias` here is the shared one) a head can
+    shift its output only through its weights. PGMGAN's build_gan says why ours has none.
     """
 
     def __init__(self, in_features, out_dim, n_classes=0, bias=True):

@@ -243,8 +243,9 @@ def parse_args(argv=None):
                    help="lambda decreases by this much per G step (official: 1.2e-4)")
     g.add_argument("--guide-min", type=float, default=None, help="floor of lambda (official: 0 / 1e-4)")
     g.add_argument("--guide-reduce", default=None, choices=["sum", "mean"],
-                   help="R_i sums over c (Eq. 6) or averages (official code: lambda/k). Image "
-                        "presets: mean, as the official lambda 6.0 was tuned with it; 2-D: sum (ours)")
+                   help="R_i sums over c (Eq. 6) or averages (official code): mean with lambda L = sum "
+                        "with lambda L/k. 2-D presets: sum, lambda 1.0 (ours; = mean with lambda 8 ring, "
+                        "25 grid); image presets: mean, the official lambda 6.0 (= sum with 6/k, 0.03 at k 200)")
     g.add_argument("--no-rejection", action="store_true",
                    help="sample without the rejection step (keep x = G_i(z) even if R_i(x) > 0)")
     g.add_argument("--reject-tries", type=int, default=50,
@@ -947,7 +948,8 @@ def run_gan(args, rt, dataset, channels):
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
 
-        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Eq. 8
+        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Its labels
+        # y are the last D step's (partition_ids of that real batch), so the G_y train in its proportions. Eq. 8
         # sums the adversarial term over j and averages R; we (and the official code) average both.
         # Official code: the G step reuses the last D step's z; ours draws a fresh z.
         lam = guide_weight(args, step)
