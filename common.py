@@ -19,9 +19,9 @@ the `# ====` headers: move a section, update its line here):
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2180-3380   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2180-3438   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3381-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+    7. Metrics         3439-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
                                    mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,

@@ -1168,7 +1168,7 @@ def final_metrics(G, D, args, rt):
 
     if kind == "points":
         # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
-        samples = common.sample_points(lambda n: generate(G, n, args.z_dim, rt.device), args.eval_samples, rt.device)
+        samples = common.sample_points(draw, args.eval_samples, rt.device)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
         return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):
