@@ -19,9 +19,9 @@ the `# ====` headers: move a section, update its line here):
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2216-3537   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2216-3540   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3538-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+    7. Metrics         3541-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
                                    samples of G in chunks (generate), mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
@@ -2367,8 +2367,10 @@ class OutputHeads(nn.Module):
 
     out_c(h) = shared(h) + per_class_c(h). This is how PGMGAN's official D realises its k
     discriminators (biggan.py: `linear(h)` plus the row of `linear_c(h)` of the label): one shared
-    trunk, a per-partition output. Adding a shared term to a per-class term is the same function
-    class as separate per-class heads; the shared bias makes a separate per-class bias redundant.
+    trunk, a per-partition output. Adding a shared term to per-class weights spans the same linear
+    maps as separate per-class heads, but the shared bias is one offset for all classes: without a
+    per-class bias (the official `linear_c` has one; `bias` here is the shared one) a head can
+    shift its output only through its weights. PGMGAN's build_gan says why ours has none.
     """
 
     def __init__(self, in_features, out_dim, n_classes=0, bias=True):
@@ -2844,9 +2846,10 @@ class InvertResNetGenerator(nn.Module):
         ResnetBlock 256 -> 128 at 8x8,   Upsample x2 -> 16x16
         ResnetBlock 128 -> 64  at 16x16, Upsample x2 -> 32x32
         ResnetBlock 64 -> 64   at 32x32
-        Conv2d 3x3 64 -> channels (after LeakyReLU, as GAN_stability), tanh
-    i.e. each block works *before* its upsampling, in the table's order (GAN_stability's own
-    generator upsamples first). img_size 48 (STL-10, not in the paper's table): the same stack
+        Conv2d 3x3 64 -> channels (after LeakyReLU, as GAN_stability), tanh (ours: the table ends
+        at the conv; tanh keeps images in [-1, 1] as every G here)
+    i.e. each block works *before* its upsampling (ours: our reading of the table's row order and
+    output sizes; GAN_stability's own generator upsamples first). img_size 48 (STL-10, not in the paper's table): the same stack
     from 6x6 (Linear to 512*6*6 = 18432), 6 -> 12 -> 24 -> 48. Channels: 8w, 4w, 2w, w, w."""
 
     def __init__(self, z_dim, img_size=32, channels=3, width=64, res_scale=0.1):
@@ -2870,7 +2873,7 @@ class InvertResNetGenerator(nn.Module):
 class ResNetEncoder(nn.Module):
     """InvertGAN's inverse network F, Table 3. At img_size 32, width 64:
         Conv2d 3x3 channels -> 64 at 32x32
-        ResnetBlock 64 -> 64 at 32x32,    AvgPool 3x3 s2 (pad 1) -> 16x16
+        ResnetBlock 64 -> 64 at 32x32,    AvgPool 3x3 s2 (pad 1, ours: the table's 16x16 needs it) -> 16x16
         ResnetBlock 64 -> 128 at 16x16,   AvgPool -> 8x8
         ResnetBlock 128 -> 256 at 8x8,    AvgPool -> 4x4
         ResnetBlock 256 -> 512 at 4x4
@@ -4521,6 +4524,25 @@ def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):
 
 
 # --- 7f. Mode coverage ------------------------------------------------------------------------
+HQ_STDS = 3.0             # high quality = within 3 data stds of the nearest centre (VEEGAN / PacGAN)
+# Within-mode figures (METHODS.md, "Within-mode spread"). A mode's std is measured on >= this many
+# of its high-quality samples (ours: 10 points give a std within ~17 %; fewer read as noise).
+MIN_MODE_SAMPLES = 10
+# MMD: samples compared (ours: the kernel sums are O(n^2), ~3 s on one core at 5K; README
+# "2-D metrics" has the real-vs-real floor at this size) and the seeds of the two real references.
+MMD_POINTS = 5000
+MMD_REAL_SEEDS = (1, 2)
+
+
+def _points_f64(samples):
+    if torch.is_tensor(samples):
+        samples = samples.detach().cpu().numpy()
+    x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
+    if x.dim() != 2 or x.shape[1] != 2 or len(x) == 0:
+        raise UsageError(f"samples must be a non-empty (N, 2) array, got {tuple(x.shape)}")
+    return x
+
+
 def mode_stats(samples, centers, std):
     """2-D mode coverage against mode centres (K, 2) with per-mode std (METHODS.md):
     high quality = within 3 std of the nearest centre (VEEGAN / PacGAN); modes = centres with at
@@ -4528,20 +4550,16 @@ def mode_stats(samples, centers, std):
     nearest centre of all finite samples (natural log; 0 for a uniform histogram, log K for one
     mode). Non-finite samples (a diverged G) belong to no mode and are never high quality; their
     number is `non_finite`, and with no finite sample the reverse KL is None."""
-    if torch.is_tensor(samples):
-        samples = samples.detach().cpu().numpy()
     if torch.is_tensor(centers):
         centers = centers.detach().cpu().numpy()
-    x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
+    x = _points_f64(samples)
     c = torch.as_tensor(np.asarray(centers, dtype=np.float64))
-    if x.dim() != 2 or x.shape[1] != 2 or len(x) == 0:
-        raise UsageError(f"samples must be a non-empty (N, 2) array, got {tuple(x.shape)}")
     finite = torch.isfinite(x).all(1)
     x_ok = x[finite]
     out = {"modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": int((~finite).sum())}
     if len(x_ok):
         dist, nearest = torch.cdist(x_ok, c).min(1)
-        hq = dist <= 3 * std
+        hq = dist <= HQ_STDS * std
         hist = torch.bincount(nearest, minlength=len(c)).double() / len(x_ok)
         out.update(modes=int(torch.unique(nearest[hq]).numel()),
                    hq_fraction=float(hq.double().sum() / len(x)),
@@ -4556,10 +4574,108 @@ def _reverse_kl(p):
     return float((p[nz] * np.log(p[nz] * len(p))).sum())
 
 
+def _hq_std_factor(r=HQ_STDS):
+    """The per-axis std of an isotropic 2-D Gaussian (std 1) kept within radius r of its centre:
+    r^2 / std^2 is chi^2_2, so E[r^2 | r <= R] / 2 = 1 - (R^2 / 2) e^(-R^2/2) / (1 - e^(-R^2/2));
+    0.9744 at R = 3. A real mode measured by within_mode_stats' rule has this std."""
+    q = math.exp(-r * r / 2)
+    return math.sqrt(1 - (r * r / 2) * q / (1 - q))
+
+
+def within_mode_stats(samples, centers, std):
+    """Within-mode spread of 2-D samples: each finite sample is assigned to its nearest centre if
+    it lies within 3 std of it (the high-quality rule); for each mode with >= MIN_MODE_SAMPLES
+    such samples, std_ratio = their std (sqrt of the mean per-axis variance about their own mean)
+    / the data's std measured the same way (std x _hq_std_factor(), since the 3-std cut trims a
+    real mode too), and centre_offset = |their mean - the centre| / std. Median, min and max of
+    the ratios, median and max of the offsets over those modes (None where no mode qualifies).
+    A perfect sampler reads ~1 and ~0; one that halves every mode ~0.5. The 3-std cut caps what a
+    too-wide mode can show (std 2x reads ~1.4): the hq fraction and the MMD see it instead."""
+    x = _points_f64(samples)
+    x = x[torch.isfinite(x).all(1)]
+    c = torch.as_tensor(np.asarray(centers, dtype=np.float64))
+    ratios, offsets = [], []
+    if len(x):
+        dist, nearest = torch.cdist(x, c).min(1)
+        nearest[dist > HQ_STDS * std] = -1
+        for k in range(len(c)):
+            pts = x[nearest == k]
+            if len(pts) >= MIN_MODE_SAMPLES:
+                ratios.append(float(pts.var(0).mean().sqrt()) / (std * _hq_std_factor()))
+                offsets.append(float((pts.mean(0) - c[k]).norm()) / std)
+    med = (lambda v: float(np.median(v)) if v else None)
+    return {"std_ratio_median": med(ratios), "std_ratio_min": min(ratios, default=None),
+            "std_ratio_max": max(ratios, default=None), "centre_offset_median": med(offsets),
+            "centre_offset_max": max(offsets, default=None)}
+
+
+def mixture_points(centers, std, n, seed):
+    """n points of the true mixture: mode uniform, then centre + std * N(0, I), drawn with `seed`
+    (a sampler's draw: the mode counts are multinomial, unlike make_synthetic's equal split)."""
+    c = torch.as_tensor(np.asarray(centers, dtype=np.float64))
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(len(c), (n,), generator=gen)
+    return c[labels] + std * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+
+
+def _kernel_mean(a, b, h, same, chunk=1000):
+    # mean of exp(-|a_i - b_j|^2 / 2h^2) over pairs (i != j where a is b); rows of a that are not
+    # finite count 0 in every pair (a point at infinity), but in the number of pairs.
+    n_a, n_b = len(a), len(b)
+    ok_a, ok_b = torch.isfinite(a).all(1), torch.isfinite(b).all(1)
+    a, b = a[ok_a], b[ok_b]
+    total = 0.0
+    for i in range(0, len(a), chunk):
+        total += float(torch.cdist(a[i:i + chunk], b).square_().mul_(-0.5 / h ** 2).exp_().sum())
+    if same:
+        return (total - len(a)) / (n_a * (n_a - 1))
+    return total / (n_a * n_b)
+
+
+def mmd2(x, y, h):
+    """Unbiased squared MMD of point sets x and y with the Gaussian kernel of bandwidth h."""
+    return _kernel_mean(x, x, h, True) + _kernel_mean(y, y, h, True) - 2 * _kernel_mean(x, y, h, False)
+
+
+_MMD_REAL = {}        # (centres, std, n) -> the real-vs-real MMD^2, computed once per process
+
+
+def mmd_to_mixture(samples, centers, std):
+    """{'mmd2', 'mmd2_real'}: the unbiased squared MMD, Gaussian kernel of bandwidth = the data's
+    per-mode std, between the first min(N, MMD_POINTS) samples and as many points of the true
+    mixture (seed MMD_REAL_SEEDS[0]); beside it the same between two real draws (both seeds),
+    whose spread around 0 is the noise floor. Deterministic: fixed seeds and chunk order.
+    Why an MMD at this bandwidth (ours): the modes lie 40-150 stds apart, so the kernel sees each
+    mode's weight and shape at once (every mode at half width: 0.111 / K; all mass on the centres:
+    0.333 / K; real-vs-real within ~1e-3 / K at 5K points), while a sliced Wasserstein distance is
+    dominated by the mass moved between modes: its real-vs-real noise at 10K points exceeds a
+    halved mode's signal (README, "2-D metrics")."""
+    x = _points_f64(samples)[:MMD_POINTS]
+    n = len(x)
+    if n < 2:
+        return {"mmd2": None, "mmd2_real": None}
+    real = mixture_points(centers, std, n, MMD_REAL_SEEDS[0])
+    key = (np.asarray(centers, dtype=np.float64).tobytes(), float(std), n)
+    if key not in _MMD_REAL:
+        _MMD_REAL[key] = mmd2(mixture_points(centers, std, n, MMD_REAL_SEEDS[1]), real, std)
+    return {"mmd2": mmd2(x, real, std), "mmd2_real": _MMD_REAL[key]}
+
+
 def mode_metrics_2d(samples, dataset, data_std=None):
-    """{'modes', 'hq_fraction', 'reverse_kl', 'non_finite'} of (N, 2) samples of `ring` or `grid`."""
+    """Every 2-D figure of (N, 2) samples of `ring` or `grid`: mode_stats ('modes', 'hq_fraction',
+    'reverse_kl', 'non_finite'), 'reverse_kl_hq' (InvertGAN's form), within_mode_stats and
+    mmd_to_mixture. The one function behind every 2-D metrics.json and evaluate.py points / ckpt."""
     centers, std = synthetic_modes(dataset, data_std)
-    return mode_stats(samples, centers, std)
+    centers = centers.double().numpy()
+    return dict(mode_stats(samples, centers, std), reverse_kl_hq=_reverse_kl_hq(samples, centers, std),
+                **within_mode_stats(samples, centers, std), **mmd_to_mixture(samples, centers, std))
+
+
+def _reverse_kl_hq(samples, centers, std):
+    x = _points_f64(samples)
+    dist, nearest = torch.cdist(x, torch.as_tensor(centers, dtype=torch.float64)).min(1)
+    p = torch.bincount(nearest[dist <= HQ_STDS * std], minlength=len(centers)).double() / len(x)
+    return _reverse_kl(p.numpy())
 
 
 def reverse_kl_hq(samples, dataset, data_std=None):
@@ -4567,10 +4683,20 @@ def reverse_kl_hq(samples, dataset, data_std=None):
     *all* samples that are high quality (within 3 std) at mode i. Low-quality samples count
     nowhere, so sum p_i < 1 and the value may be negative; `reverse_kl` is the standard one."""
     centers, std = synthetic_modes(dataset, data_std)
-    x = torch.as_tensor(np.asarray(samples, dtype=np.float64))
-    dist, nearest = torch.cdist(x, centers.double()).min(1)
-    p = torch.bincount(nearest[dist <= 3 * std], minlength=len(centers)).double() / len(x)
-    return _reverse_kl(p.numpy())
+    return _reverse_kl_hq(samples, centers.double().numpy(), std)
+
+
+EVAL_SEED = 0         # seed of the noise of every 2-D metrics.json (= evaluate.py ckpt's default --seed)
+
+
+@torch.no_grad()
+def sample_points(sample, n, device, seed=EVAL_SEED, chunk=10_000):
+    """n points of sample(m) in chunks of `chunk`, with the RNG forked and seeded with `seed`:
+    a run's metrics.json and `evaluate.py ckpt --n N --seed S` draw the very same points."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return torch.cat([torch.as_tensor(x).detach().float().cpu() for x in in_chunks(sample, n, chunk)])
 
 
 # Stacked (Fashion-)MNIST: a classifier labels each channel, a sample's mode is its triplet.

@@ -7,12 +7,13 @@ those functions, prints a table and writes the numbers to `--json PATH`.
     images DIR --real SRC     image metrics of a folder of generated images (--metrics fid,is,...)
     stats SRC --out F.npz     FID statistics (mu/sigma as pytorch-fid writes them, plus features)
     fid SRC1 SRC2             FID of two sources (pytorch-fid's own command line)
-    points F.npy --dataset D  2-D mode coverage of (N, 2) samples (ring, grid)
+    points F.npy --dataset D  2-D mode coverage and within-mode spread of (N, 2) samples (ring, grid)
     classifier --dataset D    train and calibrate the stacked-(Fashion-)MNIST mode counter
     modes SAMPLES --classifier F --dataset D
                               calibrated mode count of stacked samples (.npy or a PNG folder)
     ckpt CKPT --n N           sample any method's checkpoint (its script's `load_sampler`) and
-                              evaluate as its script does; --save-samples DIR keeps the PNGs scored
+                              evaluate as its script does (2-D: its metrics.json, exactly, at --n =
+                              its --eval-samples); --save-samples DIR keeps the PNGs scored
 
 A source SRC is an .npz statistics file, a dataset name, or a folder. Every folder, real or
 generated, is read as the `folder` dataset (centre square crop, resized to --img-size; default
@@ -34,6 +35,8 @@ import common
 # The keys of the JSON file, in the order the table prints them.
 JSON_KEYS = ("fid", "is_mean", "is_std", "mode_score", "kid_mean", "kid_std", "precision", "recall",
              "f8", "f1_8", "ivar_mean", "ivar_std", "modes", "hq_fraction", "reverse_kl",
+             "reverse_kl_hq", "std_ratio_median", "std_ratio_min", "std_ratio_max",
+             "centre_offset_median", "centre_offset_max", "mmd2", "mmd2_real",
              "counted_fraction", "non_finite", "accuracy")
 
 
@@ -275,9 +278,11 @@ def cmd_ckpt(args):
 
     title = f"{args.n} samples of {args.ckpt} ({method}, {dataset})"
     if kind == "points":
-        points = torch.cat([b.detach().float().cpu() for b in batches(10_000)])
+        # The run's metrics.json drew its points the same way: --n its --eval-samples, --seed 0.
+        points = common.sample_points(sample, args.n, args.device, args.seed)
         data_std = args.data_std if args.data_std is not None else saved.get("data_std")
-        return report(common.mode_metrics_2d(points.numpy(), dataset, data_std), args.json, title)
+        results = common.mode_metrics_2d(points.numpy(), dataset, data_std)
+        return report(dict(results, **getattr(sample, "metrics", dict)()), args.json, title)
     writer = _PngWriter(args.save_samples) if args.save_samples else None
     if stacked and real is None:
         classifier = common.load_mode_classifier(args.classifier, args.device)
@@ -410,7 +415,9 @@ def build_parser():
                          "its dataset, data root, split and resolution)")
     sp.add_argument("--classifier", default=None, help="mode classifier (stacked datasets)")
     sp.add_argument("--data-std", type=float, default=None, help="2-D per-mode std override")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    sp.add_argument("--seed", type=int, default=common.EVAL_SEED,
+                    help="seed of the sampling noise (2-D: the default with --n = the run's "
+                         "--eval-samples reproduces its metrics.json, on the same device)")
     sp.add_argument("--save-samples", default=None, metavar="DIR",
                     help="write the scored images to DIR as PNGs (pytorch-fid on them gives our FID)")
     metric_flags(sp)

@@ -230,7 +230,8 @@ def gan_loss_d(d_real, d_fake):
 
 
 def gan_loss_g(d_fake):
-    """G's side of Eq. 4 in the usual non-saturating form: min_G -E log D(G(z)).
+    """G's side of Eq. 4 in the usual non-saturating form (ours; Eq. 4 is the minimax form):
+    min_G -E log D(G(z)).
 
     (min_G E log(1 - D(G(z))) has vanishing gradients when D wins early; Goodfellow et al. 2014.)
     """
@@ -259,7 +260,8 @@ def consistency_loss(z, z_rec, x, x_rec):
 # (batch estimates), and a distance between N(mu, Sigma) and P_z = N(0, I_l) is minimised.
 
 def batch_gaussian(codes):
-    """Mean (l,) and unbiased covariance (l, l) of the codes (B, l) of the *whole* batch, float64.
+    """Mean (l,) and unbiased covariance (l, l; ours, Sec. 4.2 names no estimator) of the codes (B, l)
+    of the *whole* batch, float64.
     float64 keeps the rounding error of a near-singular Sigma far below the floor eps of the losses.
     """
     z = codes.double()
@@ -350,12 +352,16 @@ def build_networks(args, channels):
 # ==================================================================================================
 
 def evaluate_points(G, args, device):
-    """Table 1 metrics: modes covered, high-quality fraction (within 3 std), reverse KL in the
-    standard form (all samples) and in the paper's (reverse_kl_hq: high-quality samples only)."""
-    samples = common.generate(G, args.eval_samples, args.z_dim, device, batch=10_000, z_device=device).numpy()
-    metrics = common.mode_metrics_2d(samples, args.dataset, args.data_std)
-    metrics["reverse_kl_hq"] = common.reverse_kl_hq(samples, args.dataset, args.data_std)
-    return metrics
+    """Table 1 metrics: modes covered (one high-quality sample covers a mode: ours, the paper does
+    not say how many), high-quality fraction (within 3 std), reverse KL in the standard form (all
+    samples) and in the paper's (reverse_kl_hq: high-quality samples only), with
+    common.mode_metrics_2d's within-mode figures. Seeded as evaluate.py ckpt draws them
+    (common.sample_points): it reproduces these numbers."""
+    def draw(n):
+        return common.generate(G, n, args.z_dim, device, batch=10_000, z_device=device)
+
+    samples = common.sample_points(draw, args.eval_samples, device)
+    return common.mode_metrics_2d(samples.numpy(), args.dataset, args.data_std)
 
 
 @torch.no_grad()
@@ -470,7 +476,7 @@ def gf_losses(G, F, D, Dz, x, z, args, rt):
     if args.gauss_loss == "none":
         gauss = torch.zeros((), device=z.device)
     elif args.gauss_loss == "zdisc":
-        # Eq. 13 for F: fool D_z (non-saturating form, as for G); per-rank mean, see dz_step.
+        # Eq. 13 for F: fool D_z (non-saturating form, ours, as for G); per-rank mean, see dz_step.
         with rt.autocast():
             gauss = gan_loss_g(Dz(z_inv).float())
     else:

@@ -12,8 +12,9 @@ The idea in three lines:
     non-parametric estimate: push each new code away from its nearest code in a FIFO replay
     buffer of past codes (RB-MaEM, Eq. 8).
   * That only helps if D's code space follows the data manifold: DLLE (Eq. 12-13) makes a sample
-    and a slightly transformed copy close, DIsoMap (Eq. 14) makes the code of a mixture of two
-    images the same mixture of their codes.
+    and a slightly transformed copy close, DIsoMap (Eq. 14) turns the code of a mixture of two
+    images towards the same mixture of their codes (a cosine: the direction, not the length; the
+    authors' code matches the code itself, an MSE: --variant official).
 
 Launch:
     python maem_gan.py --dataset ring                                  # 2-D quick start (CPU)
@@ -252,7 +253,7 @@ def build_parser():
                         "with MSE, real-image flips, the D step's z reused) with FIFO buffers (theirs: "
                         "--authors-buffer) and one SN power iteration per D step (theirs: five)")
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
-    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 20K on 2-D data)")
+    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 10K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
     g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2", "pacgan"],
                    help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
@@ -1151,7 +1152,8 @@ def final_metrics(G, D, args, rt):
         return common.generate(G, n, args.z_dim, rt.device, bn_batch=BN_SAMPLING.get(args.arch, False))
 
     if kind == "points":
-        samples = common.generate(G, args.eval_samples, args.z_dim, rt.device, batch=10_000)
+        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
+        samples = common.sample_points(draw, args.eval_samples, rt.device)
         metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
         return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
     if args.data_name.startswith("stacked"):

@@ -286,8 +286,9 @@ def parse_args(argv=None):
                    help="lambda decreases by this much per G step (official: 1.2e-4)")
     g.add_argument("--guide-min", type=float, default=None, help="floor of lambda (official: 0 / 1e-4)")
     g.add_argument("--guide-reduce", default=None, choices=["sum", "mean"],
-                   help="R_i sums over c (Eq. 6) or averages (official code: lambda/k). Image "
-                        "presets: mean, as the official lambda 6.0 was tuned with it; 2-D: sum (ours)")
+                   help="R_i sums over c (Eq. 6) or averages (official code): mean with lambda L = sum "
+                        "with lambda L/k. 2-D presets: sum, lambda 1.0 (ours; = mean with lambda 8 ring, "
+                        "25 grid); image presets: mean, the official lambda 6.0 (= sum with 6/k, 0.03 at k 200)")
     g.add_argument("--no-rejection", action="store_true",
                    help="sample without the rejection step (keep x = G_i(z) even if R_i(x) > 0)")
     g.add_argument("--reject-tries", type=int, default=50,
@@ -726,7 +727,8 @@ def final_metrics(sample_fn, args, device):
         progress.add(m)
         return x
     if is_points(args):
-        out = common.mode_metrics_2d(draw(n).numpy(), args.dataset, args.data_std)
+        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
+        out = common.mode_metrics_2d(common.sample_points(draw, n, device).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
         classifier = common.load_mode_classifier(args.classifier, device)
         chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
@@ -738,7 +740,12 @@ def final_metrics(sample_fn, args, device):
                                            inception_weights=args.inception_weights)
         if "skipped" in out:                    # no Inception weights offline: training still counts
             return out
-    return dict(out, acceptance=stats["returned"] / max(stats["drawn"], 1), forced=stats["forced"])
+    return dict(out, **sampler_metrics(stats))
+
+
+def sampler_metrics(stats):
+    """The rejection sampler's acceptance rate and its count of forced samples (make_sampler)."""
+    return {"acceptance": stats["returned"] / max(stats["drawn"], 1), "forced": stats["forced"]}
 
 
 def load_sampler(ckpt_path, device="cpu"):
@@ -763,6 +770,7 @@ def load_sampler(ckpt_path, device="cpu"):
 
     sample.dataset = args.dataset
     sample.data_std = args.data_std
+    sample.metrics = lambda: sampler_metrics(draw.stats)          # evaluate.py ckpt adds them
     return sample
 
 
@@ -1008,7 +1016,8 @@ def run_gan(args, rt, dataset, channels):
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
 
-        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Eq. 8
+        # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Its labels
+        # y are the last D step's (partition_ids of that real batch), so the G_y train in its proportions. Eq. 8
         # sums the adversarial term over j and averages R; we (and the official code) average both.
         # Official code: the G step reuses the last D step's z; ours draws a fresh z.
         lam = guide_weight(args, step)

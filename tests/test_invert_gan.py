@@ -63,6 +63,18 @@ def test_kl_matches_torch_distributions():
         assert got == pytest.approx(ref, rel=1e-8)
 
 
+def test_kl_sees_sigma_plus_eps_in_every_term_the_quadratic_one_included():
+    # A direction of variance 1e-9 (below eps = 1e-6) that mu points along: each term of Eq. 7
+    # with eigenvalues lambda + eps, the quadratic one too (1000x larger with Sigma alone).
+    c, s = math.cos(0.3), math.sin(0.3)
+    v = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)              # eigenvectors (columns)
+    lam = torch.tensor([1.0, 1e-9], dtype=torch.float64)
+    sigma, mu, eps = v @ torch.diag(lam) @ v.T, torch.tensor([0.3, 0.2], dtype=torch.float64), 1e-6
+    le = lam + eps
+    ref = 0.5 * (le.log().sum() - 2 + (1 / le).sum() + ((v.T @ mu) ** 2 / le).sum())
+    assert invert_gan.gaussian_loss("kl", mu, sigma, eps=eps).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_w2_1d_hand_value():
     # Eq. 11: sqrt(||mu||^2 + ||sigma - 1||^2); mu=(1, 0), stds (2, 1) -> sqrt(1 + 1)
     got = invert_gan.gaussian_loss("w2-1d", torch.tensor([1.0, 0.0]), torch.diag(torch.tensor([4.0, 1.0])))

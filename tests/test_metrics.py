@@ -404,8 +404,47 @@ def test_non_finite_samples_belong_to_no_mode():
     m = common.mode_metrics_2d(pts, "grid")
     assert m["non_finite"] == 90 and m["modes"] == 10 and m["hq_fraction"] == pytest.approx(0.1)
     assert m["reverse_kl"] == pytest.approx(math.log(25 / 10))     # uniform over 10 of 25 modes
+    assert m["mmd2"] > 0 and math.isfinite(m["mmd2"])                 # NaN rows: points at infinity
     m = common.mode_metrics_2d(np.full((5, 2), np.nan), "grid")
-    assert m == {"modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": 5}
+    within = ("std_ratio_median", "std_ratio_min", "std_ratio_max", "centre_offset_median", "centre_offset_max")
+    assert {k: v for k, v in m.items() if not k.startswith("mmd2")} == {
+        "modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": 5, "reverse_kl_hq": 0.0,
+        **dict.fromkeys(within)}
+
+
+def hand_sampler(n, scale=1.0, shift=(0.0, 0.0), seed=5):
+    """n grid samples built by hand: a uniform mode, then centre + scale * std * N(0, I) + shift * std."""
+    centers, std = common.synthetic_modes("grid")
+    g = torch.Generator().manual_seed(seed)
+    mode = torch.randint(25, (n,), generator=g)
+    noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    return (centers.double()[mode] + std * (scale * noise + torch.tensor(shift))).numpy()
+
+
+def test_within_mode_figures_and_mmd_of_hand_made_samplers():
+    # 20K grid samples, ~800 per mode: a per-mode std to ~2 %, their median to <1 %.
+    perfect = common.mode_metrics_2d(hand_sampler(20_000), "grid")
+    assert perfect["modes"] == 25 and perfect["std_ratio_median"] == pytest.approx(1.0, abs=0.012)
+    assert 0.94 < perfect["std_ratio_min"] and perfect["std_ratio_max"] < 1.06
+    assert perfect["centre_offset_max"] < 0.15                   # a mean of 800 points: s.e. 0.035 std
+    # MMD^2 of a perfect sampler is as far from 0 as two real draws are (s.d. ~4e-5 at 5K, grid)
+    assert abs(perfect["mmd2"]) < 2e-4 and abs(perfect["mmd2_real"]) < 2e-4
+    # Every mode at half width: std 0.5 std against the data's 0.974 std under the 3-std cut.
+    half = common.mode_metrics_2d(hand_sampler(20_000, scale=0.5), "grid")
+    assert half["modes"] == 25 and half["hq_fraction"] == 1.0 and half["reverse_kl"] < 0.01
+    assert half["std_ratio_median"] == pytest.approx(0.5 / 0.9744, abs=0.01)
+    assert 0.47 < half["std_ratio_min"] and half["std_ratio_max"] < 0.56
+    # MMD^2 per mode (Gaussian kernel, bandwidth std): 1/(1+2s^2) + 1/3 - 2/(2+s^2), times 1/K
+    assert half["mmd2"] == pytest.approx((1 / 1.5 + 1 / 3 - 2 / 2.25) / 25, rel=0.1)
+    # Each mode moved by (0.5, 0) std: offset 0.5 (the 3-std cut trims a little of the far side)
+    shifted = common.mode_metrics_2d(hand_sampler(20_000, shift=(0.5, 0.0)), "grid")
+    assert shifted["centre_offset_median"] == pytest.approx(0.5, abs=0.05)
+    assert shifted["centre_offset_max"] < 0.65 and shifted["std_ratio_median"] == pytest.approx(1.0, abs=0.03)
+    assert shifted["mmd2"] > 10 * abs(shifted["mmd2_real"])
+    # All mass on the centres: modes, quality and both reverse KLs call it perfect; these do not.
+    dots = common.mode_metrics_2d(hand_sampler(20_000, scale=0.0), "grid")
+    assert dots["modes"] == 25 and dots["hq_fraction"] == 1.0 and dots["reverse_kl"] < 0.01
+    assert dots["std_ratio_max"] == 0.0 and dots["mmd2"] == pytest.approx((1 / 3) / 25, rel=0.1)
 
 
 # ------------------------------------------------------------------------------------------------

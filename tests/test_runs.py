@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -426,3 +427,21 @@ def test_evaluate_ckpt_fid_of_a_stacked_run_without_real(tmp_path, capsys):
     invert_gan.main([*RING, "--steps", "2", "--out", ring])
     code, _, err = cli(["ckpt", os.path.join(ring, "ckpt.pt"), "--metrics", "fid"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "2-D data" in err
+
+
+@pytest.mark.parametrize("script", ["invert_gan", "maem_gan", "pgm_gan"])
+def test_evaluate_ckpt_reproduces_a_2d_runs_metrics_json_exactly(tmp_path, script):
+    # Same n, default seed, same device: every key evaluate.py reports equals the run's own
+    # (reverse_kl_hq, the within-mode figures and MMD included; PGMGAN's acceptance and forced).
+    out = str(tmp_path / script)
+    flags = ([*without(TINY_2D, "--eval-samples")] if script == "pgm_gan"
+             else [*without(RING, "--eval-samples"), "--steps", "20"])
+    {"invert_gan": invert_gan, "maem_gan": maem_gan, "pgm_gan": pgm_gan}[script].main(
+        [*flags, "--eval-samples", "3000", "--out", out])
+    proc = run_script(["evaluate.py", "ckpt", os.path.join(out, "ckpt.pt"), "--n", "3000", "--device", "cpu",
+                       "--quiet", "--json", str(tmp_path / "m.json")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, run = json.load(open(tmp_path / "m.json")), json.load(open(os.path.join(out, "metrics.json")))
+    keys = set(common.mode_metrics_2d(np.zeros((2, 2)), "ring")) | (
+        {"acceptance", "forced"} if script == "pgm_gan" else set())
+    assert set(got) == keys and {k: run[k] for k in keys} == got
