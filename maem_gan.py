@@ -98,12 +98,12 @@ PRESETS = {
     # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
                  beta2=0.9, sigma=5e-4, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
-    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
-    # VEEGAN / PacGAN stacked-MNIST protocol.
-    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
+    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); PacGAN's 25,600
+    # samples, as every stacked count (common.STACKED_SAMPLES).
+    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=common.STACKED_SAMPLES,
                           log_every=100, sample_every=2000, ckpt_every=2000),
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
-                                  eval_samples=26_000, log_every=100, sample_every=2000,
+                                  eval_samples=common.STACKED_SAMPLES, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
     # 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
     # data"): 4-layer MLPs (D with LeakyReLU 0.2, as the paper's DCGAN D: with ReLU a D died of dead
@@ -1117,7 +1117,7 @@ def final_metrics(G, D, args, rt):
             print("note: mode metrics skipped: pass --classifier (train one with "
                   "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
-        classifier = common.load_mode_classifier(args.classifier, rt.device)
+        classifier = common.load_mode_classifier(args.classifier, rt.device, args.data_name)
         batches = (generate(G, min(500, args.eval_samples - i), args.z_dim, rt.device, bn_batch=args.arch == "biggan")
                    for i in range(0, args.eval_samples, 500))
         return common.stacked_mode_metrics(batches, classifier, rt.device)
@@ -1144,7 +1144,9 @@ def main(argv=None):
     G, D = train(args, rt, dataset)
     if rt.is_main:
         figure3(G, D, args, rt.device, os.path.join(args.out, "figure3.png"))
-        common.finish_run(rt, args, final_metrics(G, D, args, rt), start)
+        with common.metric_precision():          # no TF32 / cuDNN autotuning for metrics, as evaluate.py
+            metrics = final_metrics(G, D, args, rt)
+        common.finish_run(rt, args, metrics, start)
     common.shutdown(rt)
 
 

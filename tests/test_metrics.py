@@ -476,17 +476,48 @@ def test_stacked_counter_by_hand():
     x = torch.zeros(3000, 3, 2, 2)
     x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 1.0
     m = common.stacked_mode_metrics(x, CodedClassifier())
-    assert m == {"modes": 1000, "reverse_kl": pytest.approx(0.0, abs=1e-12), "counted_fraction": 1.0}
+    proto = m.pop("protocol")
+    assert m == {"modes": 1000, "reverse_kl": pytest.approx(0.0, abs=1e-12), "counted_fraction": 1.0,
+                 "modes_raw": 1000, "kl_raw": pytest.approx(0.0, abs=1e-12), "non_finite": 0}
+    assert proto["samples"] == 3000 and proto["threshold"] == 0.9
     # One triplet: log 1000. A triplet seen once is below MIN_MODE_COUNT (3).
     one = x[:1].repeat(7, 1, 1, 1)
     assert common.stacked_mode_metrics(one, CodedClassifier())["modes"] == 1
     assert common.stacked_mode_metrics(one, CodedClassifier())["reverse_kl"] == pytest.approx(math.log(1000))
     assert common.stacked_mode_metrics(one[:1], CodedClassifier())["modes"] == 0
-    # A sample with one unsure channel is not counted, and nothing counted is said so.
+    # A sample with one unsure channel is not counted, and nothing counted is said so; the raw
+    # (PacGAN) count takes every argmax triplet, seen once or not, sure or not.
     unsure = one.clone()
     unsure[:, 2, 0, 0] = 0.5
-    assert common.stacked_mode_metrics(unsure, CodedClassifier()) == {
-        "modes": 0, "reverse_kl": None, "counted_fraction": 0.0}
+    m = common.stacked_mode_metrics(unsure, CodedClassifier())
+    assert (m["modes"], m["reverse_kl"], m["counted_fraction"]) == (0, None, 0.0)
+    assert m["modes_raw"] == 1 and m["kl_raw"] == pytest.approx(math.log(1000))
+
+
+def test_raw_count_is_pacgans_argmax_count():
+    # PacGAN: modes = distinct argmax triplets among the N samples (one sample is enough, no
+    # threshold); KL(p_model || uniform over 1000), natural log, over all N samples.
+    trip = torch.tensor([[1, 2, 3]] * 6 + [[4, 5, 6]] * 3 + [[7, 8, 9]])
+    x = torch.zeros(len(trip), 3, 2, 2)
+    x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 0.3                 # all below the threshold
+    m = common.stacked_mode_metrics(x, CodedClassifier(0.9))
+    p = np.array([0.6, 0.3, 0.1])
+    assert m["modes_raw"] == 3 and m["modes"] == 0
+    assert m["kl_raw"] == pytest.approx(float((p * np.log(p * 1000)).sum()), rel=1e-12)
+
+
+def test_non_finite_stacked_samples_are_counted_not_classified():
+    # A diverged G's NaN / inf samples: reported as non_finite, in no mode (to_uint8 would have
+    # made them black or white images, classified as some item), still part of N.
+    trip = all_triplets()[:5].repeat(4, 1)
+    x = torch.zeros(len(trip), 3, 2, 2)
+    x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 1.0
+    x[:3, 1, 0, 1], x[3:5, 0, 1, 0] = float("nan"), float("inf")
+    m = common.stacked_mode_metrics([x[:7], x[7:]], CodedClassifier())
+    assert m["non_finite"] == 5 and m["protocol"]["samples"] == 20
+    assert m["counted_fraction"] == pytest.approx(15 / 20) and m["modes_raw"] == 5
+    assert torch.equal(common.to_uint8(torch.tensor([float("nan"), float("inf"), -float("inf")])),
+                       torch.tensor([0, 255, 0], dtype=torch.uint8))
 
 
 def test_reverse_kl_undoes_the_class_dependent_acceptance():
@@ -537,15 +568,17 @@ def test_train_classifier_calibrates_and_the_modes_command_reads_every_format(tm
     write_mnist(root, n_train=700, n_test=300)
     cls = str(tmp_path / "cls.pt")
     code, out, err = cli(["classifier", "--dataset", "mnist", "--data-root", root, "--out", cls,
-                          "--epochs", "4", "--batch-size", "16", "--calibration-samples", "2000",
+                          "--epochs", "4", "--batch-size", "16", "--calibration-samples", "600",
                           "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     saved = torch.load(cls, weights_only=True)
     assert saved["format"] == 2 and 0.5 <= saved["threshold"] < 1 and saved["test_accuracy"] > 0.5
-    assert [r["true_modes"] for r in saved["calibration"]] == [1000, 100, 10]
-    assert "calibration" in out and "true modes" in out
+    assert [(r["true_modes"], r["zipf"]) for r in saved["calibration"]] == [
+        (k, z) for k, z, _ in common.CALIBRATION_ROWS]
+    assert "calibration" in out and "true modes" in out and common.file_sha256(cls) in out
     clf = common.load_mode_classifier(cls)
     assert clf.threshold == saved["threshold"] and not torch.equal(clf.confusion, torch.eye(10).double())
+    assert clf.sha256 == common.file_sha256(cls) and clf.test_accuracy == saved["test_accuracy"]
     # The same samples as a float .npy in [-1, 1], a uint8 .npy and a folder of PNGs.
     labels = torch.arange(60) % 10
     u8 = (torch.stack([labels, (labels * 3) % 10, (labels * 7) % 10], 1) * 20).to(torch.uint8)
@@ -562,8 +595,40 @@ def test_train_classifier_calibrates_and_the_modes_command_reads_every_format(tm
         assert code == 0, err
         results.append(json.load(open(path)))
     assert results[0] == results[1] == results[2]
-    assert set(results[0]) == {"modes", "reverse_kl", "counted_fraction"}
+    assert set(results[0]) == {"modes", "reverse_kl", "counted_fraction", "modes_raw", "kl_raw",
+                               "non_finite", "protocol"}
     assert 1 <= results[0]["modes"] <= 10
+    # Every count says what made it: N and the classifier (hash, dataset, accuracy, threshold).
+    proto = results[0]["protocol"]
+    assert proto["samples"] == 60 and proto["classifier_sha256"] == common.file_sha256(cls)
+    assert (proto["classifier_dataset"], proto["threshold"]) == ("mnist", saved["threshold"])
+    assert proto["classifier_test_accuracy"] == saved["test_accuracy"]
+    # A classifier of another dataset is refused: one line, exit code 2.
+    code, _, err = cli(["modes", str(tmp_path / "u8.npy"), "--dataset", "stacked-fashion-mnist",
+                        "--classifier", cls, "--device", "cpu"], capsys)
+    assert code == 2 and "trained on mnist, not on fashion-mnist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_classifier_training_reproduces_the_file_byte_for_byte(tmp_path):
+    # Issue 29: the README's command, run again, gave another classifier. One thread, deterministic
+    # kernels and a seeded data order: the same call writes the same bytes, even where the caller
+    # runs more threads; another seed gives another file (the test can tell files apart).
+    root = str(tmp_path / "mnist")
+    write_mnist(root, n_train=400, n_test=100)
+    kw = dict(root=root, epochs=1, batch_size=16, calibration_samples=60, log=lambda s: None)
+    common.train_mode_classifier("mnist", str(tmp_path / "a.pt"), **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)                 # the caller's RNG state must not matter either
+        meta = common.train_mode_classifier("mnist", str(tmp_path / "b.pt"), **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    a, b = (tmp_path / "a.pt").read_bytes(), (tmp_path / "b.pt").read_bytes()
+    assert a == b and meta["sha256"] == common.file_sha256(str(tmp_path / "a.pt"))
+    common.train_mode_classifier("mnist", str(tmp_path / "c.pt"), **dict(kw, seed=1))
+    assert (tmp_path / "c.pt").read_bytes() != a
 
 
 def test_old_classifier_files_are_refused(tmp_path):
