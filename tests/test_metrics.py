@@ -251,6 +251,27 @@ def test_real_stats_use_the_training_pixels_and_a_full_cache_key(tmp_path, model
     assert "(cached)" in capsys.readouterr().err and np.array_equal(again["mu"], stats["mu"])
 
 
+def test_overwritten_folder_gives_the_new_fid_cached_or_not(tmp_path, weights, capsys):
+    # Issue 29: images overwritten under the same names returned the cached FID (0.648 for 17.09).
+    # A folder is cached only with --cache-folders, and then keyed by its files' sizes and mtimes.
+    gen, real = write_pngs(str(tmp_path / "gen"), 4, seed=1), write_pngs(str(tmp_path / "real"), 4, seed=2)
+    cache = tmp_path / "cache"
+    w = ["--inception-weights", weights, "--device", "cpu", "--quiet", "--stats-cache", str(cache)]
+
+    def fid(*extra):
+        code, out, err = cli(["fid", gen, real, *w, *extra], capsys)
+        assert code == 0, err
+        return float(out.split("FID: ")[1].split()[0])
+
+    before = fid()
+    assert not cache.exists()                         # folders: no cache unless asked
+    assert fid("--cache-folders") == pytest.approx(before, rel=1e-9) and len(os.listdir(cache)) == 2
+    write_pngs(gen, 4, seed=3)                        # same names, same count, other pixels
+    after = fid("--cache-folders")
+    assert after == pytest.approx(fid("--no-cache"), rel=1e-9) and abs(after - before) > 1e-3 * before
+    assert after == pytest.approx(fid(), rel=1e-9)
+
+
 def test_subsets_are_seeded_random_not_the_first_files():
     idx = common.subset_indices(1000, 50, seed=3)
     assert len(idx) == 50 and np.all(np.diff(idx) > 0) and idx.max() > 500
