@@ -1,8 +1,10 @@
 """Tests of common.py section 7 (metrics) and evaluate.py.
 
 The FID Inception runs with *random* weights written in the standard file format (no download in
-CI); a few small images per test keep the 299x299 forward passes cheap. The comparisons with
-pytorch-fid run only where pytorch-fid is installed beside the project (it is no dependency).
+CI); a few small images per test keep the 299x299 forward passes cheap. pytorch-fid's and
+torch-fidelity's numbers on fixed inputs and weights are pinned in tests/data/peer_numbers.npz
+(tests/make_peer_numbers.py) and asserted in every run; a few further comparisons run only where
+pytorch-fid is installed beside the project (neither peer is a dependency).
 """
 
 import json
@@ -142,6 +144,65 @@ def test_features_equal_pytorch_fid(tmp_path, weights, model):
     ours = common.fid_from_stats(stats["mu"][:64], stats["sigma"][:64, :64], mu2, s2)
     assert ours == pytest.approx(calculate_frechet_distance(mu_ref[:64], sigma_ref[:64, :64], mu2, s2),
                                  rel=1e-5)
+
+
+# --- Peers pinned: pytorch-fid's and torch-fidelity's numbers, made once by tests/make_peer_numbers.py
+PEERS = os.path.join(ROOT, "tests", "data", "peer_numbers.npz")
+
+
+@pytest.fixture(scope="module")
+def peers():
+    with np.load(PEERS) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_fid_equals_pinned_pytorch_fid(peers, model):
+    # pytorch-fid 0.3.0 on the same 10 + 10 images as PNGs, same random weights (no install needed).
+    gen, real = (inception_stats([torch.from_numpy(peers[k])], model) for k in ("gen", "real"))
+    ref = peers["pytorch_fid_features_gen"]
+    assert np.abs(gen["features"][:, :64] - ref).max() <= 1e-5 * np.abs(ref).max()
+    fid = common.fid_from_stats(gen["mu"], gen["sigma"], real["mu"], real["sigma"])
+    assert fid == pytest.approx(float(peers["pytorch_fid_fid"]), rel=1e-5)
+
+
+def test_kid_and_pr_formulas_equal_torch_fidelity_on_its_features(peers):
+    # torch-fidelity 0.4.0's KID (subsets of all 10: every subset is the whole set) and precision /
+    # recall (k = 3) from its own features: our formulas give its numbers.
+    kid, _ = common.kid(peers["torch_fidelity_inception_gen"], peers["torch_fidelity_inception_real"],
+                        subset_size=10)
+    assert kid == pytest.approx(float(peers["torch_fidelity_kid"]), rel=1e-6)
+    p, r = common.precision_recall(peers["torch_fidelity_vgg_gen"], peers["torch_fidelity_vgg_real"])
+    assert (p, r) == pytest.approx((float(peers["torch_fidelity_precision"]),
+                                    float(peers["torch_fidelity_recall"])), abs=1e-6)
+
+
+def random_vgg16(seed=0):
+    # make_peer_numbers.random_vgg16_weights without the 528 MB file.
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = torchvision.models.vgg16(weights=None).state_dict()
+    vgg = common.VGG16Features()
+    vgg.net.load_state_dict(state)
+    return vgg.truncate_().eval()
+
+
+def test_kid_pr_preparation_is_pytorch_fids_as_labelled(peers, model):
+    # Our KID / PR features come from pytorch-fid's preparation (and F.interpolate for VGG-16), not
+    # torch-fidelity's TF1-style resize: their features differ, and the protocol says so (README
+    # gives the measured difference). Should the preparation ever become torch-fidelity's, this
+    # fails: then pin equality here and drop the label.
+    gen, real = (inception_stats([torch.from_numpy(peers[k])], model)["features"] for k in ("gen", "real"))
+    theirs = peers["torch_fidelity_inception_gen"]
+    rel = np.abs(gen - theirs).max() / np.abs(theirs).max()
+    assert 1e-4 < rel < 0.2
+    ours_kid = common.kid(gen, real, subset_size=10)[0]
+    assert ours_kid != pytest.approx(float(peers["torch_fidelity_kid"]), rel=1e-3)
+    with torch.no_grad():
+        vgg = [random_vgg16().embed(torch.from_numpy(peers[k]))[0].numpy() for k in ("gen", "real")]
+    theirs = peers["torch_fidelity_vgg_gen"]
+    assert 1e-4 < np.abs(vgg[0] - theirs).max() / np.abs(theirs).max() < 0.2
+    assert "torch-fidelity" in common.KID_PR_PREPARATION and "pytorch-fid" in common.KID_PR_PREPARATION
 
 
 def test_vgg16_features_are_fc2_after_relu_on_imagenet_normalised_224px():
