@@ -303,8 +303,11 @@ def cmd_ckpt(args):
     if stacked and args.classifier:                    # mode count and image metrics: two passes
         classifier = common.load_mode_classifier(args.classifier, args.device, dataset)
         results.update(common.stacked_mode_metrics(batches(500), classifier, args.device))
+    stacked_protocol = results.pop("protocol", None)
     results.update(common.image_metrics(batches(args.batch_size), args.n, metrics, real,
                                         on_batch=writer, **_metric_kw(args)))
+    if stacked_protocol:
+        results["protocol"]["modes"] = stacked_protocol
     return report(results, args.json, title)
 
 
