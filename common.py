@@ -3853,6 +3853,7 @@ class FeatureStats:
         self.moments, self.keep_features, self.keep_logits = moments, keep_features, keep_logits
         self.features, self.logits = [], []
         self.keep_index = None
+        self.non_finite = 0            # images with a NaN / inf pixel (extract counts them)
         if keep_features and keep_rows is not None and total is not None and total > keep_rows:
             rng = np.random.default_rng(seed)
             self.keep_index = np.sort(rng.choice(total, keep_rows, replace=False))

@@ -447,6 +447,17 @@ def test_prd_keeps_the_best_of_n_init_kmeans_runs(monkeypatch):
         assert calls == [2, 2, 2] and labels is good[1]
 
 
+def test_non_finite_generated_images_are_counted(model):
+    # NaN pixels used to become 0 silently: now black (NaN) / white (+inf), and counted per image.
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x[1, 0, 2, 2], x[3, 2, 0, 0] = float("nan"), float("inf")
+    stats = {"i": common.FeatureStats()}
+    common.extract([x[:2], x[2:]], {"i": model}, stats, "cpu", progress=False)
+    assert stats["i"].non_finite == 2
+    common.extract([common.to_uint8(x)], {"i": model}, stats, "cpu", progress=False)
+    assert stats["i"].non_finite == 0
+
+
 def test_feature_stats_streaming_equals_numpy():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((103, 5)) * 3 + 1
@@ -741,8 +752,13 @@ def test_cli_images_stats_fid(tmp_path, weights, capsys):
     assert code == 0, err
     res = json.load(open(out_json))
     assert set(res) == {"is_mean", "is_std", "mode_score", "kid_mean", "kid_std", "precision",
-                        "recall", "ivar_mean", "ivar_std", "protocol"}
-    assert set(res["protocol"]) == {"is", "ms", "kid", "pr", "ivar"}
+                        "recall", "ivar_mean", "ivar_std", "non_finite", "protocol"}
+    assert {"is", "ms", "kid", "pr", "ivar", "kid_pr_preparation"} <= set(res["protocol"])
+    # Each number carries its protocol: N, the weights' hash, the resize.
+    proto = res["protocol"]
+    assert (proto["samples"], proto["real_samples"], res["non_finite"]) == (11, 6, 0)
+    assert proto["inception_sha256"] == common.file_sha256(weights)
+    assert proto["inception_resize"] == common.INCEPTION_RESIZE and "pytorch-fid" in proto["kid_pr_preparation"]
     assert "11 generated" in res["protocol"]["is"] and "inception pool3" in res["protocol"]["pr"]
     assert "6 vs 6" in res["protocol"]["pr"].replace(" generated", "").replace(" real", "")
     code, out, _ = cli(["fid", stats, stats, "--json", out_json], capsys)    # a set with itself
