@@ -3557,6 +3557,22 @@ class EMA:
 
 import hashlib    # (json, math, os, sys, time, numpy, nn and F are imported above)
 
+
+@contextlib.contextmanager
+def metric_precision():
+    """Full float32 for every metric: TF32 matmuls / convolutions and cuDNN's autotuner off
+    (setup_runtime turns them on for training), so a run's metrics.json and evaluate.py on its
+    checkpoint compute alike. Restored on exit."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
+
 # --- 7a. The FID Inception network ---------------------------------------------------------------
 # FID is only comparable across papers when computed with *the* network of the TensorFlow
 # reference (TTUR, Heusel et al. 2017): the 2015-12-05 Inception graph. pytorch-fid ported its
@@ -3924,7 +3940,9 @@ def to_uint8(images):
     memory equals pytorch-fid's on the saved files. uint8 input is returned as it is."""
     if images.dtype == torch.uint8:
         return images
-    return ((images.float() + 1.0) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
+    # NaN -> black and +-inf -> white / black, explicitly (a bare cast is undefined); callers count them.
+    x = torch.nan_to_num(images.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
+    return ((x + 1.0) * 127.5 + 0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def inception_input(images):
@@ -3957,6 +3975,7 @@ class FeatureStats:
         self.moments, self.keep_features, self.keep_logits = moments, keep_features, keep_logits
         self.features, self.logits = [], []
         self.keep_index = None
+        self.non_finite = 0            # images with a NaN / inf pixel (extract counts them)
         if keep_features and keep_rows is not None and total is not None and total > keep_rows:
             rng = np.random.default_rng(seed)
             self.keep_index = np.sort(rng.choice(total, keep_rows, replace=False))
@@ -4036,9 +4055,15 @@ def extract(batches, nets, stats, device, total=None, progress=True, label="feat
     """
     device = torch.device(device)
     meter = ProgressLine(label, total or 0, "images", show=progress)
+    for s in stats.values():
+        s.non_finite = 0
     for batch in batches:
         if len(batch) == 0:
             continue
+        if batch.dtype != torch.uint8:                  # scored as to_uint8 maps them, and counted
+            bad = int((~torch.isfinite(batch.detach()).flatten(1).all(1)).sum())
+            for s in stats.values():
+                s.non_finite += bad
         x = to_uint8(batch.detach()).to(device)
         if on_batch is not None:
             on_batch(x.cpu())
@@ -4347,6 +4372,22 @@ def uint8_batches(ds, idx, batch_size=50, num_workers=None):
                                             num_workers=num_workers))
 
 
+def files_digest(ds, root):
+    """SHA-256 of the listing (path, size, mtime) of the files an image dataset reads: its image
+    files, else every file under its root. Part of every cache key: overwritten images, same
+    names and count, are a new key (issue 29: a stale cache returned FID 0.648 for 17.09)."""
+    files = list(getattr(ds, "files", None) or [])
+    if not files:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            files += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def real_stats(net, dataset, root=None, split="train", img_size=None, n=None, seed=0,
                download=False, device="cpu", batch_size=50, feature_rows=FEATURE_ROWS,
                cache=True, cache_dir=None, progress=True):
@@ -4354,9 +4395,10 @@ def real_stats(net, dataset, root=None, split="train", img_size=None, n=None, se
     of every script and of evaluate.py: build_dataset gives the images exactly as training sees
     them (crop, resize, uint8 pixels), `n` takes a seeded random subset.
 
-    Cached under a key of everything that changes the numbers (dataset, data root, split,
-    resolution, crop, subset, feature rows, network and its weights), in
-    ~/.cache/torch/fid_stats (or `cache_dir`); cache=False neither reads nor writes it.
+    Cached under a key of everything that changes the numbers (dataset, data root and the
+    listing of its files with sizes and mtimes, split, resolution, crop, subset, feature rows,
+    network and its weights), in ~/.cache/torch/fid_stats (or `cache_dir`); cache=False neither
+    reads nor writes it (evaluate.py's default for folders, which may hold generated images).
     """
     info = dataset_info(dataset)
     if info["kind"] != "image":
@@ -4366,7 +4408,8 @@ def real_stats(net, dataset, root=None, split="train", img_size=None, n=None, se
     if len(idx) < 2:
         raise UsageError(f"{dataset} ({split}) has {len(idx)} images")
     res = img_size or info["img_size"]
-    key = {"dataset": dataset, "root": os.path.abspath(root or default_data_root(dataset)),
+    root = os.path.abspath(root or default_data_root(dataset))
+    key = {"dataset": dataset, "root": root, "files": files_digest(ds, root),
            "split": split, "img_size": res, "crop": getattr(ds, "crop_rule", "none"),
            "images": len(ds), "n": len(idx), "subset_seed": seed if len(idx) < len(ds) else None,
            "feature_rows": feature_rows, "net": net.kind, "weights_sha256": net.weights_sha256}
@@ -4380,8 +4423,9 @@ def real_stats(net, dataset, root=None, split="train", img_size=None, n=None, se
     inception = net.kind == "inception"
     stats = FeatureStats(moments=inception, keep_features=True, keep_logits=False, total=len(idx),
                          keep_rows=feature_rows)
-    extract(_prefetched(uint8_batches(ds, idx, batch_size)), {"net": net}, {"net": stats}, device,
-            total=len(idx), progress=progress, label=f"{net.kind} {dataset}")
+    with metric_precision():
+        extract(_prefetched(uint8_batches(ds, idx, batch_size)), {"net": net}, {"net": stats}, device,
+                total=len(idx), progress=progress, label=f"{net.kind} {dataset}")
     out = dict(stats.result(), weights_sha256=net.weights_sha256, key=key_text)
     if cache:
         save_stats(path, out)
@@ -4428,12 +4472,35 @@ def image_metrics(batches, n, metrics, real, device="cpu", inception=None, incep
           "inception" (pool3). Returns the JSON keys of the metrics and `protocol`: which
           features and how many samples produced each number.
     """
+    with metric_precision():
+        return _image_metrics(batches, n, metrics, real, device, inception, inception_weights,
+                              vgg_weights, pr_features, kid_subset_size, feature_rows, batch_size,
+                              progress, on_batch, cache, cache_dir)
+
+
+# KID and precision/recall follow torch-fidelity's formulas and networks, not its image preparation.
+KID_PR_PREPARATION = ("images prepared as pytorch-fid prepares them (Inception) and resized with "
+                      "F.interpolate (VGG-16), not with torch-fidelity's resize: on the same images "
+                      "KID and precision/recall differ from torch-fidelity's (README, Evaluation)")
+# How each network's input is made from uint8 pixels (recorded in every protocol).
+INCEPTION_RESIZE = ("pytorch-fid: /255, grey -> RGB, F.interpolate bilinear to 299 "
+                    "(align_corners=False, no antialias), 2x - 1")
+VGG16_RESIZE = ("0..255 floats, F.interpolate bilinear to 224 (align_corners=False), ImageNet "
+                "mean/std; torch-fidelity resizes with its TF1-style bilinear")
+
+
+def _image_metrics(batches, n, metrics, real, device, inception, inception_weights, vgg_weights,
+                   pr_features, kid_subset_size, feature_rows, batch_size, progress, on_batch, cache,
+                   cache_dir):
     metrics = parse_metrics(metrics)
     if pr_features not in ("vgg16", "inception"):
         raise UsageError(f"unknown --pr-features {pr_features!r}: choose vgg16 or inception")
     inception = inception or load_fid_inception(inception_weights, device)
     real_kw = dict(device=device, batch_size=batch_size, feature_rows=feature_rows, cache=cache,
                    cache_dir=cache_dir, progress=progress)
+    if isinstance(real, dict) and "cache" in real:      # a source's own say (evaluate.py: folders)
+        real = dict(real)
+        real_kw["cache"] = cache and real.pop("cache")
     if isinstance(real, str):
         if not os.path.isfile(real):
             raise UsageError(f"statistics file {real} does not exist")
@@ -4485,6 +4552,13 @@ def image_metrics(batches, n, metrics, real, device="cpu", inception=None, incep
         out["f8"], out["f1_8"] = prd_scores(gi["features"], real_inc["features"])
         m = min(len(gi["features"]), len(real_inc["features"]))
         used["prd"] = f"inception pool3, {m} generated vs {m} real, 20 clusters, 10 runs x 10 inits"
+    if {"kid", "pr"} & set(metrics):
+        used["kid_pr_preparation"] = KID_PR_PREPARATION
+    used.update(samples=gi["n"], real_samples=int(real_inc["n"]),
+                inception_sha256=inception.weights_sha256, inception_resize=INCEPTION_RESIZE)
+    if "vgg16" in nets:
+        used.update(vgg16_sha256=nets["vgg16"].weights_sha256, vgg16_resize=VGG16_RESIZE)
+    out["non_finite"] = gen["inception"].non_finite
     out["protocol"] = used
     return out
 
@@ -4715,6 +4789,10 @@ def sample_points(sample, n, device, seed=EVAL_SEED, chunk=10_000):
 MIN_MODE_COUNT = 3
 LEAK_FACTOR = 3.0
 MAX_HELD_OUT_ERROR = 0.02
+# Samples per stacked count, everywhere (scripts, evaluate.py, calibration rows): a count depends on
+# N (a perfect 1000-mode set reads 871 modes at 10K, 966 at 26K). PacGAN counts 25,600
+# (fjxmlzn/PacGAN, stacked_MNIST_experiments: 200 batches of 128), so our raw counts meet its Table 3.
+STACKED_SAMPLES = 25_600
 
 
 class ModeClassifier(nn.Module):
@@ -4745,10 +4823,12 @@ class ModeClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images):
         """uint8 or [-1, 1] images (B, C, H, W) -> (labels (B, C), top probability (B, C)): each
-        channel classified on its own. Float input is quantised as a PNG would store it."""
+        channel classified on its own, probabilities averaged over the image and its mirror image
+        (training flips too; ours). Float input is quantised as a PNG would store it."""
         x = to_uint8(images).float() / 127.5 - 1.0
         b, c = x.shape[:2]
-        probs = self(x.reshape(b * c, 1, *x.shape[-2:])).softmax(1)
+        x = x.reshape(b * c, 1, *x.shape[-2:])
+        probs = (self(x).softmax(1) + self(x.flip(3)).softmax(1)) / 2
         top, labels = probs.max(1)
         return labels.view(b, c), top.view(b, c)
 
@@ -4794,16 +4874,18 @@ def confident_confusion(labels, pred, top, threshold, n_classes=10):
     return (counts + 1) / (counts.sum(1, keepdim=True) + n_classes)
 
 
-def stacked_calibration_set(images, labels, n, k=None, seed=0):
+def stacked_calibration_set(images, labels, n, k=None, seed=0, zipf=False):
     """n stacked uint8 samples (n, 3, H, W) from single-channel `images` with class `labels`:
     triplets drawn uniformly from all 1000 (k=None), or from k fixed random triplets (a
-    generator that covers exactly k modes); each channel a random image of its class."""
+    generator that covers exactly k modes), equally often or, zipf=True, with weights 1/rank
+    (a generator that favours some modes); each channel a random image of its class."""
     gen = torch.Generator().manual_seed(seed)
     if k is None:
         trip = torch.randint(0, 10, (n, 3), generator=gen)
     else:
         modes = torch.randperm(1000, generator=gen)[:k]
-        chosen = modes[torch.randint(0, k, (n,), generator=gen)]
+        weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64) if zipf else torch.ones(k, dtype=torch.float64)
+        chosen = modes[torch.multinomial(weights, n, replacement=True, generator=gen)]
         trip = torch.stack([chosen // 100, chosen // 10 % 10, chosen % 10], 1)
     flat = trip.flatten()
     pick = torch.empty_like(flat)
@@ -4813,17 +4895,38 @@ def stacked_calibration_set(images, labels, n, k=None, seed=0):
     return images[pick.view(n, 3)].squeeze(2), trip                        # (n, 3, H, W)
 
 
+# The rows `evaluate.py classifier` prints, (true modes, Zipf-weighted, seed offset). The first three
+# are the rows MIN_MODE_COUNT and LEAK_FACTOR were chosen on; the others check them on sets they
+# were not chosen on (other draws, 37 modes, unequal mode weights). README lists them.
+CALIBRATION_ROWS = ((1000, False, 0), (100, False, 0), (10, False, 0),
+                    (1000, False, 1), (100, False, 1), (37, False, 1), (37, True, 1), (10, True, 1))
+
+
+@contextlib.contextmanager
+def reproducible_cpu():
+    """One thread and deterministic kernels: CPU training gives the same bytes run after run
+    (same PyTorch build and CPU; README, "mode classifier")."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+
+
 def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=12, batch_size=128,
                           lr=3e-3, seed=0, download=False, held_out=5000,
-                          calibration_samples=26_000, log=print):
+                          calibration_samples=STACKED_SAMPLES, log=print):
     """Train ModeClassifier on mnist / fashion-mnist and save it, calibrated, to `out`.
 
     The train split minus its last `held_out` images trains the network (AdamW, one-cycle lr,
-    shifts and flips); the held-out images choose the confidence threshold and measure the
-    confusion rates; the test split gives the accuracy
-    and the calibration rows (stacked test samples covering 1000, 100 and 10 known modes, each
-    counted by stacked_mode_metrics). The held-out images choose the threshold: accepted
-    channels' error <= MAX_HELD_OUT_ERROR. Returns the saved dict's metadata.
+    shifts and flips, a seeded data order; on the CPU in one thread with deterministic kernels,
+    so the same call writes the same file); the held-out images choose the confidence threshold
+    (accepted channels' error <= MAX_HELD_OUT_ERROR) and measure the confusion rates; the test
+    split gives the accuracy and the calibration rows (CALIBRATION_ROWS: stacked test samples
+    covering K known modes, each counted by stacked_mode_metrics). Returns the saved metadata.
     """
     if dataset not in ("mnist", "fashion-mnist"):
         raise UsageError(f"the mode classifier trains on mnist or fashion-mnist, not {dataset!r}")
@@ -4833,63 +4936,78 @@ def train_mode_classifier(dataset, out, root=None, device="cpu", epochs=12, batc
     n_train = len(train) - held_out
     if n_train < batch_size:
         raise UsageError(f"{dataset} has {len(train)} training images, too few for batches of {batch_size}")
-    torch.manual_seed(seed)
     device = torch.device(device)
-    model = ModeClassifier().to(device)
-    steps = epochs * (n_train // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    step, t0 = 0, time.time()
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(n_train // batch_size):
-            x, y = train.get_batch(perm[i * batch_size:(i + 1) * batch_size])
-            loss = F.cross_entropy(model(_augment(x, gen).to(device)), torch.as_tensor(y).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if step % 100 == 0:
-                rate = step / (time.time() - t0)
-                log(f"classifier epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f} "
-                    f"{rate:.1f} it/s ETA {format_duration((steps - step) / rate)}")
-    model.eval()
-    held = torch.arange(n_train, len(train))
-    pred, top = _predict_all(model, train.get_uint8(held).to(device))
-    truth = torch.as_tensor(train.labels)[held]
-    model.threshold, held_error, held_kept = choose_threshold(top.cpu(), pred.cpu() == truth,
-                                                              MAX_HELD_OUT_ERROR)
-    model.confusion = confident_confusion(truth, pred.cpu(), top.cpu(), model.threshold).to(device)
-    accepted = (top.cpu() >= model.threshold).double()
-    model.acceptance = torch.stack([accepted[truth == c].mean() for c in range(10)]).to(device)
-    test_images, test_labels = test.get_uint8(torch.arange(len(test))), torch.as_tensor(test.labels)
-    pred, _ = _predict_all(model, test_images.to(device))
-    acc = float((pred.cpu() == test_labels).double().mean())
-    rows = []
-    for k in (None, 100, 10):
-        x, _ = stacked_calibration_set(test_images, test_labels, calibration_samples, k, seed)
-        m = stacked_mode_metrics(x, model, device)
-        rows.append(dict(true_modes=k or 1000, samples=calibration_samples,
-                         expected_reverse_kl=float(math.log(1000 / (k or 1000))), **m))
+    t0 = time.time()
+    with reproducible_cpu() if device.type == "cpu" else contextlib.nullcontext():
+        torch.manual_seed(seed)                              # weights and dropout
+        model = ModeClassifier().to(device)
+        steps = epochs * (n_train // batch_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        gen = torch.Generator().manual_seed(seed)            # data order and augmentation
+        step = 0
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(n_train, generator=gen)
+            for i in range(n_train // batch_size):
+                x, y = train.get_batch(perm[i * batch_size:(i + 1) * batch_size])
+                loss = F.cross_entropy(model(_augment(x, gen).to(device)), torch.as_tensor(y).to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                if step % 100 == 0:
+                    rate = step / (time.time() - t0)
+                    log(f"classifier epoch {epoch + 1}/{epochs} step {step}/{steps} loss {loss.item():.3f} "
+                        f"{rate:.1f} it/s ETA {format_duration((steps - step) / rate)}")
+        model.eval()
+        held = torch.arange(n_train, len(train))
+        pred, top = _predict_all(model, train.get_uint8(held).to(device))
+        truth = torch.as_tensor(train.labels)[held]
+        model.threshold, held_error, held_kept = choose_threshold(top.cpu(), pred.cpu() == truth,
+                                                                  MAX_HELD_OUT_ERROR)
+        model.confusion = confident_confusion(truth, pred.cpu(), top.cpu(), model.threshold).to(device)
+        accepted = (top.cpu() >= model.threshold).double()
+        model.acceptance = torch.stack([accepted[truth == c].mean() for c in range(10)]).to(device)
+        test_images, test_labels = test.get_uint8(torch.arange(len(test))), torch.as_tensor(test.labels)
+        pred, _ = _predict_all(model, test_images.to(device))
+        acc = float((pred.cpu() == test_labels).double().mean())
+        model.test_accuracy, model.dataset, model.sha256 = acc, dataset, None
+        rows = []
+        for k, zipf, offset in CALIBRATION_ROWS:
+            x, trip = stacked_calibration_set(test_images, test_labels, calibration_samples,
+                                              None if k == 1000 else k, seed + offset, zipf)
+            p = torch.bincount(trip[:, 0] * 100 + trip[:, 1] * 10 + trip[:, 2], minlength=1000).double()
+            m = stacked_mode_metrics(x, model, device)
+            m.pop("protocol")
+            rows.append(dict(true_modes=k, zipf=zipf, seed=seed + offset, samples=calibration_samples,
+                             true_reverse_kl=_reverse_kl((p / p.sum()).numpy()), **m))
     meta = {"dataset": dataset, "test_accuracy": acc, "held_out": held_out,
-            "held_out_error": held_error, "held_out_accepted": held_kept, "calibration": rows}
+            "held_out_error": held_error, "held_out_accepted": held_kept, "calibration": rows,
+            "recipe": dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device.type,
+                           torch=str(torch.__version__))}
     save_mode_classifier(out, model, **meta)
-    return dict(meta, threshold=model.threshold)
+    return dict(meta, threshold=model.threshold, seconds=time.time() - t0, sha256=file_sha256(out))
 
 
 def save_mode_classifier(path, model, **meta):
     """Write a ModeClassifier with its threshold and confusion rates (atomic)."""
+    import io
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buf = io.BytesIO()             # a file's zip records are named after it; a buffer's are not
     torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "format": 2,
-                "threshold": float(model.threshold), **meta}, path + ".tmp")
+                "threshold": float(model.threshold), **meta}, buf)
+    with open(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
     os.replace(path + ".tmp", path)
 
 
-def load_mode_classifier(path, device="cpu"):
-    """A calibrated ModeClassifier saved by train_mode_classifier, in eval mode."""
+def load_mode_classifier(path, device="cpu", dataset=None):
+    """A calibrated ModeClassifier saved by train_mode_classifier, in eval mode, with the file's
+    SHA-256, test accuracy and dataset as attributes (every count records them). `dataset`
+    (e.g. "stacked-fashion-mnist"): refuse a classifier trained on another dataset."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -4909,6 +5027,11 @@ def load_mode_classifier(path, device="cpu"):
         raise UsageError(f"{path} does not hold this version's ModeClassifier: train a new one "
                          "with evaluate.py classifier") from None
     model.threshold, model.dataset = float(ckpt["threshold"]), ckpt.get("dataset")
+    model.test_accuracy, model.sha256 = ckpt.get("test_accuracy"), file_sha256(path)
+    if dataset is not None and dataset.replace("stacked-", "") != model.dataset:
+        raise UsageError(f"{path} was trained on {model.dataset}, not on {dataset.replace('stacked-', '')}: "
+                         f"its counts of {dataset} would be meaningless (train one with evaluate.py "
+                         f"classifier --dataset {dataset.replace('stacked-', '')})")
     return model.to(device).eval()
 
 
@@ -4926,38 +5049,64 @@ def count_modes(counts, confusion):
 
 @torch.no_grad()
 def stacked_mode_metrics(images, classifier, device="cpu", batch_size=500):
-    """Calibrated mode coverage of stacked (Fashion-)MNIST samples (rules 1 and 2 above).
+    """Calibrated mode coverage of stacked (Fashion-)MNIST samples (rules 1 and 2 above), and
+    the raw count beside it.
 
     images: (N, 3, H, W) uint8 or in [-1, 1] (quantised as a PNG), or an iterable of such
     batches (streamed). A sample's mode is 100a + 10b + c (a, b, c the R, G, B labels, the label
-    layout of section 5). Returns modes (out of 1000), reverse_kl = KL(histogram of the counted
-    samples on counted modes || uniform over 1000), natural log (PacGAN, VEEGAN; PGMGAN's table
-    is log10), and counted_fraction (samples whose three channels passed the threshold).
+    layout of section 5). Returns
+      modes (out of 1000), reverse_kl = KL(histogram of the counted samples on counted modes ||
+        uniform over 1000), natural log (PacGAN, VEEGAN; PGMGAN's table is log10), and
+        counted_fraction (samples whose three channels passed the threshold): calibrated;
+      modes_raw, kl_raw: PacGAN's count, the number of distinct triplets of per-channel argmax
+        labels over all finite samples and KL(their histogram || uniform over 1000), natural log;
+      non_finite: samples with a NaN / inf pixel (a diverged G), which belong to no mode;
+      protocol: N, the classifier (SHA-256, dataset, test accuracy, threshold) and the rules.
     """
     device = torch.device(device)
     batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size)) \
         if torch.is_tensor(images) else images
     counts = torch.zeros(1000, dtype=torch.long)
+    raw = torch.zeros(1000, dtype=torch.long)
     weighted = torch.zeros(1000, dtype=torch.float64)
     accept = classifier.acceptance.double().cpu().clamp(min=1e-3)
-    total = 0
-    for x in batches:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise UsageError(f"stacked samples must be (N, 3, H, W), got {tuple(x.shape)}")
-        labels, top = classifier.predict(x.to(device))
-        ok = (top >= classifier.threshold).all(1).cpu()
-        mode = (labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]).cpu()
-        counts += torch.bincount(mode[ok], minlength=1000)
-        w = 1.0 / accept[labels.cpu()[ok]].prod(1)
-        weighted += torch.bincount(mode[ok], weights=w, minlength=1000)
-        total += len(x)
+    total = non_finite = 0
+    with metric_precision():
+        for x in batches:
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise UsageError(f"stacked samples must be (N, 3, H, W), got {tuple(x.shape)}")
+            total += len(x)
+            if x.dtype != torch.uint8:
+                finite = torch.isfinite(x).flatten(1).all(1)
+                non_finite += int((~finite).sum())
+                x = x[finite]
+            if len(x) == 0:
+                continue
+            labels, top = classifier.predict(x.to(device))
+            labels = labels.cpu()
+            ok = (top >= classifier.threshold).all(1).cpu()
+            mode = labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]
+            raw += torch.bincount(mode, minlength=1000)
+            counts += torch.bincount(mode[ok], minlength=1000)
+            w = 1.0 / accept[labels[ok]].prod(1)
+            weighted += torch.bincount(mode[ok], weights=w, minlength=1000)
     if total == 0:
         raise UsageError("no samples to classify")
+    out = {"modes": 0, "reverse_kl": None, "counted_fraction": 0.0, "modes_raw": int((raw > 0).sum()),
+           "kl_raw": _reverse_kl((raw.double() / raw.sum()).numpy()) if raw.sum() else None,
+           "non_finite": non_finite}
     counted = int(counts.sum())
-    if counted == 0:
-        return {"modes": 0, "reverse_kl": None, "counted_fraction": 0.0}
-    modes = count_modes(counts.view(10, 10, 10), classifier.confusion).flatten()
-    on_modes = weighted * modes
-    return {"modes": int(modes.sum()),
-            "reverse_kl": _reverse_kl((on_modes.double() / on_modes.sum()).numpy()) if modes.any() else None,
-            "counted_fraction": counted / total}
+    if counted:
+        modes = count_modes(counts.view(10, 10, 10), classifier.confusion).flatten()
+        on_modes = weighted * modes
+        out.update(modes=int(modes.sum()), counted_fraction=counted / total,
+                   reverse_kl=_reverse_kl((on_modes / on_modes.sum()).numpy()) if modes.any() else None)
+    out["protocol"] = {
+        "samples": total, "classifier_sha256": getattr(classifier, "sha256", None),
+        "classifier_dataset": getattr(classifier, "dataset", None),
+        "classifier_test_accuracy": getattr(classifier, "test_accuracy", None),
+        "threshold": float(classifier.threshold),
+        "modes": f"all 3 channels with flip-averaged top probability >= threshold; a mode holds "
+                 f">= {MIN_MODE_COUNT} such samples and > {LEAK_FACTOR:g} x its neighbours' expected leak",
+        "modes_raw": "argmax per channel (same classifier), no threshold, a mode = a triplet seen once (PacGAN)"}
+    return out

@@ -621,7 +621,9 @@ def main(argv=None):
     start = time.perf_counter()
     G, F, dataset = train(args, rt, dataset)
     if rt.is_main:
-        common.finish_run(rt, args, final_metrics(G, args, rt, dataset), start)
+        with common.metric_precision():          # no TF32 / cuDNN autotuning for metrics, as evaluate.py
+            metrics = final_metrics(G, args, rt, dataset)
+        common.finish_run(rt, args, metrics, start)
     common.shutdown(rt)
 
 

@@ -128,12 +128,12 @@ PRESETS = {
     # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
     "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
                  beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
-    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); 26K samples as the
-    # VEEGAN / PacGAN stacked-MNIST protocol.
-    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=26_000,
+    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); PacGAN's 25,600
+    # samples, as every stacked count (common.STACKED_SAMPLES).
+    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=common.STACKED_SAMPLES,
                           log_every=100, sample_every=2000, ckpt_every=2000),
     "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
-                                  eval_samples=26_000, log_every=100, sample_every=2000,
+                                  eval_samples=common.STACKED_SAMPLES, log_every=100, sample_every=2000,
                                   ckpt_every=2000),
     # F's noise std: twice the ring's mode std (0.01), gone at 75 % of the run; 50K evaluation
     # samples (PGMGAN's 2-D protocol).
@@ -1161,8 +1161,9 @@ def final_metrics(G, D, args, rt):
             print("note: mode metrics skipped: pass --classifier (train one with "
                   "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
-        classifier = common.load_mode_classifier(args.classifier, rt.device)
-        return common.stacked_mode_metrics(common.in_chunks(draw, args.eval_samples, 500), classifier, rt.device)
+        classifier = common.load_mode_classifier(args.classifier, rt.device, args.data_name)
+        chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
+        return common.stacked_mode_metrics(common.in_chunks(draw, args.eval_samples, chunk), classifier, rt.device)
     # FID against the images this run trains on (its split; a folder cropped and resized as
     # training reads it): common.real_stats, cached. No Inception weights offline: skipped.
     real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
@@ -1183,7 +1184,9 @@ def main(argv=None):
     G, D = train(args, rt, dataset)
     if rt.is_main:
         figure3(G, D, args, rt.device, os.path.join(args.out, "figure3.png"))
-        common.finish_run(rt, args, final_metrics(G, D, args, rt), start)
+        with common.metric_precision():          # no TF32 / cuDNN autotuning for metrics, as evaluate.py
+            metrics = final_metrics(G, D, args, rt)
+        common.finish_run(rt, args, metrics, start)
     common.shutdown(rt)
 
 

@@ -147,8 +147,11 @@ PRESETS = {
     # Official code configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guided; its twin
     # scan_guide98, weight_guide 0, is the Partition GAN row = --guide-weight 0): 10 neighbours,
     # floor 1e-4, "nepochs = 350" (~52K G steps; 50K here is our rounding).
-    "stacked-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
-    "stacked-fashion-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000),
+    # eval_samples: PacGAN's 25,600, as every stacked count (common.STACKED_SAMPLES; PGMGAN: 50K).
+    "stacked-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000,
+                          eval_samples=common.STACKED_SAMPLES),
+    "stacked-fashion-mnist": dict(_IMAGES, neighbors=10, guide_min=1e-4, steps=50_000,
+                                  eval_samples=common.STACKED_SAMPLES),
     # Official code configs/cifar/scan_guide_biggan.yaml (floor 0).
     "cifar10": dict(_IMAGES),
     # Official code configs/stl10/scan_guide101_biggan_D4.yaml (guided; twin 102 = weight 0):
@@ -730,7 +733,7 @@ def final_metrics(sample_fn, args, device):
         # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
         out = common.mode_metrics_2d(common.sample_points(draw, n, device).numpy(), args.dataset, args.data_std)
     elif args.dataset.startswith("stacked"):
-        classifier = common.load_mode_classifier(args.classifier, device)
+        classifier = common.load_mode_classifier(args.classifier, device, args.dataset)
         chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
         out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, chunk), classifier, device))
     else:
@@ -1116,7 +1119,9 @@ def main(argv=None):
         sample_fn, part_metrics = run_gan(args, rt, dataset, channels)
         if rt.is_main:
             # metrics.json: the mixture's metrics and the partition's (prefixed "partition").
-            metrics = dict(final_metrics(sample_fn, args, rt.device),
+            with common.metric_precision():      # no TF32 / cuDNN autotuning for metrics, as evaluate.py
+                final = final_metrics(sample_fn, args, rt.device)
+            metrics = dict(final,
                            **{k if k.startswith("partition") else f"partition_{k}": v
                               for k, v in part_metrics.items()})
     if rt.is_main and metrics:

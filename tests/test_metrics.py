@@ -1,8 +1,10 @@
 """Tests of common.py section 7 (metrics) and evaluate.py.
 
 The FID Inception runs with *random* weights written in the standard file format (no download in
-CI); a few small images per test keep the 299x299 forward passes cheap. The comparisons with
-pytorch-fid run only where pytorch-fid is installed beside the project (it is no dependency).
+CI); a few small images per test keep the 299x299 forward passes cheap. pytorch-fid's and
+torch-fidelity's numbers on fixed inputs and weights are pinned in tests/data/peer_numbers.npz
+(tests/make_peer_numbers.py) and asserted in every run; a few further comparisons run only where
+pytorch-fid is installed beside the project (neither peer is a dependency).
 """
 
 import json
@@ -144,6 +146,65 @@ def test_features_equal_pytorch_fid(tmp_path, weights, model):
                                  rel=1e-5)
 
 
+# --- Peers pinned: pytorch-fid's and torch-fidelity's numbers, made once by tests/make_peer_numbers.py
+PEERS = os.path.join(ROOT, "tests", "data", "peer_numbers.npz")
+
+
+@pytest.fixture(scope="module")
+def peers():
+    with np.load(PEERS) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_fid_equals_pinned_pytorch_fid(peers, model):
+    # pytorch-fid 0.3.0 on the same 10 + 10 images as PNGs, same random weights (no install needed).
+    gen, real = (inception_stats([torch.from_numpy(peers[k])], model) for k in ("gen", "real"))
+    ref = peers["pytorch_fid_features_gen"]
+    assert np.abs(gen["features"][:, :64] - ref).max() <= 1e-5 * np.abs(ref).max()
+    fid = common.fid_from_stats(gen["mu"], gen["sigma"], real["mu"], real["sigma"])
+    assert fid == pytest.approx(float(peers["pytorch_fid_fid"]), rel=1e-5)
+
+
+def test_kid_and_pr_formulas_equal_torch_fidelity_on_its_features(peers):
+    # torch-fidelity 0.4.0's KID (subsets of all 10: every subset is the whole set) and precision /
+    # recall (k = 3) from its own features: our formulas give its numbers.
+    kid, _ = common.kid(peers["torch_fidelity_inception_gen"], peers["torch_fidelity_inception_real"],
+                        subset_size=10)
+    assert kid == pytest.approx(float(peers["torch_fidelity_kid"]), rel=1e-6)
+    p, r = common.precision_recall(peers["torch_fidelity_vgg_gen"], peers["torch_fidelity_vgg_real"])
+    assert (p, r) == pytest.approx((float(peers["torch_fidelity_precision"]),
+                                    float(peers["torch_fidelity_recall"])), abs=1e-6)
+
+
+def random_vgg16(seed=0):
+    # make_peer_numbers.random_vgg16_weights without the 528 MB file.
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = torchvision.models.vgg16(weights=None).state_dict()
+    vgg = common.VGG16Features()
+    vgg.net.load_state_dict(state)
+    return vgg.truncate_().eval()
+
+
+def test_kid_pr_preparation_is_pytorch_fids_as_labelled(peers, model):
+    # Our KID / PR features come from pytorch-fid's preparation (and F.interpolate for VGG-16), not
+    # torch-fidelity's TF1-style resize: their features differ, and the protocol says so (README
+    # gives the measured difference). Should the preparation ever become torch-fidelity's, this
+    # fails: then pin equality here and drop the label.
+    gen, real = (inception_stats([torch.from_numpy(peers[k])], model)["features"] for k in ("gen", "real"))
+    theirs = peers["torch_fidelity_inception_gen"]
+    rel = np.abs(gen - theirs).max() / np.abs(theirs).max()
+    assert 1e-4 < rel < 0.2
+    ours_kid = common.kid(gen, real, subset_size=10)[0]
+    assert ours_kid != pytest.approx(float(peers["torch_fidelity_kid"]), rel=1e-3)
+    with torch.no_grad():
+        vgg = [random_vgg16().embed(torch.from_numpy(peers[k]))[0].numpy() for k in ("gen", "real")]
+    theirs = peers["torch_fidelity_vgg_gen"]
+    assert 1e-4 < np.abs(vgg[0] - theirs).max() / np.abs(theirs).max() < 0.2
+    assert "torch-fidelity" in common.KID_PR_PREPARATION and "pytorch-fid" in common.KID_PR_PREPARATION
+
+
 def test_vgg16_features_are_fc2_after_relu_on_imagenet_normalised_224px():
     import torchvision
 
@@ -249,6 +310,27 @@ def test_real_stats_use_the_training_pixels_and_a_full_cache_key(tmp_path, model
     assert len(os.listdir(tmp_path / "cache")) == 4
     again = common.real_stats(model, **kw)
     assert "(cached)" in capsys.readouterr().err and np.array_equal(again["mu"], stats["mu"])
+
+
+def test_overwritten_folder_gives_the_new_fid_cached_or_not(tmp_path, weights, capsys):
+    # Issue 29: images overwritten under the same names returned the cached FID (0.648 for 17.09).
+    # A folder is cached only with --cache-folders, and then keyed by its files' sizes and mtimes.
+    gen, real = write_pngs(str(tmp_path / "gen"), 4, seed=1), write_pngs(str(tmp_path / "real"), 4, seed=2)
+    cache = tmp_path / "cache"
+    w = ["--inception-weights", weights, "--device", "cpu", "--quiet", "--stats-cache", str(cache)]
+
+    def fid(*extra):
+        code, out, err = cli(["fid", gen, real, *w, *extra], capsys)
+        assert code == 0, err
+        return float(out.split("FID: ")[1].split()[0])
+
+    before = fid()
+    assert not cache.exists()                         # folders: no cache unless asked
+    assert fid("--cache-folders") == pytest.approx(before, rel=1e-9) and len(os.listdir(cache)) == 2
+    write_pngs(gen, 4, seed=3)                        # same names, same count, other pixels
+    after = fid("--cache-folders")
+    assert after == pytest.approx(fid("--no-cache"), rel=1e-9) and abs(after - before) > 1e-3 * before
+    assert after == pytest.approx(fid(), rel=1e-9)
 
 
 def test_subsets_are_seeded_random_not_the_first_files():
@@ -363,6 +445,17 @@ def test_prd_keeps_the_best_of_n_init_kmeans_runs(monkeypatch):
         monkeypatch.setattr(vq, "kmeans2", fake)
         labels = common._kmeans_labels(data, 2, 3, np.random.default_rng(0))
         assert calls == [2, 2, 2] and labels is good[1]
+
+
+def test_non_finite_generated_images_are_counted(model):
+    # NaN pixels used to become 0 silently: now black (NaN) / white (+inf), and counted per image.
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x[1, 0, 2, 2], x[3, 2, 0, 0] = float("nan"), float("inf")
+    stats = {"i": common.FeatureStats()}
+    common.extract([x[:2], x[2:]], {"i": model}, stats, "cpu", progress=False)
+    assert stats["i"].non_finite == 2
+    common.extract([common.to_uint8(x)], {"i": model}, stats, "cpu", progress=False)
+    assert stats["i"].non_finite == 0
 
 
 def test_feature_stats_streaming_equals_numpy():
@@ -515,17 +608,48 @@ def test_stacked_counter_by_hand():
     x = torch.zeros(3000, 3, 2, 2)
     x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 1.0
     m = common.stacked_mode_metrics(x, CodedClassifier())
-    assert m == {"modes": 1000, "reverse_kl": pytest.approx(0.0, abs=1e-12), "counted_fraction": 1.0}
+    proto = m.pop("protocol")
+    assert m == {"modes": 1000, "reverse_kl": pytest.approx(0.0, abs=1e-12), "counted_fraction": 1.0,
+                 "modes_raw": 1000, "kl_raw": pytest.approx(0.0, abs=1e-12), "non_finite": 0}
+    assert proto["samples"] == 3000 and proto["threshold"] == 0.9
     # One triplet: log 1000. A triplet seen once is below MIN_MODE_COUNT (3).
     one = x[:1].repeat(7, 1, 1, 1)
     assert common.stacked_mode_metrics(one, CodedClassifier())["modes"] == 1
     assert common.stacked_mode_metrics(one, CodedClassifier())["reverse_kl"] == pytest.approx(math.log(1000))
     assert common.stacked_mode_metrics(one[:1], CodedClassifier())["modes"] == 0
-    # A sample with one unsure channel is not counted, and nothing counted is said so.
+    # A sample with one unsure channel is not counted, and nothing counted is said so; the raw
+    # (PacGAN) count takes every argmax triplet, seen once or not, sure or not.
     unsure = one.clone()
     unsure[:, 2, 0, 0] = 0.5
-    assert common.stacked_mode_metrics(unsure, CodedClassifier()) == {
-        "modes": 0, "reverse_kl": None, "counted_fraction": 0.0}
+    m = common.stacked_mode_metrics(unsure, CodedClassifier())
+    assert (m["modes"], m["reverse_kl"], m["counted_fraction"]) == (0, None, 0.0)
+    assert m["modes_raw"] == 1 and m["kl_raw"] == pytest.approx(math.log(1000))
+
+
+def test_raw_count_is_pacgans_argmax_count():
+    # PacGAN: modes = distinct argmax triplets among the N samples (one sample is enough, no
+    # threshold); KL(p_model || uniform over 1000), natural log, over all N samples.
+    trip = torch.tensor([[1, 2, 3]] * 6 + [[4, 5, 6]] * 3 + [[7, 8, 9]])
+    x = torch.zeros(len(trip), 3, 2, 2)
+    x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 0.3                 # all below the threshold
+    m = common.stacked_mode_metrics(x, CodedClassifier(0.9))
+    p = np.array([0.6, 0.3, 0.1])
+    assert m["modes_raw"] == 3 and m["modes"] == 0
+    assert m["kl_raw"] == pytest.approx(float((p * np.log(p * 1000)).sum()), rel=1e-12)
+
+
+def test_non_finite_stacked_samples_are_counted_not_classified():
+    # A diverged G's NaN / inf samples: reported as non_finite, in no mode (to_uint8 would have
+    # made them black or white images, classified as some item), still part of N.
+    trip = all_triplets()[:5].repeat(4, 1)
+    x = torch.zeros(len(trip), 3, 2, 2)
+    x[:, :, 1, 1], x[:, :, 0, 0] = trip.float(), 1.0
+    x[:3, 1, 0, 1], x[3:5, 0, 1, 0] = float("nan"), float("inf")
+    m = common.stacked_mode_metrics([x[:7], x[7:]], CodedClassifier())
+    assert m["non_finite"] == 5 and m["protocol"]["samples"] == 20
+    assert m["counted_fraction"] == pytest.approx(15 / 20) and m["modes_raw"] == 5
+    assert torch.equal(common.to_uint8(torch.tensor([float("nan"), float("inf"), -float("inf")])),
+                       torch.tensor([0, 255, 0], dtype=torch.uint8))
 
 
 def test_reverse_kl_undoes_the_class_dependent_acceptance():
@@ -576,15 +700,17 @@ def test_train_classifier_calibrates_and_the_modes_command_reads_every_format(tm
     write_mnist(root, n_train=700, n_test=300)
     cls = str(tmp_path / "cls.pt")
     code, out, err = cli(["classifier", "--dataset", "mnist", "--data-root", root, "--out", cls,
-                          "--epochs", "4", "--batch-size", "16", "--calibration-samples", "2000",
+                          "--epochs", "4", "--batch-size", "16", "--calibration-samples", "600",
                           "--device", "cpu", "--quiet"], capsys)
     assert code == 0, err
     saved = torch.load(cls, weights_only=True)
     assert saved["format"] == 2 and 0.5 <= saved["threshold"] < 1 and saved["test_accuracy"] > 0.5
-    assert [r["true_modes"] for r in saved["calibration"]] == [1000, 100, 10]
-    assert "calibration" in out and "true modes" in out
+    assert [(r["true_modes"], r["zipf"]) for r in saved["calibration"]] == [
+        (k, z) for k, z, _ in common.CALIBRATION_ROWS]
+    assert "calibration" in out and "true modes" in out and common.file_sha256(cls) in out
     clf = common.load_mode_classifier(cls)
     assert clf.threshold == saved["threshold"] and not torch.equal(clf.confusion, torch.eye(10).double())
+    assert clf.sha256 == common.file_sha256(cls) and clf.test_accuracy == saved["test_accuracy"]
     # The same samples as a float .npy in [-1, 1], a uint8 .npy and a folder of PNGs.
     labels = torch.arange(60) % 10
     u8 = (torch.stack([labels, (labels * 3) % 10, (labels * 7) % 10], 1) * 20).to(torch.uint8)
@@ -601,8 +727,40 @@ def test_train_classifier_calibrates_and_the_modes_command_reads_every_format(tm
         assert code == 0, err
         results.append(json.load(open(path)))
     assert results[0] == results[1] == results[2]
-    assert set(results[0]) == {"modes", "reverse_kl", "counted_fraction"}
+    assert set(results[0]) == {"modes", "reverse_kl", "counted_fraction", "modes_raw", "kl_raw",
+                               "non_finite", "protocol"}
     assert 1 <= results[0]["modes"] <= 10
+    # Every count says what made it: N and the classifier (hash, dataset, accuracy, threshold).
+    proto = results[0]["protocol"]
+    assert proto["samples"] == 60 and proto["classifier_sha256"] == common.file_sha256(cls)
+    assert (proto["classifier_dataset"], proto["threshold"]) == ("mnist", saved["threshold"])
+    assert proto["classifier_test_accuracy"] == saved["test_accuracy"]
+    # A classifier of another dataset is refused: one line, exit code 2.
+    code, _, err = cli(["modes", str(tmp_path / "u8.npy"), "--dataset", "stacked-fashion-mnist",
+                        "--classifier", cls, "--device", "cpu"], capsys)
+    assert code == 2 and "trained on mnist, not on fashion-mnist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_classifier_training_reproduces_the_file_byte_for_byte(tmp_path):
+    # Issue 29: the README's command, run again, gave another classifier. One thread, deterministic
+    # kernels and a seeded data order: the same call writes the same bytes, even where the caller
+    # runs more threads; another seed gives another file (the test can tell files apart).
+    root = str(tmp_path / "mnist")
+    write_mnist(root, n_train=400, n_test=100)
+    kw = dict(root=root, epochs=1, batch_size=16, calibration_samples=60, log=lambda s: None)
+    common.train_mode_classifier("mnist", str(tmp_path / "a.pt"), **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(123)                 # the caller's RNG state must not matter either
+        meta = common.train_mode_classifier("mnist", str(tmp_path / "b.pt"), **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    a, b = (tmp_path / "a.pt").read_bytes(), (tmp_path / "b.pt").read_bytes()
+    assert a == b and meta["sha256"] == common.file_sha256(str(tmp_path / "a.pt"))
+    common.train_mode_classifier("mnist", str(tmp_path / "c.pt"), **dict(kw, seed=1))
+    assert (tmp_path / "c.pt").read_bytes() != a
 
 
 def test_old_classifier_files_are_refused(tmp_path):
@@ -633,8 +791,13 @@ def test_cli_images_stats_fid(tmp_path, weights, capsys):
     assert code == 0, err
     res = json.load(open(out_json))
     assert set(res) == {"is_mean", "is_std", "mode_score", "kid_mean", "kid_std", "precision",
-                        "recall", "ivar_mean", "ivar_std", "protocol"}
-    assert set(res["protocol"]) == {"is", "ms", "kid", "pr", "ivar"}
+                        "recall", "ivar_mean", "ivar_std", "non_finite", "protocol"}
+    assert {"is", "ms", "kid", "pr", "ivar", "kid_pr_preparation"} <= set(res["protocol"])
+    # Each number carries its protocol: N, the weights' hash, the resize.
+    proto = res["protocol"]
+    assert (proto["samples"], proto["real_samples"], res["non_finite"]) == (11, 6, 0)
+    assert proto["inception_sha256"] == common.file_sha256(weights)
+    assert proto["inception_resize"] == common.INCEPTION_RESIZE and "pytorch-fid" in proto["kid_pr_preparation"]
     assert "11 generated" in res["protocol"]["is"] and "inception pool3" in res["protocol"]["pr"]
     assert "6 vs 6" in res["protocol"]["pr"].replace(" generated", "").replace(" real", "")
     code, out, _ = cli(["fid", stats, stats, "--json", out_json], capsys)    # a set with itself

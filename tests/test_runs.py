@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import evaluate
 import invert_gan
 import maem_gan
 import pgm_gan
@@ -400,6 +401,54 @@ def test_under_torchrun_a_bad_flag_prints_once_per_node_and_every_rank_exits_2(m
 
 
 # ---------------------------------------------------------------- evaluate.py ckpt
+def test_stacked_counts_agree_run_ckpt_and_saved_samples(tmp_path, capsys):
+    # Issue 29, "done when": a run's metrics.json, evaluate.py ckpt on its checkpoint and
+    # evaluate.py modes on the PNGs ckpt saved count under one protocol (N, classifier), and ckpt
+    # and modes give the very same numbers on the same images. Default N: 25,600 everywhere.
+    from test_metrics import cli
+
+    assert (maem_gan.PRESETS["stacked-fashion-mnist"]["eval_samples"]
+            == pgm_gan.PRESETS["stacked-fashion-mnist"]["eval_samples"] == common.STACKED_SAMPLES == 25_600)
+    assert evaluate.build_parser().parse_args(["classifier", "--dataset", "mnist", "--out", "x"]
+                                              ).calibration_samples == common.STACKED_SAMPLES
+    write_mnist(str(tmp_path / "data"), n_train=8, n_test=4)
+    classifier = str(tmp_path / "cls.pt")
+    torch.manual_seed(0)
+    common.save_mode_classifier(classifier, common.ModeClassifier(), dataset="mnist", test_accuracy=0.5)
+    out = str(tmp_path / "run")
+    maem_gan.main(["--dataset", "stacked-mnist", "--data-root", str(tmp_path / "data"), "--width", "4",
+                   "--batch-size", "4", "--steps", "2", "--n-critic", "1", "--log-every", "1",
+                   "--ckpt-every", "2", "--sample-every", "2", "--fig3-samples", "12", "--m", "4",
+                   "--eval-samples", "40", "--classifier", classifier, "--device", "cpu", "--out", out])
+    run = json.load(open(os.path.join(out, "metrics.json")))
+    pngs, a, b = str(tmp_path / "pngs"), str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    code, _, err = cli(["ckpt", os.path.join(out, "ckpt.pt"), "--classifier", classifier, "--n", "40",
+                        "--save-samples", pngs, "--json", a, "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = cli(["modes", pngs, "--dataset", "stacked-mnist", "--classifier", classifier,
+                        "--json", b, "--device", "cpu"], capsys)
+    assert code == 0, err
+    ckpt, modes = json.load(open(a)), json.load(open(b))
+    assert ckpt == modes
+    assert run["protocol"] == ckpt["protocol"]
+    assert ckpt["protocol"]["samples"] == 40 and ckpt["protocol"]["classifier_sha256"] == common.file_sha256(classifier)
+    # Without --n, a stacked checkpoint is counted on 25,600 samples.
+    seen = []
+    real = common.stacked_mode_metrics
+
+    def counting(batches, *args, **kw):
+        seen.append(sum(len(x) for x in batches))
+        return {"modes": 0}
+
+    common.stacked_mode_metrics = counting
+    try:
+        code, _, err = cli(["ckpt", os.path.join(out, "ckpt.pt"), "--classifier", classifier,
+                            "--device", "cpu", "--quiet"], capsys)
+    finally:
+        common.stacked_mode_metrics = real
+    assert code == 0 and seen == [25_600], err
+
+
 def test_evaluate_ckpt_fid_of_a_stacked_run_without_real(tmp_path, capsys):
     from bench_metrics import random_fid_weights
     from test_metrics import cli
@@ -423,6 +472,8 @@ def test_evaluate_ckpt_fid_of_a_stacked_run_without_real(tmp_path, capsys):
         got = json.load(open(res))
         assert keys <= set(got) and ("modes" in got) == ("modes" in keys)
         assert "8 real" in got["protocol"]["fid"]                  # the run's own 8 training images
+        if "modes" in keys:                                           # both protocols kept
+            assert got["protocol"]["modes"]["classifier_sha256"] == common.file_sha256(classifier)
     ring = str(tmp_path / "ring")
     invert_gan.main([*RING, "--steps", "2", "--out", ring])
     code, _, err = cli(["ckpt", os.path.join(ring, "ckpt.pt"), "--metrics", "fid"], capsys)
