@@ -2532,8 +2532,8 @@ class DCGANDiscriminator(nn.Module):
 # D=0.25G and D=0.5G), itself after Unrolled GAN's App. E: 3x3 kernels, TensorFlow 'SAME' padding,
 # BN (eps 1e-5, TF decay 0.9 = torch momentum 0.1) after every layer but D's first input and the
 # outputs. Init: N(0, 0.02) weights (truncated at 2 std for convs, as TF's truncated_normal), zero
-# biases, BN gain 1: the DCGAN-TensorFlow ops that model.py imports (its ops.py is not in the
-# public copy we read; these are that family's values and the measurement of them).
+# biases, BN gain 1. Official code: PacGAN's celeba_experiments/ops.py (the DCGAN-TensorFlow ops;
+# the stacked folder's model.py imports the same family).
 
 
 def _tf_same_pads(size, stride, k=3):

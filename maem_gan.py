@@ -35,7 +35,7 @@ Map of the paper to this file:
               the authors' buffer (--authors-buffer)  -> AuthorsReplayBuffer
               who minimises it on which codes        -> section 5's header, d_step_loss / g_step_loss
               is D's code space alive?               -> health (log), code_directions (metrics.json)
-    Eq. 9-11  why nearest-neighbour distances      -> the comment above entropy_loss
+    Eq. 9-11  why nearest-neighbour distances      -> the comment above ReplayBuffer
     Eq. 12-13 DLLE                                 -> dlle_transform, dlle_loss
     Eq. 14    DIsoMap                              -> isomap_mix, isomap_loss
     Table 1   ablations                            -> --no-disomap / --no-dlle / --no-entropy
@@ -181,7 +181,9 @@ BACKBONE_PRESETS = {
 # its G and reduced BN D (no spectral norm, --d-width 2) at 28x28, z 256, batch 128, Adam (0.5, 0.99),
 # lr 1e-4 G / 2e-4 D, one D step per G step, no decay, data drawn afresh (--redraw), 25,600 counted
 # samples, 500K steps. Ours: the protocol's BCE on the realness (--loss ns) replaces L_MaF, a critic
-# loss that needs a Lipschitz D (the protocol's D has none); m, sigma, lambda and F as CIFAR-10's.
+# loss that needs a Lipschitz D (the protocol's D has none); these replace CIFAR-10's n_critic 3, betas
+# (0, 0.999), batch 64, z 64, lr decay and SN DCGAN; m, sigma, lambda and F stay CIFAR-10's. The G step
+# draws a fresh z (Eq. 7's paper path; PacGAN reuses the D step's; --variant official reuses it).
 _PACGAN = dict(arch="pacgan", img_size=28, z_dim=256, width=8, d_width=2, batch_size=128, lr=1e-4, lr_d=2e-4,
                beta1=0.5, beta2=0.99, n_critic=1, loss="ns", lr_decay=1.0, redraw=True, steps=500_000,
                eval_samples=25_600, log_every=500, sample_every=5000, ckpt_every=5000)
@@ -754,7 +756,7 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # Who minimises L_ent is not stated in the paper (Fig. 1 says "real/generated", Sec. 1 "the
 # discriminator side"). We route it as the authors' train.py does: D spreads the codes of *real*
 # images against a buffer of real codes (and only D carries lambda ||V0||, which "stabilises the
-# discriminator"); G spreads the codes of its samples against a buffer of generated codes. D never
+# discriminator": ours, the authors' code has no lambda term); G spreads the codes of its samples against a buffer of generated codes. D never
 # sees the generated-code term, so D cannot lower it for G.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):

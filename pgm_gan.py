@@ -123,7 +123,9 @@ _PACGAN = dict(
     # 25,600 counted samples; model.py: common.PacGANGenerator (here with per-partition BN) and
     # PacGANDiscriminator (width 2 = 1/4 of G; BN, no spectral norm) with k per-partition outputs,
     # BCE with the non-saturating G loss (--loss standard, not PGMGAN's hinge) and one D step per G
-    # step (not PGMGAN's 4). Data drawn afresh every epoch (redraw, common.StackedDataset).
+    # step (not PGMGAN's 4); these replace its batch 100, z 128, betas (0, 0.999) and lr 2e-4 for G.
+    # Data drawn afresh every epoch (redraw, common.StackedDataset). The G step draws a fresh z
+    # (PacGAN reuses the D step's).
     # PGMGAN's own: k = 200 (Table 1, stacked MNIST), the guide of the stacked-mnist preset (mean,
     # 6.0 - 1.2e-4 per step, floor 1e-4). Stages sized for one CPU core (ours, ~10 minutes beside a
     # GAN stage of ~1 h): SimCLR 1000 steps of batch 256 (SCAN: ~49K of 512) on a 2-block width-16
@@ -215,7 +217,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("partitions (Sec. 4.1) and baselines (Sec. 5.2)")
     g.add_argument("--k", type=int, default=None,
                    help="number of partitions = generators (200 images, Sec. 5.2; 1000 ImageNet, "
-                        "Sec. 5.3; 50 on 2-D, official 2d_mix); --k 1 = one plain GAN (baseline)")
+                        "Sec. 5.3; 2-D presets: one per Gaussian, 25 grid / 8 ring, Sec. 5.1; the official "
+                        "2d_mix script uses 50); --k 1 = one plain GAN (baseline)")
     g.add_argument("--partition", default="learned", choices=["learned", "random"],
                    help="learned: S from Eq. 5; random: uniformly random partition ids "
                         "(baseline 'Random Partition ID', Table 1; no guide, no rejection)")

@@ -22,7 +22,7 @@ redone on every kept G later with whatever counter is current. A killed run cont
 every row), at D = 1/4 (--d-width 2) or 1/2 (4), --jobs at a time (each `OMP_NUM_THREADS=1 nice`):
     dcgan     the floor loop above: the protocol as published
     maem      maem_gan.py --arch pacgan, all terms
-    maem-maf  maem_gan.py --arch pacgan --no-disomap --no-dlle --no-entropy (L_MaF alone)
+    maem-maf  maem_gan.py --arch pacgan --no-disomap --no-dlle --no-entropy (m-dim D, no MaEM term)
     invert    invert_gan.py --arch pacgan (p-norm L_Gau, F sized like G)
     pgm       pgm_gan.py --arch pacgan (k 200, CPU-sized stages: its preset)
 Checkpoints stay in --out (outside the repository). Each finished run is counted the same way for
@@ -67,7 +67,7 @@ import bench_stacked  # noqa: E402  (its job scheduler: schedule / stop)
 
 # The protocol's constants: PacGAN model.py / config.py (D=0.25G), also in the issue's summary.
 Z_DIM, BATCH, LR_D, LR_G, BETAS = 256, 128, 2e-4, 1e-4, (0.5, 0.99)
-COUNT_N = 25_600        # PacGAN's num_training_sample: samples per count, one fixed z set
+COUNT_N = 25_600        # PacGAN config.py's num_test_sample: samples per count, one fixed z set
 COUNT_Z_SEED = 4321     # ours: the fixed z set of every count
 
 
@@ -163,8 +163,7 @@ def draw(G, n=COUNT_N, seed=COUNT_Z_SEED, batch=BATCH):
     """n samples of G from one fixed z set, in batches of the protocol's 128 with G's BN on each
     batch's statistics (PacGAN's sampler: its batch_norm never leaves training mode)."""
     z = torch.randn(n, Z_DIM, generator=torch.Generator().manual_seed(seed))
-    G.train()
-    return torch.cat([G(z[i:i + batch]) for i in range(0, n, batch)])
+    return common.sample_bn_batch(G, z, batch=batch)
 
 
 def load_g(path):
@@ -203,7 +202,7 @@ RESULTS = os.path.join(TESTS, "results", "stacked-pacgan")
 TABLE_ROWS = {
     "dcgan": ("floor", "DCGAN (PacGAN's protocol)", []),
     "maem": ("maem_gan", "MaEM-GAN (all terms)", []),
-    "maem-maf": ("maem_gan", "MaEM-GAN, L_MaF alone", ["--no-disomap", "--no-dlle", "--no-entropy"]),
+    "maem-maf": ("maem_gan", "MaEM-GAN, m-dim D, no MaEM term (BCE)", ["--no-disomap", "--no-dlle", "--no-entropy"]),
     "invert": ("invert_gan", "InvertGAN (p-norm)", []),
     "pgm": ("pgm_gan", "PGMGAN (k 200, guide)", []),
 }
