@@ -346,7 +346,7 @@ def count_run(run, classifier, info, command):
 def load_results(folder):
     out = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json") and name != "summary.json":
+        if name.endswith(".json") and name != "summary.json" and not name.endswith("-curve.json"):   # curve: floor's counts
             with open(os.path.join(folder, name)) as f:
                 out.append(json.load(f))
     return out
