@@ -41,8 +41,8 @@ The GPU plan (`--device cuda`, the default size): 3 seeds x 7 rows = 21 runs, 50
 64 each (each method keeps its own D:G ratio: MaEM-GAN n_critic 3, InvertGAN n_dis 1, PGMGAN n_dis
 4, their presets), width 64 (the DCGAN's 512-256-128), PGMGAN with k = 200 (Table 1) and reduced
 stages (SimCLR 3000 steps of batch 256, an 8-block width-64 partitioner trained 3000 steps: the
-preset's 49K + 20K steps of a 20-block one would take the whole budget), 26,000 samples counted per
-run (the classifier's calibration rows use 26,000), the classifier trained 12 epochs. Budget
+preset's 49K + 20K steps of a 20-block one would take the whole budget), 25,600 samples counted per
+run (common.STACKED_SAMPLES, PacGAN's count; the classifier's calibration rows use the same), the classifier trained 12 epochs. Budget
 (estimated, not measured): README's H100 throughput of one process (16.6 G steps/s MaEM DCGAN-64,
 17.2 InvertGAN ResNets) puts 5000 steps at ~5 min alone; 21 runs sharing one GPU and 16 cores
 perhaps 2-3x slower each, PGMGAN's stages a few minutes more: about 25 minutes of training and
@@ -70,6 +70,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import common  # noqa: E402  (after the path: run as a script from anywhere)
+
 DATASET = "stacked-fashion-mnist"
 DATA_ROOT = "/usr/share/datasets/fashion-mnist"          # the Debian package's idx .gz files
 SHIM = "invert-gan-run"                                 # argv[1] that runs invert_gan.py on stacked data
@@ -92,8 +94,8 @@ ROW = {r[0]: r for r in ROWS}
 # for the budgets named), except k 200 and n_dis 4 (PGMGAN Table 1 / official config).
 SIZES = {
     "full": dict(
-        steps=5000, seeds=[0, 1, 2], eval_samples=26_000, log_every=100, ckpt_every=500,
-        classifier=dict(epochs=12, batch_size=128, calibration_samples=26_000),
+        steps=5000, seeds=[0, 1, 2], eval_samples=common.STACKED_SAMPLES, log_every=100, ckpt_every=500,
+        classifier=dict(epochs=12, batch_size=128, calibration_samples=common.STACKED_SAMPLES),
         maem_gan=["--arch", "dcgan", "--width", "64", "--z-dim", "64", "--batch-size", "64",
                   "--fig3-samples", "1000"],
         invert_gan=["--arch", "invert-resnet", "--width", "64", "--z-dim", "20", "--batch-size", "64"],
