@@ -173,26 +173,35 @@ def load_g(path):
     return G, ck
 
 
-def count(G, classifier):
-    """Both counts of PacGAN's Table 3 protocol on COUNT_N samples: the raw argmax count and the
+def count(G, classifier, n=COUNT_N):
+    """Both counts of PacGAN's Table 3 protocol on n (COUNT_N) samples: the raw argmax count and the
     project's calibrated one (common.stacked_mode_metrics)."""
-    x = draw(G)
+    x = draw(G, n=n)
     return common.stacked_mode_metrics(x, classifier), x
 
 
 def curve(args):
-    """Count every kept G of a run (g_<step>.pt) with the classifier; writes curve.json."""
+    """Count every kept G of a run (g_<step>.pt) with the classifier into curve.json, rewritten after
+    each count; steps already counted there with the same classifier file (SHA-256) are kept."""
     classifier = common.load_mode_classifier(args.classifier)
+    sha = common.file_sha256(args.classifier)
+    path = os.path.join(args.out, "curve.json")
+    done = {}
+    if os.path.isfile(path):
+        done = {r["step"]: r for r in json.load(open(path))["rows"]
+                if r.get("protocol", {}).get("classifier_sha256") == sha and r["protocol"].get("samples") == args.count_samples}
     files = sorted(f for f in os.listdir(args.out) if f.startswith("g_") and f.endswith(".pt"))
-    rows = []
     for name in files:
+        step = int(name[2:-3])
+        if step in done:
+            continue
         G, ck = load_g(os.path.join(args.out, name))
-        m, x = count(G, classifier)
-        rows.append(dict(step=ck["step"], seconds=round(ck["seconds"], 1), **m))
-        print(json.dumps(rows[-1]), flush=True)
+        m, x = count(G, classifier, args.count_samples)
+        done[step] = dict(step=ck["step"], seconds=round(ck["seconds"], 1), **m)
+        print(json.dumps(done[step]), flush=True)
         common.save_image_grid(x[:100], os.path.join(args.out, name.replace(".pt", ".png")), nrow=10)
-    common.write_json(os.path.join(args.out, "curve.json"),
-                      dict(classifier=args.classifier, n=COUNT_N, z_seed=COUNT_Z_SEED, rows=rows))
+        common.write_json(path, dict(classifier=args.classifier, n=args.count_samples, z_seed=COUNT_Z_SEED,
+                                     rows=[done[k] for k in sorted(done)]))
 
 
 # ---------------------------------------------------------------- the table: rows, runs, counts
@@ -493,6 +502,7 @@ def main(argv=None):
     c = sub.add_parser("curve", help="count every kept G of a run")
     c.add_argument("--out", required=True)
     c.add_argument("--classifier", required=True)
+    c.add_argument("--count-samples", type=int, default=COUNT_N, help=argparse.SUPPRESS)   # tests: fewer
     t = sub.add_parser("table", help="the table's runs: train, resume, count, keep results in the repository")
     t.add_argument("--rows", nargs="+", default=list(TABLE_ROWS), choices=list(TABLE_ROWS))
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

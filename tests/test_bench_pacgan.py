@@ -226,3 +226,35 @@ def test_table_runs_counts_skips_and_resumes(tmp_path):
         assert json.load(open(os.path.join(results, name + ".json")))["steps"] == 300
     summary = run_script(["tests/bench_pacgan.py", "table", "--summary", "--results", results], timeout=60)
     assert summary.returncode == 0 and "InvertGAN (p-norm)" in summary.stdout
+
+
+def test_curve_counts_each_kept_generator_once_per_classifier(tmp_path, capsys):
+    root, out = str(tmp_path / "fmnist"), str(tmp_path / "run")
+    write_mnist(root, n_train=300, n_test=300)
+    bench_pacgan.floor(argparse.Namespace(out=out, steps=4, seed=0, d_width=2, ckpt_every=2, log_every=2,
+                                          data_root=root))
+    clfs = []
+    for i in range(2):
+        clfs.append(str(tmp_path / f"clf{i}.pt"))
+        torch.manual_seed(i)
+        common.train_mode_classifier("fashion-mnist", clfs[i], root=root, epochs=1 + i, batch_size=16,
+                                     calibration_samples=300, log=lambda *a: None)
+
+    def curve(clf):
+        capsys.readouterr()
+        bench_pacgan.curve(argparse.Namespace(out=out, classifier=clf, count_samples=256))
+        counted = [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()]
+        return counted, json.load(open(os.path.join(out, "curve.json")))
+
+    counted, rec = curve(clfs[0])
+    assert counted == [2, 4] and [r["step"] for r in rec["rows"]] == [2, 4]
+    m, _ = bench_pacgan.count(bench_pacgan.load_g(os.path.join(out, "g_000004.pt"))[0],
+                              common.load_mode_classifier(clfs[0]), 256)
+    assert rec["rows"][1]["modes_raw"] == m["modes_raw"] and rec["rows"][1]["kl_raw"] == m["kl_raw"]
+    rec["rows"] = rec["rows"][1:]                       # a count lost (a cut run): only that one is redone
+    common.write_json(os.path.join(out, "curve.json"), rec)
+    assert curve(clfs[0])[0] == [2]
+    assert curve(clfs[0])[0] == []                      # nothing new: nothing counted
+    counted, rec = curve(clfs[1])                       # another classifier file: every G again
+    assert counted == [2, 4]
+    assert {r["protocol"]["classifier_sha256"] for r in rec["rows"]} == {common.file_sha256(clfs[1])}
