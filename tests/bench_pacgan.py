@@ -193,7 +193,7 @@ def curve(args):
     files = sorted(f for f in os.listdir(args.out) if f.startswith("g_") and f.endswith(".pt"))
     for name in files:
         step = int(name[2:-3])
-        if step in done:
+        if step in done or step % args.every:
             continue
         G, ck = load_g(os.path.join(args.out, name))
         m, x = count(G, classifier, args.count_samples)
@@ -503,6 +503,7 @@ def main(argv=None):
     c.add_argument("--out", required=True)
     c.add_argument("--classifier", required=True)
     c.add_argument("--count-samples", type=int, default=COUNT_N, help=argparse.SUPPRESS)   # tests: fewer
+    c.add_argument("--every", type=int, default=1, help="count only the kept Gs whose step is a multiple of this")
     t = sub.add_parser("table", help="the table's runs: train, resume, count, keep results in the repository")
     t.add_argument("--rows", nargs="+", default=list(TABLE_ROWS), choices=list(TABLE_ROWS))
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

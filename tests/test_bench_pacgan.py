@@ -240,14 +240,15 @@ def test_curve_counts_each_kept_generator_once_per_classifier(tmp_path, capsys):
         common.train_mode_classifier("fashion-mnist", clfs[i], root=root, epochs=1 + i, batch_size=16,
                                      calibration_samples=300, log=lambda *a: None)
 
-    def curve(clf):
+    def curve(clf, every=1):
         capsys.readouterr()
-        bench_pacgan.curve(argparse.Namespace(out=out, classifier=clf, count_samples=256))
+        bench_pacgan.curve(argparse.Namespace(out=out, classifier=clf, count_samples=256, every=every))
         counted = [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()]
         return counted, json.load(open(os.path.join(out, "curve.json")))
 
+    assert curve(clfs[0], every=4)[0] == [4]            # --every 4: the step-2 G is left for later
     counted, rec = curve(clfs[0])
-    assert counted == [2, 4] and [r["step"] for r in rec["rows"]] == [2, 4]
+    assert counted == [2] and [r["step"] for r in rec["rows"]] == [2, 4]
     m, _ = bench_pacgan.count(bench_pacgan.load_g(os.path.join(out, "g_000004.pt"))[0],
                               common.load_mode_classifier(clfs[0]), 256)
     assert rec["rows"][1]["modes_raw"] == m["modes_raw"] and rec["rows"][1]["kl_raw"] == m["kl_raw"]
