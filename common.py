@@ -7,22 +7,23 @@ method script; a reader who wants to know *how* a batch reaches the GPU comes he
 
 Contents: the sections, each with its line range (tests/test_common.py checks the ranges against
 the `# ====` headers: move a section, update its line here):
-    0. Errors          44-139      UsageError and run_cli: bad input -> one line on stderr, exit 2
-    1. Runtime         140-489     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
+    0. Errors          45-140      UsageError and run_cli: bad input -> one line on stderr, exit 2
+    1. Runtime         141-495     device, torchrun/DDP, seeds, AMP, TF32, threads, torch.compile,
                                    shutdown; SIGINT/SIGTERM handlers and the ranks' agreement to stop
-    2. Checkpoints     490-660     atomic save, weights_only load, a run's sampling G, RNG state
-    3. Logging         661-1061    args.json, log.jsonl, console line with it/s and ETA; the CLI's
+    2. Checkpoints     496-666     atomic save, weights_only load, a run's sampling G, RNG state
+    3. Logging         667-1100    args.json, log.jsonl, console line with it/s and ETA; the CLI's
                                    shared flags and checks; RunControl: a training loop's stop on a
                                    signal, checkpoints, train_seconds, first lines
-    4. Pictures        1062-1242   image grids and 2-D scatter plots (PIL only)
-    5. Datasets        1243-2215   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
+    4. Pictures        1101-1281   image grids and 2-D scatter plots (PIL only)
+    5. Datasets        1282-2259   synthetic ring/grid, torchvision datasets, stacked MNIST, folders,
                                    BatchStream; then the pieces of multi-stage runs: --help's presets
                                    epilog, stage planning, SimCLR (Eq. 4 of PGMGAN), kNN graph,
                                    clustering metrics
-    6. Architectures   2216-3540   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
+    6. Architectures   2260-3585   MLP, DCGAN, SNGAN/BigGAN-style ResNets, InvertGAN's ResNet G/F,
                                    StyleGAN2, EMA
-    7. Metrics         3541-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
-                                   samples of G in chunks (generate), mode coverage
+    7. Metrics         3586-END    FID Inception, VGG-16, FID/IS/Mode Score/KID/PR/PRD/I-Variance,
+                                   samples of G in chunks (generate), a run's final metrics
+                                   (run_*_metrics), mode coverage
 
 Heavy optional imports (torchvision, scipy, PIL) are done inside the functions that need them,
 so `import common` stays fast (it only pays for `import torch`).
@@ -252,6 +253,11 @@ def lr_factor(step, steps, decay_from):
     if step < start or decay_from >= 1:
         return 1.0
     return max(0.0, (steps - step) / (steps - start))
+
+
+def d_lr(args):
+    """D's learning rate: --lr-d where a script has it and it is given, else --lr."""
+    return args.lr if getattr(args, "lr_d", None) is None else args.lr_d
 
 
 def set_lr(optimizers, lr):
@@ -809,6 +815,29 @@ class Logger:
 
 
 # --- Small pieces of the CLI contract every method script shares -------------------------------
+def add_eval_args(group, eval_help, data_std_help=None, classifier=False):
+    """The evaluation flags the method scripts share; --eval-samples' help names the script's source."""
+    group.add_argument("--data-std", type=float, default=None, help=data_std_help or
+                       "std of each 2-D mode (default 0.01 ring, 0.05 grid: common.SYNTHETIC_STD)")
+    group.add_argument("--eval-samples", type=int, default=None, help=eval_help)
+    if classifier:
+        group.add_argument("--classifier", default=None, help="stacked datasets: mode classifier file from "
+                           "`evaluate.py classifier` (modes, reverse KL)")
+    group.add_argument("--inception-weights", default=None,
+                       help="pt_inception-2015-12-05 file for the Inception metrics (else hub cache / download)")
+    group.add_argument("--fid-stats", default=None,
+                       help="real-data statistics .npz (mu, sigma) for FID (else computed from the dataset)")
+
+
+def add_pacgan_args(group):
+    """The flags of --arch pacgan (PacGAN's stacked-MNIST protocol) that every script has."""
+    group.add_argument("--d-width", type=int, default=None,
+                       help="--arch pacgan: D's width (2 = D at 1/4 of G, PacGAN Table 3's; 4 = 1/2)")
+    group.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
+                       help="stacked data: fresh random triplets every epoch (PacGAN's on-the-fly data; "
+                            "common.StackedDataset); on in the pacgan presets")
+
+
 def apply_presets(args, presets, method):
     """Fill every flag left at None from `presets` (the paper's values for args.dataset), set the
     default --out, and check the shared run-control flags."""
@@ -834,6 +863,16 @@ def check_flags(args, positive=(), nonnegative=()):
                 continue
             if not math.isfinite(value) or not ok(value):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number {what}, got {value}")
+
+
+def check_shared_flags(args):
+    """The checks every method script makes after its presets: --lr-decay-from in [0, 1], --ema < 1,
+    --d-width and --redraw only with --arch pacgan."""
+    check_in(args, "lr_decay_from", "[0, 1]", "a fraction of --steps")
+    if not args.ema < 1:
+        raise UsageError("--ema must be < 1 (0 turns the EMA off)")
+    if (args.d_width is not None or args.redraw) and args.arch != "pacgan":
+        raise UsageError("--d-width and --redraw are for --arch pacgan (stacked data)")
 
 
 def check_in(args, name, interval, why=None):
@@ -1283,8 +1322,9 @@ def default_data_root(name):
 # --- Synthetic 2-D mixtures (ring, grid) ------------------------------------------------------
 # Standard deviations: 0.01 (ring) and 0.05 (grid), the values of the mode-collapse literature
 # (VEEGAN, PacGAN and the PGMGAN code). InvertGAN's Sec. 5.1 says "standard deviation 0.001 /
-# 0.0025", which read like variances (sqrt(0.0025) = 0.05 is exactly the grid's std), and writes
-# the ring means as (2cos, 2cos), a typo for (2cos, 2sin). `--data-std` overrides the default.
+# 0.0025": the grid's 0.0025 is the standard 0.05 squared (a variance, as PGMGAN's code names it),
+# the ring's 0.001 is neither 0.01 nor 0.01^2; it writes the ring means as (2cos, 2cos), a typo for
+# (2cos, 2sin). `--data-std` overrides the default.
 SYNTHETIC_STD = {"ring": 0.01, "grid": 0.05}
 
 
@@ -1809,19 +1849,23 @@ class BatchStream:
 # ==================================================================================================
 # 5b. Representation learning and clustering helpers (SimCLR views, loss and pretext stage, kNN graph,
 #     clustering metrics, batched mapping over a dataset, a progress line, presets in --help, --resume
-#     of stage files, an operator-norm-bounded layer)
+#     of stage files)
 # ==================================================================================================
 
 class PresetHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with each flag's default and the description / presets epilog printed as written."""
 
 
-def presets_epilog(presets, sources):
-    """--help's epilog: per preset one line of sources and one of values."""
+def presets_epilog(presets, sources, *tables):
+    """--help's epilog: per preset one line of sources and one of values; then each further
+    (title, {name: values}) table, a line per name."""
     lines = ["presets (flags left unset take these values; see the comments at PRESETS):"]
     for name, values in presets.items():
         lines.append(f"  {name}: {sources[name]}")
         lines.append("    " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    for title, table in tables:
+        lines += ["", title] + [f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                                for name, values in table.items()]
     return "\n".join(lines)
 
 
@@ -2460,7 +2504,8 @@ def _dcgan_channels(res, img_size, width, max_mult):
     """Channels of the DCGAN feature map at resolution `res` (G and D mirror each other).
 
     2*width at img_size/2, doubling at every halving of the resolution, so at img_size 32 and
-    width 64: 16x16 -> 128, 8x8 -> 256, 4x4 -> 512 (the paper's 512-256-128 / 128-256-512).
+    width 64: 16x16 -> 128, 8x8 -> 256, 4x4 -> 512 (the official models.py's G 512-256-128 / D
+    128-256-512 at G_h_size = D_h_size = 128; the paper names DCGAN only).
     Official code: G_h_size * img_size/8 at 4x4 with no cap (1024 at 64, 4096 at 256); we cap at
     max_mult*width (512 by default) so large sizes stay trainable. max_mult=None = no cap (official).
     """
@@ -2866,8 +2911,8 @@ class InvertResNetGenerator(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h)
             if i < len(self.blocks) - 1:
-                h = F.interpolate(h, scale_factor=2)  # (B, c, 2r, 2r); no upsampling after the last
-        return torch.tanh(self.to_img(F.leaky_relu(h, 0.2)))  # (B, channels, img_size, img_size)
+                h = F.interpolate(h, scale_factor=2)  # (B, c, 2r, 2r) after the block: ours, Table 4's row order
+        return torch.tanh(self.to_img(F.leaky_relu(h, 0.2)))  # (B, C, S, S); tanh ours: images in [-1, 1]
 
 
 class ResNetEncoder(nn.Module):
@@ -2893,7 +2938,7 @@ class ResNetEncoder(nn.Module):
         h = self.from_img(x)  # (B, w, S, S)
         for i, block in enumerate(self.blocks):
             if i > 0:
-                h = F.avg_pool2d(h, 3, stride=2, padding=1)  # (B, c, S/2, S/2)
+                h = F.avg_pool2d(h, 3, stride=2, padding=1)  # (B, c, S/2, S/2); padding ours: Table 3's sizes
             h = block(h)
         return self.linear(F.leaky_relu(h, 0.2).flatten(1))  # (B, out_dim)
 
@@ -4597,6 +4642,15 @@ def image_metrics_or_skip(batches, n, metrics, real, device="cpu", **kwargs):
         return {"skipped": str(err)}
 
 
+def run_image_metrics(draw, args, metrics, device, dataset, split="train"):
+    """metrics.json's image metrics of a run: --eval-samples images of draw(n) against --fid-stats or
+    the run's `split` of `dataset` as training reads it (real_stats, cached); skipped offline."""
+    real = args.fid_stats or dict(dataset=dataset, root=args.data_root, split=split, img_size=args.img_size,
+                                  download=getattr(args, "download", False))
+    return image_metrics_or_skip(in_chunks(draw, args.eval_samples, 100), args.eval_samples, metrics, real,
+                                 device, inception_weights=args.inception_weights)
+
+
 # --- 7f. Mode coverage ------------------------------------------------------------------------
 HQ_STDS = 3.0             # high quality = within 3 data stds of the nearest centre (VEEGAN / PacGAN)
 # Within-mode figures (METHODS.md, "Within-mode spread"). A mode's std is measured on >= this many
@@ -4620,9 +4674,10 @@ def _points_f64(samples):
 def mode_stats(samples, centers, std):
     """2-D mode coverage against mode centres (K, 2) with per-mode std (METHODS.md):
     high quality = within 3 std of the nearest centre (VEEGAN / PacGAN); modes = centres with at
-    least one high-quality sample; reverse KL = sum_i p_i log(p_i K) over the histogram of the
-    nearest centre of all finite samples (natural log; 0 for a uniform histogram, log K for one
-    mode). Non-finite samples (a diverged G) belong to no mode and are never high quality; their
+    least one high-quality sample (as Self-Conditioned GAN's 2d_mix/evaluation.py, which PGMGAN's
+    2d_mix uses; InvertGAN's paper gives no count: ours there); reverse KL = sum_i p_i log(p_i K)
+    over the histogram of the nearest centre of all finite samples (natural log; 0 for a uniform
+    histogram, log K for one mode). Non-finite samples (a diverged G) belong to no mode and are never high quality; their
     number is `non_finite`, and with no finite sample the reverse KL is None."""
     if torch.is_tensor(centers):
         centers = centers.detach().cpu().numpy()
@@ -4771,6 +4826,12 @@ def sample_points(sample, n, device, seed=EVAL_SEED, chunk=10_000):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return torch.cat([torch.as_tensor(x).detach().float().cpu() for x in in_chunks(sample, n, chunk)])
+
+
+def run_points_metrics(draw, args, device, dataset):
+    """metrics.json of a 2-D run: mode_metrics_2d of --eval-samples points of draw(n), seeded as
+    `evaluate.py ckpt` draws them (sample_points), which so reproduces these numbers."""
+    return mode_metrics_2d(sample_points(draw, args.eval_samples, device).numpy(), dataset, args.data_std)
 
 
 # Stacked (Fashion-)MNIST: a classifier labels each channel, a sample's mode is its triplet.
@@ -5045,6 +5106,14 @@ def count_modes(counts, confusion):
     leak = (torch.einsum("jbc,ja->abc", n, off) + torch.einsum("ajc,jb->abc", n, off)
             + torch.einsum("abj,jc->abc", n, off))
     return (n >= MIN_MODE_COUNT) & (n > LEAK_FACTOR * leak)
+
+
+def run_stacked_metrics(draw, args, device, dataset):
+    """metrics.json of a stacked run: --eval-samples of draw(n) counted with --classifier (pacgan: in
+    chunks of 512, whole batches of 128 on batch statistics)."""
+    classifier = load_mode_classifier(args.classifier, device, dataset)
+    chunk = 512 if args.arch == "pacgan" else 500
+    return stacked_mode_metrics(in_chunks(draw, args.eval_samples, chunk), classifier, device)
 
 
 @torch.no_grad()

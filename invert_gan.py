@@ -147,11 +147,7 @@ def parse_args(argv=None):
                    help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2; pacgan: PacGAN's stacked-MNIST "
                         "G and reduced D, with F sized like G (common.PacGANEncoder: G's layers reversed, no BN; "
                         "ours, as Table 3's F mirrors Table 4's G) and D_z as for images)")
-    p.add_argument("--d-width", type=int, default=None,
-                   help="--arch pacgan: D's width (2 = D at 1/4 of G, 585 parameters; 4 = 1/2)")
-    p.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
-                   help="stacked data: fresh random triplets every epoch (PacGAN's on-the-fly data; "
-                        "common.StackedDataset); on in the pacgan presets")
+    common.add_pacgan_args(p)
     p.add_argument("--width", type=int, default=None,
                    help="hidden units of the MLPs G, F, D, D_z (ours: 128) / base channels of the image "
                         "G, F (64, Tables 3-4) and D (ours: 64)")
@@ -184,20 +180,15 @@ def parse_args(argv=None):
     p.add_argument("--prior-samples", type=int, default=1024,
                    help="samples of P_z per D_z update with zdisc, global like --batch-size (Sec. 4.2(4): "
                         "'as many as possible'; ours: 1024)")
-    p.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid: the literature's values, "
-                        "ours; Sec. 5.1's text says 0.001 / 0.0025, which read like variances: see "
-                        "common.SYNTHETIC_STD)")
-    p.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (50K ring, 100K grid, Sec. 5.1; 10K/5K images, Sec. 5.2)")
-    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID/MS (else hub cache / download)")
-    p.add_argument("--fid-stats", default=None, help="real-data statistics .npz (mu, sigma) for FID (else computed from the dataset)")
+    common.add_eval_args(p, "samples for metrics.json (50K ring, 100K grid, Sec. 5.1; 10K/5K images, Sec. 5.2)",
+                         data_std_help="std of each 2-D mode (default 0.01 ring, 0.05 grid: the literature's, ours; "
+                                       "Sec. 5.1 says 0.001 / 0.0025: see common.SYNTHETIC_STD)")
     common.add_runtime_args(p)
     args = p.parse_args(argv)
     common.apply_presets(args, preset_for(args), METHOD)
     if args.img_size is None:
         args.img_size = 1 if args.arch == "mlp" else common.DATASETS[args.dataset]["img_size"]
     points = args.dataset in POINT_DATASETS
-    if (args.d_width is not None or args.redraw) and args.arch != "pacgan":
-        raise common.UsageError("--d-width and --redraw are for --arch pacgan (stacked data)")
     if points != (args.arch == "mlp"):
         # The MLPs are the 2-D networks of Sec. 5.1, the ResNets those of App. A.2 for images: an MLP on
         # cifar10 would silently train on 1x1 images, a ResNet cannot read 2-D points.
@@ -207,10 +198,7 @@ def parse_args(argv=None):
                                        "lr_d", "prior_samples", "d_width"),
                        nonnegative=("beta1", "beta2", "lambda_cons", "lambda_gauss", "eig_eps",
                                     "ema", "ema_start"))
-    if not 0 <= args.lr_decay_from <= 1:
-        raise common.UsageError("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
-    if not args.ema < 1:
-        raise common.UsageError("--ema must be < 1 (0 turns the EMA off)")
+    common.check_shared_flags(args)
     if not args.p >= 1 or not math.isfinite(args.p):
         raise common.UsageError("--p must be a finite number >= 1 (the p-norm of Eq. 8)")
     return args
@@ -260,8 +248,8 @@ def consistency_loss(z, z_rec, x, x_rec):
 # (batch estimates), and a distance between N(mu, Sigma) and P_z = N(0, I_l) is minimised.
 
 def batch_gaussian(codes):
-    """Mean (l,) and unbiased covariance (l, l; ours, Sec. 4.2 names no estimator) of the codes (B, l)
-    of the *whole* batch, float64.
+    """Mean (l,) and unbiased covariance (l, l; ours: Sec. 4.2 names no estimator, B - 1 is the usual
+    sample covariance) of the codes (B, l) of the *whole* batch, float64.
     float64 keeps the rounding error of a near-singular Sigma far below the floor eps of the losses.
     """
     z = codes.double()
@@ -352,16 +340,14 @@ def build_networks(args, channels):
 # ==================================================================================================
 
 def evaluate_points(G, args, device):
-    """Table 1 metrics: modes covered (one high-quality sample covers a mode: ours, the paper does
-    not say how many), high-quality fraction (within 3 std), reverse KL in the standard form (all
-    samples) and in the paper's (reverse_kl_hq: high-quality samples only), with
-    common.mode_metrics_2d's within-mode figures. Seeded as evaluate.py ckpt draws them
-    (common.sample_points): it reproduces these numbers."""
+    """Table 1 metrics: modes covered (one high-quality sample covers a mode: ours, the paper gives no
+    count; as the 2-D code of Self-Conditioned GAN / PGMGAN), high-quality fraction (within 3 std),
+    reverse KL in the standard form (all samples) and in the paper's (reverse_kl_hq: high-quality
+    samples only), with common.mode_metrics_2d's within-mode figures (common.run_points_metrics)."""
     def draw(n):
         return common.generate(G, n, args.z_dim, device, batch=10_000, z_device=device)
 
-    samples = common.sample_points(draw, args.eval_samples, device)
-    return common.mode_metrics_2d(samples.numpy(), args.dataset, args.data_std)
+    return common.run_points_metrics(draw, args, device, args.dataset)
 
 
 @torch.no_grad()
@@ -600,14 +586,11 @@ def final_metrics(G, args, rt, dataset):
         return evaluate_points(G, args, rt.device)
     if args.dataset.startswith("stacked"):   # no classifier flag here: load_sampler + tests/bench_pacgan.py table
         return {"skipped": "stacked data: modes are counted from ckpt.pt (tests/bench_pacgan.py table)"}
-    # FID against the training images as training sees them (common.real_stats, cached); no
-    # Inception weights offline: skipped, training still counts.
-    real = args.fid_stats or dict(dataset=args.dataset, root=args.data_root, split="train", img_size=args.img_size)
-
     def draw(n):
         return common.generate(G, n, args.z_dim, rt.device, z_device=rt.device)
-    return common.image_metrics_or_skip(common.in_chunks(draw, args.eval_samples, 100), args.eval_samples,
-                                        ["fid", "is", "ms"], real, rt.device, inception_weights=args.inception_weights)
+
+    # Against the images G trains on (ours: the paper names no split; STL-10: train+unlabeled).
+    return common.run_image_metrics(draw, args, ["fid", "is", "ms"], rt.device, args.dataset, split="train")
 
 
 def main(argv=None):

@@ -5,16 +5,13 @@ Entropy Estimation", AAAI 2023 (arXiv:2208.12055; text in ../shared/papers/maem_
 Authors' code: https://github.com/HaozheLiu-ST/MEE (read for facts; `--variant official`).
 
 The idea in three lines:
-  * A WGAN-style critic that outputs an m-dimensional code V = D(x) instead of a scalar; the mean
-    of the code is the realness (L_MaF, Eq. 7). WGAN + the entropy of P_g bounds the EBM loss
-    (Eq. 6), so a GAN that also maximises H(P_g) should not collapse.
-  * H(P_g) is intractable; maximise the entropy of the codes instead (Prop. 2), with a
-    non-parametric estimate: push each new code away from its nearest code in a FIFO replay
-    buffer of past codes (RB-MaEM, Eq. 8).
-  * That only helps if D's code space follows the data manifold: DLLE (Eq. 12-13) makes a sample
-    and a slightly transformed copy close, DIsoMap (Eq. 14) turns the code of a mixture of two
-    images towards the same mixture of their codes (a cosine: the direction, not the length; the
-    authors' code matches the code itself, an MSE: --variant official).
+  * D outputs an m-dim code V = D(x) whose mean is the realness (L_MaF, Eq. 7); WGAN plus the
+    entropy of P_g bounds the EBM loss (Eq. 6), so maximising H(P_g) too should prevent collapse.
+  * H(P_g) through the codes (Prop. 2): push each new code away from its nearest code in a FIFO
+    replay buffer of past codes (RB-MaEM, Eq. 8).
+  * Keep the code space on the data manifold: DLLE (Eq. 12-13) pulls a sample and a slightly
+    transformed copy together; DIsoMap (Eq. 14) aligns the direction of a mix's code with the same
+    mix of the two codes (a cosine; the authors' MSE matches the code itself: --variant official).
 
 Launch:
     python maem_gan.py --dataset ring                                  # 2-D quick start (CPU)
@@ -22,8 +19,7 @@ Launch:
     torchrun --standalone --nproc_per_node=8 maem_gan.py --dataset celeba --data-root data/celeba
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 maem_gan.py --dataset ffhq --data-root data/ffhq   # two nodes
-    python maem_gan.py --dataset cifar10 --variant official            # the authors' code's losses
-    python maem_gan.py --dataset cifar10 --variant official --authors-buffer   # + their buffer bug
+    python maem_gan.py --dataset cifar10 --variant official [--authors-buffer]   # the authors' code [+ its bug]
     python maem_gan.py --dataset cifar10 --no-entropy --no-dlle        # a Table 1 ablation row
     python maem_gan.py --dataset ring --out runs/x --resume            # continue a run
     python evaluate.py ckpt runs/maem_gan-cifar10-0/ckpt.pt --n 50000 --metrics fid,is,ivar
@@ -38,9 +34,8 @@ Map of the paper to this file:
     Eq. 9-11  why nearest-neighbour distances      -> the comment above ReplayBuffer
     Eq. 12-13 DLLE                                 -> dlle_transform, dlle_loss
     Eq. 14    DIsoMap                              -> isomap_mix, isomap_loss
-    Table 1   ablations                            -> --no-disomap / --no-dlle / --no-entropy
-    Table 2   DLLE transforms                      -> --dlle-transform rot-noise|noise|adv|flip-noise|none
-    Table 3   buffer size                          -> --buffer-size
+    Tables 1-3 ablations, F, buffer size           -> --no-disomap / --no-dlle / --no-entropy,
+                                                      --dlle-transform, --buffer-size
     Fig. 3    top-5 samples per code dimension     -> figure3 (OUT/figure3.png)
     Suppl.    settings per dataset                 -> PRESETS
 """
@@ -62,90 +57,70 @@ METHOD = "maem_gan"
 # 1. Arguments and per-dataset presets
 # ==================================================================================================
 
-# Flags that default to None take their value from the tables below unless given on the command
-# line, in this order (a later table wins): PRESETS[dataset]; with --arch biggan / stylegan2,
-# BACKBONE_PRESETS[(dataset, arch)] and stylegan2_preset; with --variant official, OFFICIAL_DEFAULTS.
-# Every preset lists every value it sets. Sources: "Suppl." = the paper's Implementation Details;
-# "Official code: FILE" = the authors' repository (HaozheLiu-ST/MEE); "ours" = a value neither gives.
-# `data` is the common.py dataset, `split` its part.
+# Flags left at None take their values from these tables, each over the one before: PRESETS
+# [dataset], BACKBONE_PRESETS[(dataset, --arch)] (stylegan2: + stylegan2_preset), the --variant's.
+# Sources: "Suppl." = the paper's Implementation Details; "Official code: FILE" = HaozheLiu-ST/MEE;
+# "ours" = neither. sigma: the paper gives its values but no equation with it; that it weights L_ent
+# is our reading (train.py's entropy_lr). `data` and `split` name common.py's dataset.
+_NO_EXTRAS = dict(  # no backbone extras: the paper names none for its DCGAN and ResNet
+    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0, attn_res=[])
 _CIFAR = dict(
+    _NO_EXTRAS,
     # Suppl. "CIFAR-10": DCGAN, z 64, m 16, Adam 1e-4 (0, 0.999), lr x0.9 every 50 epochs, batch 64,
-    # sigma 5e-4, lambda 0, F = rotation + Gaussian noise.
+    # sigma 5e-4, lambda 0, F = rotation + Gaussian noise; 50K samples (paper, "Evaluation metrics").
     arch="dcgan", img_size=32, z_dim=64, m=16, lr=1e-4, beta1=0.0, beta2=0.999, lr_decay=0.9,
-    lr_decay_epochs=50, batch_size=64, sigma=5e-4, lambda_norm=0.0, dlle_transform="rot-noise",
-    # Official code: README: n_critic 3; train.py: unit weights on L_Iso and L_LLE (the paper
-    # states no weight for L_MaF, L_Iso, L_LLE); width 64 = the paper's 512-256-128 channels.
+    lr_decay_epochs=50, batch_size=64, sigma=5e-4, lambda_norm=0.0, dlle_transform="rot-noise", eval_samples=50_000,
+    # Official code: README n_critic 3; train.py's unit weights on L_Iso and L_LLE (the paper: none);
+    # width 64 = models.py's DCGAN (G 512-256-128, D 128-256-512; the paper names DCGAN only).
     n_critic=3, iso_weight=1.0, dlle_weight=1.0, width=64,
-    # Ours: F's noise std 0.05 (the paper gives none; train.py's flip-noise uses 0.001); 100K G
-    # steps, a budget (Official code: the README's run is 1800 epochs of 60K images at batch 64
-    # with a G step every 3rd batch, ~562K G steps).
-    dlle_noise=0.05, steps=100_000,
-    # The paper's: Eq. 7's L_MaF, a constant lr apart from the epoch decay, no noise annealing; the
-    # 2-D MLP D's spectral norm and ReLU (unused by the image Ds, which carry their own).
-    loss="maf", lr_decay_from=1.0, dlle_noise_anneal=None, d_spectral_norm=True, d_act="relu",
-    # No backbone extras (the paper's DCGAN and ResNet have none; BACKBONE_PRESETS turn them on).
-    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
-    attn_res=[],
-    # Evaluation: 50K samples (Suppl.); logging ours.
-    eval_samples=50_000, log_every=200, sample_every=5000, ckpt_every=5000)
-# 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14, README "MaEM-GAN on 2-D
-# data"). With the paper's image settings carried over (L_MaF, a spectral-norm D, lr 1e-4, n_critic
-# 3) quality stays below 20 %, so these leave them.
+    # The paper's: Eq. 7's L_MaF, the epoch decay only, no noise anneal. Ours: F's noise std 0.05 (the
+    # paper gives none; train.py's: 0.001); 100K G steps (the official README's run: ~562K); logging.
+    loss="maf", lr_decay_from=1.0, dlle_noise_anneal=None, dlle_noise=0.05, steps=100_000,
+    log_every=200, sample_every=5000, ckpt_every=5000,
+    # --arch mlp (2-D) only, ours: D with spectral norm (Eq. 10's Lipschitz D, as models.py's) and ReLU.
+    d_spectral_norm=True, d_act="relu")
+# 2-D mixtures (not in the paper; all ours, chosen on grid seeds 0-9 and 14: README "MaEM-GAN on 2-D
+# data", with the paper's settings failing there). No SN: Eq. 10-11's Lipschitz premise does not hold.
 _TOY = dict(
-    # 4-layer MLPs of 128 units, z 2, m 16; D with LeakyReLU 0.2 (as the paper's DCGAN D: with ReLU
-    # a D died of dead units).
+    _NO_EXTRAS,
+    # 4-layer MLPs of 128 units, z 2, m 16; D with LeakyReLU 0.2 (as models.py's; with ReLU one died).
     arch="mlp", img_size=1, width=128, z_dim=2, m=16, d_act="leaky_relu", split="train",
-    # The non-saturating loss on the realness, no spectral norm, lr 1e-3 with one D step per G
-    # step, falling linearly to 0 over the second half (as InvertGAN's 2-D presets); 10K steps.
+    # Non-saturating loss, no spectral norm, one D step per G step, lr 1e-3 falling linearly to 0
+    # over the second half (as InvertGAN's 2-D presets); 10K steps.
     loss="ns", d_spectral_norm=False, lr=1e-3, beta1=0.0, beta2=0.9, n_critic=1, lr_decay_from=0.5,
     lr_decay=1.0, lr_decay_epochs=1, steps=10_000,
-    # MaEM terms: sigma as CelebA, lambda 0, unit weights; F = Gaussian noise, annealed to 0 from
-    # 25 % of the run (it balances the modes early and blurs them if kept; end and std per dataset).
+    # sigma as CelebA's, lambda 0, unit weights; F = Gaussian noise annealed to 0 from 25 % of the run
+    # (it balances the modes early and blurs them if kept; end and std per dataset).
     sigma=5e-2, lambda_norm=0.0, iso_weight=1.0, dlle_weight=1.0, dlle_transform="noise",
-    ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0,
-    attn_res=[],
     log_every=500, sample_every=5000, ckpt_every=5000)
+# Suppl. "ANIMEFACE": ResNet (Kang & Park's; ours: common.py's SNGAN-style), z 128, m 32, Adam 1e-4
+# (0, 0.9), sigma 5e-4, lambda 5, Gaussian noise for F, no lr decay stated; "FFHQ": "similar to
+# those of ANIMEFACE". Batch, n_critic, steps: CIFAR-10's (ours). Image folders.
+_ANIME = dict(_CIFAR, data="folder", split="train", arch="resnet", z_dim=128, m=32, beta2=0.9,
+              lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise")
+# Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); PacGAN's 25,600 samples,
+# as every stacked count (common.STACKED_SAMPLES).
+_STACKED = dict(_CIFAR, split="train", eval_samples=common.STACKED_SAMPLES, log_every=100, sample_every=2000,
+                ckpt_every=2000)
 PRESETS = {
-    # Official code: train.py trains on train+test images (it concatenates both).
-    "cifar10": dict(_CIFAR, data="cifar10", split="all"),
-    # Suppl. "CelebA": 256x256 crops, z 128, m 32, x0.9 every epoch, Gaussian noise for F, sigma
-    # 5e-2 with DCGAN; "the remaining settings ... are the same as those of CIFAR-10".
-    # lr_decay_epochs 10: ours. x0.9 per epoch of 162,770 images with 3 critic batches of 64 per G
-    # step would put lr below 5e-6 from step ~25K of 100K; every 10 epochs gives 0.9^11 over 100K
-    # steps, close to CIFAR-10's 0.9^6 (--lr-decay-epochs 1 for the paper's).
-    # split train, logging: ours (the paper names no split). DCGAN at 256: common.py caps channels at 512.
-    "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2,
-                   lr_decay_epochs=10, dlle_transform="noise", log_every=100, sample_every=2000,
-                   ckpt_every=2000),
-    # Suppl. "ANIMEFACE": 64x64, ResNet backbone, z 128, m 32, Adam 1e-4 (0, 0.9), sigma 5e-4,
-    # lambda 5, Gaussian noise for F, no lr decay stated. The paper's backbone is Kang & Park's
-    # (ContraGAN) ResNet; ours is the SNGAN-style ResNet of common.py. Batch, n_critic, steps: ours
-    # (CIFAR-10's).
-    "animeface": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=64, z_dim=128,
-                      m=32, beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
-    # Suppl. "FFHQ": the paper plugs the loss into StyleGAN2 at 1024; "other hyper-parameters are
-    # similar to those of ANIMEFACE". This preset: the SNGAN ResNet at 128 (ours, a small stand-in);
-    # the paper's backbone is `--arch stylegan2` (BACKBONE_PRESETS).
-    "ffhq": dict(_CIFAR, data="folder", split="train", arch="resnet", img_size=128, z_dim=128, m=32,
-                 beta2=0.9, lambda_norm=5.0, lr_decay=1.0, dlle_transform="noise"),
-    # Mode-coverage runs (not in the paper): CIFAR-10's DCGAN settings (ours); PacGAN's 25,600
-    # samples, as every stacked count (common.STACKED_SAMPLES).
-    "stacked-mnist": dict(_CIFAR, data="stacked-mnist", split="train", eval_samples=common.STACKED_SAMPLES,
-                          log_every=100, sample_every=2000, ckpt_every=2000),
-    "stacked-fashion-mnist": dict(_CIFAR, data="stacked-fashion-mnist", split="train",
-                                  eval_samples=common.STACKED_SAMPLES, log_every=100, sample_every=2000,
-                                  ckpt_every=2000),
-    # F's noise std: twice the ring's mode std (0.01), gone at 75 % of the run; 50K evaluation
-    # samples (PGMGAN's 2-D protocol).
-    "ring": dict(_TOY, data="ring", batch_size=128, dlle_noise=0.02, dlle_noise_anneal=(0.25, 0.75),
-                 eval_samples=50_000),
-    # The grid's mode std (0.05); batch 256, ~10 samples per mode per batch, and the noise gone at
-    # 60 %, to sharpen 25 modes (README: at 128 / 75 %, 1 seed in 10 lost a mode; at 256 / 75 %, 1
-    # in 10 was blurred); 100K evaluation samples (25 modes instead of 8).
-    "grid": dict(_TOY, data="grid", batch_size=256, dlle_noise=0.05, dlle_noise_anneal=(0.25, 0.6),
-                 eval_samples=100_000),
+    "cifar10": dict(_CIFAR, data="cifar10", split="all"),     # Official code: train.py trains on train+test
+    # Suppl. "CelebA": 256x256, z 128, m 32, x0.9 every epoch, noise F, sigma 5e-2, the rest as CIFAR-10.
+    # Ours: x0.9 every 10 epochs (per epoch: lr < 5e-6 from G step ~25K of 100K; --lr-decay-epochs 1
+    # for the paper's); split train; logging. DCGAN at 256: common.py caps channels at 512.
+    "celeba": dict(_CIFAR, data="celeba", split="train", img_size=256, z_dim=128, m=32, sigma=5e-2, lr_decay_epochs=10,
+                   dlle_transform="noise", log_every=100, sample_every=2000, ckpt_every=2000),
+    "animeface": dict(_ANIME, img_size=64),             # Suppl.: 64x64
+    "ffhq": dict(_ANIME, img_size=128),                 # ours: a small stand-in (the paper's: --arch stylegan2)
+    "stacked-mnist": dict(_STACKED, data="stacked-mnist"),
+    "stacked-fashion-mnist": dict(_STACKED, data="stacked-fashion-mnist"),
+    # F's noise std twice the ring's mode std (0.01), gone at 75 %; 50K samples (PGMGAN's 2-D protocol).
+    "ring": dict(_TOY, data="ring", batch_size=128, dlle_noise=0.02, dlle_noise_anneal=(0.25, 0.75), eval_samples=50_000),
+    # The grid's mode std (0.05); batch 256 and the noise gone at 60 % sharpen 25 modes (README);
+    # 100K samples (25 modes instead of 8).
+    "grid": dict(_TOY, data="grid", batch_size=256, dlle_noise=0.05, dlle_noise_anneal=(0.25, 0.6), eval_samples=100_000),
 }
-# Where each preset comes from, for --help.
+_TOY_SOURCE = ("ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, "
+               "n_critic 1, 10K steps, batch {}, DLLE noise annealed over 25-{} %")
 PRESET_SOURCES = {
     "cifar10": "Suppl. 'CIFAR-10' (+ n_critic 3 from the official README; train+test images)",
     "celeba": "Suppl. 'CelebA' (256, DCGAN, sigma 5e-2, noise F); lr x0.9 per 10 epochs (ours; paper: per epoch)",
@@ -153,71 +128,56 @@ PRESET_SOURCES = {
     "ffhq": "Suppl. 'FFHQ' says StyleGAN2 + AnimeFace settings; here ResNet at 128 (ours; the paper's: --arch stylegan2); image folder",
     "stacked-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
     "stacked-fashion-mnist": "ours: CIFAR-10's DCGAN settings, for mode counting (1000 modes)",
-    "ring": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
-            "steps, batch 128, DLLE noise annealed over 25-75 %",
-    "grid": "ours (not in the paper): MLPs (LeakyReLU D), non-saturating loss, no SN, lr 1e-3 decayed, n_critic 1, 10K "
-            "steps, batch 256, DLLE noise annealed over 25-60 %",
+    "ring": _TOY_SOURCE.format(128, 75),
+    "grid": _TOY_SOURCE.format(256, 60),
 }
-# The paper's large backbones (Tables 6-7), keyed by (dataset, --arch): given `--arch biggan` or
-# `--arch stylegan2`, these replace the dataset preset's values. The MaEM terms keep the dataset's
-# values (m, sigma, lambda, F); the rest is the backbone's own recipe.
+# The paper's large backbones (Tables 6-7) and PacGAN's protocol, keyed (dataset, --arch): their
+# values replace the dataset preset's; the MaEM terms (m, sigma, lambda, F) stay the dataset's.
 BACKBONE_PRESETS = {
-    # Official code (BigGAN-PyTorch, launch_cifar_ema.sh): batch 50 (--parallel, two GPUs: BN sees
-    # 2x25; ours 50 per process), 4 D steps per G step, lr 2e-4 for G and D, Adam (0, 0.999)
-    # (train.py defaults), z 128, ch 64, hinge loss, G EMA 0.9999 from G step 1000, 500 epochs of
-    # the 50K training images (= 125K G steps at 200 images each).
-    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50,
-                                n_critic=4, lr=2e-4, beta1=0.0, beta2=0.999, loss="hinge",
-                                steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
-    # StyleGAN2 (Table 7): FFHQ and CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
-    # AnimeFace at its 64 (Suppl.); its non-saturating loss, one D step per G step, no lr decay.
-    # stylegan2_preset adds the official config's batch, lr, betas, z, regularisers, style mixing,
-    # steps (kimg) and G EMA (ema_kimg) at the chosen size.
+    # Official code (BigGAN-PyTorch launch_cifar_ema.sh, train.py defaults): batch 50 (two GPUs, BN
+    # sees 2x25; ours 50 per process), 4 D steps per G step, lr 2e-4, Adam (0, 0.999), z 128, ch 64,
+    # hinge loss, G EMA 0.9999 from G step 1000, 500 epochs of 50K images (= 125K G steps).
+    ("cifar10", "biggan"): dict(split="train", arch="biggan", z_dim=128, width=64, batch_size=50, n_critic=4, lr=2e-4,
+                                beta1=0.0, beta2=0.999, loss="hinge", steps=125_000, lr_decay=1.0, ema=0.9999, ema_start=1000),
+    # StyleGAN2 (Table 7): FFHQ / CelebA at 256 by default (--img-size 1024: the paper's FFHQ),
+    # AnimeFace at 64 (Suppl.); non-saturating loss, 1 D step, no lr decay; the rest: stylegan2_preset.
     ("ffhq", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
     ("celeba", "stylegan2"): dict(arch="stylegan2", img_size=256, n_critic=1, loss="ns", lr_decay=1.0, width=64),
     ("animeface", "stylegan2"): dict(arch="stylegan2", img_size=64, n_critic=1, loss="ns", lr_decay=1.0, width=64),
 }
-# PacGAN's stacked-MNIST protocol (tests/bench_pacgan.py; fjxmlzn/PacGAN D=0.25G model.py / config.py):
-# its G and reduced BN D (no spectral norm, --d-width 2) at 28x28, z 256, batch 128, Adam (0.5, 0.99),
-# lr 1e-4 G / 2e-4 D, one D step per G step, no decay, data drawn afresh (--redraw), 25,600 counted
-# samples, 500K steps. Ours: the protocol's BCE on the realness (--loss ns) replaces L_MaF, a critic
-# loss that needs a Lipschitz D (the protocol's D has none); these replace CIFAR-10's n_critic 3, betas
-# (0, 0.999), batch 64, z 64, lr decay and SN DCGAN; m, sigma, lambda and F stay CIFAR-10's. The G step
-# draws a fresh z (Eq. 7's paper path; PacGAN reuses the D step's; --variant official reuses it).
+# PacGAN's stacked-MNIST protocol (fjxmlzn/PacGAN D=0.25G model.py / config.py; tests/bench_pacgan.py):
+# G and reduced BN D (no SN, --d-width 2) at 28x28, z 256, batch 128, Adam (0.5, 0.99), lr 1e-4 G /
+# 2e-4 D, 1 D step, no decay, fresh triplets (--redraw), 25,600 counted samples, 500K steps. Ours: its
+# BCE on the realness (--loss ns) for L_MaF, a critic loss whose D must be Lipschitz (this D is not);
+# a fresh z for the G step (Eq. 7's paper path; PacGAN and --variant official reuse the D step's).
 _PACGAN = dict(arch="pacgan", img_size=28, z_dim=256, width=8, d_width=2, batch_size=128, lr=1e-4, lr_d=2e-4,
                beta1=0.5, beta2=0.99, n_critic=1, loss="ns", lr_decay=1.0, redraw=True, steps=500_000,
                eval_samples=25_600, log_every=500, sample_every=5000, ckpt_every=5000)
 BACKBONE_PRESETS.update({("stacked-mnist", "pacgan"): _PACGAN, ("stacked-fashion-mnist", "pacgan"): _PACGAN})
-# --variant official changes these defaults (where the flag was not given): the code's F(x) is a
-# random flip + N(0, 0.001) noise, its entropy weight warms up linearly over 100 epochs, and its
-# loader flips real images horizontally at random (transform_train's RandomHorizontalFlip). Its D
-# always has spectral norm, which its extrapolating DIsoMap needs (README, "MaEM-GAN on 2-D data").
-# On 2-D data L_MaF replaces the presets' non-saturating loss (the authors have no 2-D run: the
-# 2-D presets' optimiser settings stay). --variant paper: no warm-up, no flips.
-OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True,
-                         d_spectral_norm=True)
+# --variant official, where the flag was not given (Official code: train.py): F = a random flip +
+# N(0, 0.001) noise, the entropy weight warmed up over 100 epochs, real images flipped at random
+# (RandomHorizontalFlip), an SN D (its extrapolating DIsoMap needs one: README); on 2-D data L_MaF
+# (they have no 2-D run: the presets' optimiser stays). --variant paper: no warm-up, no flips.
+OFFICIAL_DEFAULTS = dict(dlle_transform="flip-noise", dlle_noise=0.001, entropy_warmup=100, hflip=True, d_spectral_norm=True)
 OFFICIAL_DEFAULTS_2D = dict(OFFICIAL_DEFAULTS, loss="maf")
 PAPER_DEFAULTS = dict(entropy_warmup=0, hflip=False)
-ADV_NAMES = {"maf": "L_MaF", "hinge": "hinge loss", "ns": "non-saturating loss"}
 VARIANTS = ("paper", "official")
 DLLE_TRANSFORMS = ("rot-noise", "noise", "adv", "flip-noise", "none")
-# Flags a --resume may change besides common.RUN_CONTROL.
-RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")
+RUN_CONTROL = common.RUN_CONTROL + ("classifier", "fig3_samples")        # what a --resume may change
 
 
 def stylegan2_preset(img_size):
     """StyleGAN2's recipe at `img_size` from common.STYLEGAN2_CONFIGS: 'paper256' below 512 pixels
     (ours below 256), 'paper512' at 512, 'stylegan2' (config F) at 1024."""
     cfg = common.STYLEGAN2_CONFIGS["paper256" if img_size < 512 else "paper512" if img_size < 1024 else "stylegan2"]
-    return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], r1_gamma=cfg["r1_gamma"], z_dim=cfg["z_dim"],
-                     beta1=cfg["betas"][0], beta2=cfg["betas"][1], pl_weight=cfg["pl_weight"],
-                     pl_every=cfg["g_reg_every"], r1_every=cfg["d_reg_every"],
-                     style_mixing=cfg["style_mixing"], ema_start=0, steps=cfg["kimg"] * 1000 // cfg["batch"])
+    return cfg, dict(batch_size=cfg["batch"], lr=cfg["lr"], z_dim=cfg["z_dim"], beta1=cfg["betas"][0],
+                     beta2=cfg["betas"][1], r1_gamma=cfg["r1_gamma"], r1_every=cfg["d_reg_every"], ema_start=0,
+                     pl_weight=cfg["pl_weight"], pl_every=cfg["g_reg_every"], style_mixing=cfg["style_mixing"],
+                     steps=cfg["kimg"] * 1000 // cfg["batch"])
 
 
 def preset(args):
-    """The values flags left at None take: PRESETS[dataset], then the backbone's (--arch biggan /
-    stylegan2), then the variant's defaults, each over the one before."""
+    """The values flags left at None take: the tables above, each over the one before."""
     values = dict(PRESETS[args.dataset], **BACKBONE_PRESETS.get((args.dataset, args.arch), {}))
     if args.arch == "stylegan2":
         cfg, recipe = stylegan2_preset(args.img_size or values["img_size"])
@@ -230,126 +190,95 @@ def preset(args):
 
 def presets_help():
     """--help's epilog: the tables above, as they are."""
-    backbones = "\n".join(f"  {d} --arch {a}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
-                          for (d, a), vals in BACKBONE_PRESETS.items())
-    variants = "\n".join(f"  --variant {name}: " + ", ".join(f"{k}={v}" for k, v in vals.items())
-                         for name, vals in (("paper", PAPER_DEFAULTS), ("official", OFFICIAL_DEFAULTS),
-                                            ("official, 2-D data", OFFICIAL_DEFAULTS_2D)))
-    return (common.presets_epilog(PRESETS, PRESET_SOURCES)
-            + "\n\nbackbone presets (--dataset D --arch A replaces these values):\n" + backbones
-            + "\n  stylegan2 also: stylegan2-ada-pytorch's 'paper256' below 512 px, 'paper512', "
-              "'stylegan2' (config F) at 1024 (stylegan2_preset)"
-            + "\n\nvariant defaults (over the presets, where the flag was not given):\n" + variants)
+    backbones = {f"{d} --arch {a}": values for (d, a), values in BACKBONE_PRESETS.items()}
+    variants = {"--variant paper": PAPER_DEFAULTS, "--variant official": OFFICIAL_DEFAULTS,
+                "--variant official, 2-D data": OFFICIAL_DEFAULTS_2D}
+    return common.presets_epilog(PRESETS, PRESET_SOURCES, (
+        "backbone presets (--dataset D --arch A replaces these values; stylegan2 also takes stylegan2-ada-pytorch's "
+        "'paper256' below 512 px, 'paper512', 'stylegan2' (config F) at 1024: stylegan2_preset):", backbones),
+        ("variant defaults (over the presets, where the flag was not given):", variants))
 
 
 def build_parser():
     p = common.ArgParser(description=__doc__.split("\n\n")[0], epilog=presets_help(),
                          formatter_class=common.PresetHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
-                   help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), "
-                        "animeface / ffhq (image folders, ResNet; --arch stylegan2: Table 7), "
-                        "stacked-(fashion-)mnist, ring, grid (ours)")
+                   help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), animeface / "
+                        "ffhq (image folders, ResNet; --arch stylegan2: Table 7), stacked-(fashion-)mnist, ring, grid (ours)")
     p.add_argument("--variant", default="paper", choices=VARIANTS,
-                   help="paper: Eq. 8, 12-14 as written; official: the authors' train.py (-log L2 nearest "
-                        "neighbour, buffers filled at start, warm-up, flip+noise DLLE and a ~ N(0,1) DIsoMap "
-                        "with MSE, real-image flips, the D step's z reused) with FIFO buffers (theirs: "
-                        "--authors-buffer) and one SN power iteration per D step (theirs: five)")
+                   help="paper: Eq. 8, 12-14 as written; official: train.py's losses and defaults (below), with "
+                        "FIFO buffers (theirs: --authors-buffer) and 1 SN power iteration per D step (theirs: 5)")
     g = p.add_argument_group("model and optimisation (defaults: the dataset's preset)")
-    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K G steps on images, 10K on 2-D data)")
+    g.add_argument("--steps", type=int, default=None, help="G updates (ours: 100K on images, 10K on 2-D data)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (Suppl.: 64)")
     g.add_argument("--arch", default=None, choices=["mlp", "dcgan", "resnet", "biggan", "stylegan2", "pacgan"],
-                   help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: "
-                        "biggan, stylegan2; pacgan: PacGAN's stacked-MNIST protocol; each with its recipe: "
-                        "the backbone presets below)")
+                   help="backbone (Suppl.: DCGAN on CIFAR-10/CelebA, ResNet on AnimeFace; Tables 6-7: biggan, "
+                        "stylegan2; pacgan: PacGAN's stacked-MNIST protocol; recipes: the backbone presets)")
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
-                   help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7, WGAN); "
-                        "hinge (BigGAN's) or ns = non-saturating logistic (StyleGAN2's), ours, see section 2")
+                   help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7); hinge (BigGAN's) "
+                        "or ns = non-saturating (StyleGAN2's): ours, section 2")
     g.add_argument("--d-spectral-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="spectral norm on the MLP D of 2-D data (--arch mlp; the image Ds always carry it). "
-                        "2-D presets: off (ours, see README)")
+                   help="spectral norm on the MLP D (--arch mlp; the image Ds always carry it); 2-D presets: off "
+                        "(ours: it drops Eq. 10's Lipschitz premise, README)")
     g.add_argument("--d-act", default=None, choices=["relu", "leaky_relu"],
-                   help="activation of the MLP D of 2-D data (--arch mlp): 2-D presets leaky_relu (0.2, as "
-                        "the paper's DCGAN D; ours: with ReLU, 1 grid seed in 15 lost its D to dead units)")
-    g.add_argument("--scalar-head", action="store_true",
-                   help="D outputs one number, no m-dim code: with --no-entropy --no-dlle --no-disomap "
-                        "the backbone's own baseline (Tables 6-7's first rows)")
-    g.add_argument("--ema", type=float, default=None,
-                   help="decay of an EMA of G's weights used for samples and metrics, 0 = none "
-                        "(paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
-    g.add_argument("--ema-start", type=int, default=None,
-                   help="the EMA copies G up to this G step and averages after it (BigGAN: 1000)")
-    g.add_argument("--attn-res", type=int, nargs="*", default=None,
-                   help="biggan: resolutions with a self-attention block (launch_cifar_ema.sh: none)")
-    g = p.add_argument_group("StyleGAN2 regularisers (--arch stylegan2; official: stylegan2-ada-pytorch)")
-    g.add_argument("--r1-gamma", type=float, default=None,
-                   help="R1 weight gamma on real images (official: 1 at 256 paper256, 10 config F; 0 = off)")
-    g.add_argument("--r1-every", type=int, default=None, help="lazy R1: every N D steps (official: 16)")
-    g.add_argument("--pl-weight", type=float, default=None,
-                   help="path-length regularisation weight (official: 2; 0 = off)")
-    g.add_argument("--pl-every", type=int, default=None, help="lazy path length: every N G steps (official: 4)")
-    g.add_argument("--style-mixing", type=float, default=None, help="style-mixing probability (official: 0.9)")
-    g.add_argument("--width", type=int, default=None,
-                   help="base channels (64 = the paper's 512-256-128; biggan: 64 = BigGAN's ch, 256 "
-                        "channels; stylegan2: channel base and max x width / 64) / MLP units")
+                   help="activation of the MLP D (--arch mlp); 2-D presets: leaky_relu 0.2 (ours, README)")
+    g.add_argument("--scalar-head", action="store_true", help="D outputs one number, no code: with --no-entropy "
+                   "--no-dlle --no-disomap the backbone's own baseline (Tables 6-7's first rows)")
+    g.add_argument("--width", type=int, default=None, help="base channels (64: the official DCGAN's 512-256-128; "
+                   "biggan: BigGAN's ch; stylegan2: channel base and max x width / 64) / MLP units")
     g.add_argument("--img-size", type=int, default=None,
                    help="resolution (32 CIFAR-10, 256 CelebA, 64 AnimeFace; stylegan2 on FFHQ: 256, or 1024 as the paper)")
     g.add_argument("--z-dim", type=int, default=None, help="noise dimension (Suppl.: 64 CIFAR-10, 128 CelebA/AnimeFace)")
-    g.add_argument("--m", "--code-dim", dest="m", type=int, default=None,
-                   help="code dimension m of D (Suppl.: 16 CIFAR-10, 32 CelebA/AnimeFace); under torchrun "
-                        "write --code-dim (torchrun's own parser rejects --m as an ambiguous abbreviation)")
+    g.add_argument("--m", "--code-dim", dest="m", type=int, default=None, help="code dimension m of D (Suppl.: 16 "
+                   "CIFAR-10, 32 CelebA/AnimeFace); --code-dim under torchrun (its parser rejects --m as ambiguous)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of G and D (Suppl.: 1e-4)")
     g.add_argument("--lr-d", type=float, default=None, help="D's learning rate if not --lr (pacgan: 2e-4, PacGAN)")
-    g.add_argument("--d-width", type=int, default=None, help="--arch pacgan: D's width (2 = D at 1/4 of G, 4 = 1/2)")
-    g.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
-                   help="stacked data: fresh random triplets every epoch (PacGAN; common.StackedDataset)")
+    common.add_pacgan_args(g)
     g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (Suppl.: 0.0)")
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
     g.add_argument("--n-critic", type=int, default=None, help="D updates per G update (official README: 3)")
     g.add_argument("--lr-decay", type=float, default=None, help="lr factor per --lr-decay-epochs (Suppl.: 0.9)")
-    g.add_argument("--lr-decay-from", type=float, default=None,
-                   help="fraction of --steps after which the lr falls linearly to 0 (ours, 2-D presets; "
-                        "1 = never, the paper's)")
-    g.add_argument("--lr-decay-epochs", type=int, default=None,
-                   help="data epochs between lr decays (Suppl.: 50 CIFAR-10, 1 CelebA)")
+    g.add_argument("--lr-decay-epochs", type=int, default=None, help="epochs between lr decays (Suppl.: 50 CIFAR-10, 1 CelebA)")
+    g.add_argument("--lr-decay-from", type=float, default=None, help="fraction of --steps after which the lr falls "
+                   "linearly to 0 (ours, 2-D presets; 1 = never, the paper's)")
+    g.add_argument("--ema", type=float, default=None, help="decay of an EMA of G's weights for samples and metrics, "
+                   "0 = none (paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
+    g.add_argument("--ema-start", type=int, default=None, help="the EMA copies G up to this G step (BigGAN: 1000)")
+    g.add_argument("--attn-res", type=int, nargs="*", default=None, help="biggan: self-attention resolutions (official: none)")
+    g = p.add_argument_group("StyleGAN2 regularisers (--arch stylegan2; official: stylegan2-ada-pytorch)")
+    g.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma on real images (official: 1 at 256 "
+                   "paper256, 10 config F; 0 = off)")
+    g.add_argument("--r1-every", type=int, default=None, help="lazy R1: every N D steps (official: 16)")
+    g.add_argument("--pl-weight", type=float, default=None, help="path-length weight (official: 2; 0 = off)")
+    g.add_argument("--pl-every", type=int, default=None, help="lazy path length: every N G steps (official: 4)")
+    g.add_argument("--style-mixing", type=float, default=None, help="style-mixing probability (official: 0.9)")
     g = p.add_argument_group("MaEM terms (Eq. 8, 12-14) and the Table 1-3 ablations")
-    g.add_argument("--sigma", type=float, default=None,
-                   help="weight of the entropy term (Suppl.: 5e-4 CIFAR-10/AnimeFace, 5e-2 CelebA)")
+    g.add_argument("--sigma", type=float, default=None, help="weight of L_ent (Suppl.'s sigma: 5e-4 CIFAR-10/"
+                   "AnimeFace, 5e-2 CelebA; that it weights L_ent: ours, as train.py's entropy_lr)")
     g.add_argument("--lambda-norm", type=float, default=None,
                    help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
     g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
-    g.add_argument("--authors-buffer", action="store_true",
-                   help="--variant official only: the authors' replay buffer, bug included (one per batch "
-                        "position; after 17 updates at 64 codes per process each code's 'nearest neighbour' "
-                        "is the previous batch's code at its position: AuthorsReplayBuffer)")
+    g.add_argument("--authors-buffer", action="store_true", help="--variant official only: the authors' replay "
+                   "buffer, bug included (one slot per batch position after 17 updates: AuthorsReplayBuffer)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of real images (paper: none stated; official code: on)")
-    g.add_argument("--entropy-warmup", type=int, default=None,
-                   help="epochs over which sigma rises linearly from 0 (paper: 0 = none; official code: 100)")
-    g.add_argument("--dlle-transform", default=None, choices=DLLE_TRANSFORMS,
-                   help="F(x) of DLLE (Table 2): rot-noise (CIFAR-10), noise (CelebA/AnimeFace), adv "
-                        "(adversarial noise), flip-noise (official code), none (= --no-dlle)")
+    g.add_argument("--entropy-warmup", type=int, default=None, help="epochs of sigma's linear warm-up from 0 "
+                   "(paper: 0 = none; official code: 100)")
+    g.add_argument("--dlle-transform", default=None, choices=DLLE_TRANSFORMS, help="F(x) of DLLE (Table 2): "
+                   "rot-noise (CIFAR-10), noise (CelebA/AnimeFace), adv, flip-noise (official code), none (= --no-dlle)")
     g.add_argument("--dlle-noise", type=float, default=None,
                    help="std of F's Gaussian noise and step of the adversarial noise (ours: 0.05; official: 0.001)")
     g.add_argument("--dlle-noise-anneal", type=float, nargs=2, default=None, metavar=("FROM", "TO"),
-                   help="F's noise std (adv: its step) falls linearly from --dlle-noise at fraction FROM of "
-                        "--steps to 0 at TO (ours, 2-D presets; default: constant, the paper's). At noise 0 "
-                        "DLLE compares two draws of the re-parameterised code")
+                   help="F's noise falls linearly from --dlle-noise at fraction FROM of --steps to 0 at TO (ours, 2-D)")
     g.add_argument("--rot-degrees", type=float, default=15.0, help="max |angle| of rot-noise's random rotation (ours)")
-    g.add_argument("--iso-weight", type=float, default=None,
-                   help="weight of L_Iso in D's loss (paper: none stated; official code: 1)")
-    g.add_argument("--dlle-weight", type=float, default=None,
-                   help="weight of L_LLE in D's loss (paper: none stated; official code: 1)")
+    g.add_argument("--iso-weight", type=float, default=None, help="weight of L_Iso (paper: none stated; official: 1)")
+    g.add_argument("--dlle-weight", type=float, default=None, help="weight of L_LLE (paper: none stated; official: 1)")
     g.add_argument("--no-disomap", action="store_true", help="drop DIsoMap (Eq. 14; Table 1)")
     g.add_argument("--no-dlle", action="store_true", help="drop DLLE (Eq. 12-13; Table 1)")
     g.add_argument("--no-entropy", action="store_true", help="drop RB-MaEM (Eq. 8; Table 1)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (default 0.01 ring, 0.05 grid)")
-    g.add_argument("--eval-samples", type=int, default=None, help="samples for metrics.json (paper: 50K)")
     g.add_argument("--fig3-samples", type=int, default=5000, help="generated samples ranked for Figure 3 (paper: 50K)")
-    g.add_argument("--classifier", default=None,
-                   help="stacked-(fashion-)mnist: mode classifier from `evaluate.py classifier` (modes, reverse KL)")
-    g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for FID/IS")
-    g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
+    common.add_eval_args(g, "samples for metrics.json (paper, 'Evaluation metrics': 50K)", classifier=True)
     common.add_runtime_args(p)
     return p
 
@@ -383,20 +312,17 @@ def check_args(p, args):
                        nonnegative=("beta1", "beta2", "sigma", "lambda_norm", "entropy_warmup",
                                     "dlle_noise", "rot_degrees", "iso_weight", "dlle_weight", "ema",
                                     "ema_start", "r1_gamma", "pl_weight", "style_mixing"))
-    if not 0 <= args.lr_decay_from <= 1:
-        p.error("--lr-decay-from must be in [0, 1] (a fraction of --steps)")
+    common.check_shared_flags(args)
     if args.dlle_noise_anneal is not None and not 0 <= args.dlle_noise_anneal[0] < args.dlle_noise_anneal[1] <= 1:
         p.error("--dlle-noise-anneal FROM TO needs 0 <= FROM < TO <= 1 (fractions of --steps)")
     if not args.d_spectral_norm and args.arch != "mlp":
         p.error("--no-d-spectral-norm is for --arch mlp (2-D data): the image Ds carry spectral norm by design")
     if args.d_act != "relu" and args.arch != "mlp":
         p.error("--d-act is for --arch mlp (2-D data): the image Ds have their own activations")
-    if args.ema >= 1 or args.style_mixing > 1:
-        p.error("--ema must be < 1 and --style-mixing at most 1")
+    if args.style_mixing > 1:
+        p.error("--style-mixing must be at most 1")
     if args.arch != "stylegan2" and (args.pl_weight or args.style_mixing):
         p.error("--pl-weight and --style-mixing belong to --arch stylegan2")
-    if args.arch != "pacgan" and (args.d_width is not None or args.redraw):
-        p.error("--d-width and --redraw are for --arch pacgan (stacked data)")
 
 
 # ==================================================================================================
@@ -404,15 +330,9 @@ def check_args(p, args):
 # ==================================================================================================
 
 def embed(D, x, sample=True, with_mu=False):
-    """V = D(x) in R^m with the re-parameterisation trick (Suppl.: "m ... with a re-parameterization
-    trick"; official DCGAN_D): D's head gives (mu, logvar), (B, 2m), and while training
-    V = mu + eps * exp(logvar / 2), eps ~ N(0, I). sample=False returns mu (evaluation).
-
-    Official code: its forward always samples; only its `embedding()` (called nowhere; presumably
-    Figure 3's) returns mu: we sample in every loss, mu for pictures. In float32 (AMP-safe exp).
-    with_mu=True returns (V, mu) (the health figures read mu's directions).
-    A D with one output (--scalar-head, the backbones' own baselines) returns it as is, (B, 1).
-    """
+    """V = mu + eps * exp(logvar / 2) from D's head (mu, logvar), (B, 2m): the re-parameterisation trick
+    (Suppl.; official DCGAN_D), float32; sample=False: mu (as the official, unused `embedding()`; for
+    pictures). with_mu=True: (V, mu). A one-output D (--scalar-head): its output, (B, 1)."""
     out = D(x).float()
     if out.shape[1] == 1:               # --scalar-head: a plain D's realness, no code to sample
         return (out, out) if with_mu else out
@@ -424,8 +344,7 @@ def embed(D, x, sample=True, with_mu=False):
 
 
 def maf_loss_d(v_real, v_fake):
-    """Eq. 7 for D: min_D E[(1/m) sum_k D_k(G(z))] - E[(1/m) sum_k D_k(x)]: the realness of x is
-    the mean of its code, so a mean over batch *and* code dimensions."""
+    """Eq. 7 for D: min_D E[(1/m) sum_k D_k(G(z))] - E[(1/m) sum_k D_k(x)] (mean over batch and m)."""
     return v_fake.mean() - v_real.mean()
 
 
@@ -434,16 +353,12 @@ def maf_loss_g(v_fake):
     return -v_fake.mean()
 
 
-# With BigGAN and StyleGAN2 the paper "adds the proposed learning objective to their methods"
-# (Sec. 4, Tables 6-7) without saying what becomes of L_MaF. Ours: the backbone keeps its own
-# adversarial loss, applied to the realness r(x) = (1/m) sum_k V_k(x) that Eq. 7 reads from the code
-# (the scalar a plain D outputs), and DIsoMap, DLLE and RB-MaEM are added unchanged. --loss maf
-# keeps Eq. 7 with either backbone.
+# BigGAN / StyleGAN2: the paper "adds the proposed learning objective" (Tables 6-7), L_MaF unsaid. Ours:
+# the backbone's loss on Eq. 7's realness r(x) = (1/m) sum_k V_k(x), the MaEM terms as they are.
 
 def adv_loss_d(v_real, v_fake, kind="maf"):
-    """D's adversarial loss on the codes (B, m). maf: L_MaF (Eq. 7). hinge (BigGAN):
-    E[relu(1 - r(x))] + E[relu(1 + r(G(z)))]. ns (StyleGAN2's logistic loss):
-    E[softplus(r(G(z)))] + E[softplus(-r(x))]."""
+    """D's adversarial loss on the codes (B, m): maf = L_MaF (Eq. 7); hinge (BigGAN) E[relu(1 - r(x))]
+    + E[relu(1 + r(G(z)))]; ns (StyleGAN2's logistic loss) E[softplus(r(G(z)))] + E[softplus(-r(x))]."""
     if kind == "maf":
         return maf_loss_d(v_real, v_fake)
     r_real, r_fake = v_real.mean(1), v_fake.mean(1)                        # (B,) realness
@@ -453,17 +368,14 @@ def adv_loss_d(v_real, v_fake, kind="maf"):
 
 
 def adv_loss_g(v_fake, kind="maf"):
-    """G's adversarial loss: -E[r(G(z))] for maf (Eq. 7) and hinge (BigGAN's G loss);
-    E[softplus(-r(G(z)))] for ns (StyleGAN2's non-saturating loss)."""
+    """G's: -E[r(G(z))] for maf (Eq. 7) and hinge (BigGAN's); E[softplus(-r(G(z)))] for ns (StyleGAN2's)."""
     if kind == "ns":
         return F_nn.softplus(-v_fake.mean(1)).mean()
     return maf_loss_g(v_fake)
 
 
 def r1_loss(D, x):
-    """StyleGAN2's R1 (Mescheder et al. 2018): E ||grad_x r(x)||^2 on real images, with the realness
-    r read from mu = E[V] (ours: the re-parameterisation noise has mean zero, and a penalty on a
-    random draw would be a noisy one). The caller weights it by gamma / 2 and the lazy interval."""
+    """StyleGAN2's R1, E ||grad_x r(x)||^2 on real x, r from mu = E[V] (ours: a draw of V adds noise)."""
     x = x.detach().requires_grad_(True)
     return common.r1_penalty(embed(D, x, sample=False).mean(1), x)
 
@@ -471,26 +383,19 @@ def r1_loss(D, x):
 # ==================================================================================================
 # 3. RB-MaEM: replay-buffer manifold entropy (Eq. 8-11)
 # ==================================================================================================
-# Eq. 9: a non-parametric entropy estimate grows with E log d(x_i, x_i*), the distance of each sample
-# to its nearest neighbour. Eq. 10-11: D is (about) 1-Lipschitz, so distances between codes are lower
-# bounds of distances between images; pushing codes apart from their nearest neighbours therefore
-# raises (a lower bound of) the entropy. A batch is too small to hold a sample's real neighbours, so
-# the neighbours are searched in a FIFO buffer of the last `--buffer-size` codes.
+# Eq. 9: an entropy estimate grows with E log d(x_i, x_i*), the nearest-neighbour distance; Eq. 10-11:
+# a 1-Lipschitz D's code distances bound image distances from below, so spreading the codes raises a
+# lower bound of it. The neighbours: a FIFO buffer of the last --buffer-size codes (a batch is too small).
 
 class ReplayBuffer:
-    """A first-in-first-out buffer of the last `size` codes (detached), Eq. 8's R.
-
-    Stored as a circular array: `push` overwrites the oldest entries; `codes()` returns the contents
-    oldest first (V_1 ... V_n of the paper; the code being scored plays V_0). Codes are detached on
-    the way in: the buffer is a fixed set of neighbours, gradients flow only through V_0. Every code
-    is searched by every new code.
-    """
+    """Eq. 8's R: a FIFO buffer of the last `size` codes, detached (gradients flow through V_0 only),
+    as a circular array; `codes()` gives V_1 ... V_n oldest first. Every new code searches all of
+    them: another estimator than the authors' per-position buffer (AuthorsReplayBuffer)."""
 
     def __init__(self, size, dim, device, fill_uniform=False, generator=None):
         self.size, self.ptr, self.count = size, 0, 0      # ptr: the next write position
         data = torch.zeros(size, dim)
-        if fill_uniform:
-            # Official code: the buffer starts full of U(-1, 1) codes (entropy_buffer()); a CPU draw.
+        if fill_uniform:                # Official code: entropy_buffer()'s start, full of U(-1, 1) codes
             data.uniform_(-1, 1, generator=generator)
             self.count = size
         self.data = data.to(device)
@@ -514,8 +419,7 @@ class ReplayBuffer:
         return torch.cat([self.data[self.ptr:], self.data[:self.ptr]])
 
     def state_dict(self):
-        # The raw circular array and its pointers (not the reordered view): a resumed run then does
-        # its nearest-neighbour search over the identical memory layout, bit for bit.
+        # The raw array and pointers, not codes(): a resumed run searches the same layout, bit for bit.
         return {"data": self.data.cpu().clone(), "ptr": self.ptr, "count": self.count}
 
     def load_state_dict(self, state):
@@ -527,15 +431,9 @@ class ReplayBuffer:
 
 
 class AuthorsReplayBuffer:
-    """The authors' buffer, bug included (`--authors-buffer`; only for reproducing their numbers).
-
-    Official code (train.py, entropy_buffer / enrtopy_loss): a tensor (slots, B, m) that starts as
-    one U(-1, 1) draw of (slots, m) repeated at every batch position; sample i of a batch searches
-    only the codes that sat at position i of earlier batches (squared distance averaged over m);
-    loss -log(mean_i min_s d); then `cat(R[B:], codes[None])` drops B slots and adds one. With 1024
-    slots and B = 64 that leaves 961, 898, ... and a single slot after 17 updates, from then on the
-    previous batch's code at the same position. `slots_after(n)` gives that count.
-    """
+    """Official code (train.py, entropy_buffer / enrtopy_loss), bug included (--authors-buffer): (slots,
+    B, m), one U(-1, 1) draw of (slots, m) at every batch position; sample i searches only position i
+    of earlier batches; `cat(R[B:], codes[None])` drops B slots, adds one: at B = 64, 1 after 17 updates."""
 
     def __init__(self, size, batch, dim, device, generator=None):
         self.size, self.batch = size, batch
@@ -555,8 +453,7 @@ class AuthorsReplayBuffer:
     def loss(self, v0):
         """-log(mean_i min_s mean_k (R[s, i, k] - v0[i, k])^2) for the batch v0 (B, m)."""
         if v0.shape[0] != self.batch:
-            raise common.UsageError(f"--authors-buffer needs a fixed batch of {self.batch} codes per "
-                                    f"process, got {v0.shape[0]}")
+            raise common.UsageError(f"--authors-buffer needs {self.batch} codes per process, got {v0.shape[0]}")
         with torch.autocast(v0.device.type, enabled=False):
             dist = (self.data - v0.unsqueeze(0)).pow(2).mean(dim=2)          # (slots, B)
             return -torch.log(dist.min(dim=0).values.mean())
@@ -577,9 +474,8 @@ class AuthorsReplayBuffer:
 
 
 def nearest_by_cosine(v0, bank):
-    """For each row of v0 (B, m), the row of bank (n, m) with the largest cosine similarity (Eq. 8's
-    V* = argmax_{V_i in R} V0.V_i / (|V0||V_i|)). Returns (V* (B, m), index (B,)). Always float32,
-    also under --amp bf16: a bf16 matmul cannot tell cosines 0.999 and 0.997 apart."""
+    """Eq. 8's V* = argmax_{V_i in R} V0.V_i / (|V0||V_i|) for each row of v0 (B, m) in bank (n, m):
+    (V* (B, m), index (B,)). float32 also under bf16, which cannot tell cosine 0.999 from 0.997."""
     with torch.autocast(v0.device.type, enabled=False):
         sim = F_nn.normalize(v0.detach().float(), dim=1) @ F_nn.normalize(bank.float(), dim=1).T  # (B, n)
     idx = sim.argmax(dim=1)
@@ -587,19 +483,10 @@ def nearest_by_cosine(v0, bank):
 
 
 def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
-    """RB-MaEM loss of the codes v0 (B, m) against the buffer; 0 while the buffer is empty.
-
-    paper (Eq. 8): L_ent = cos(V0, V*) + lambda ||V0||, V* the most cosine-similar buffered code,
-        averaged over the batch. Minimising the cosine pushes V0 away from its nearest neighbour in
-        angle; lambda ||V0|| keeps D's codes from growing ("stabilization of the discriminator").
-    official: d_i = min_j mean_k (V0_ik - R_jk)^2 (squared L2 averaged over the m dimensions, the
-        nearest neighbour in L2), L_ent = -log(mean_i d_i): Eq. 9's log-distance, with the log
-        outside the batch mean, and no lambda term.
-    The cosine's gradient is sin(angle) / |V0|: it fades as codes close up in angle, where the
-    official -log distance grows (README, "MaEM-GAN on 2-D data").
-    Official code: a buffer per batch position (AuthorsReplayBuffer, used when given one); in ours every
-    code searches all buffered codes: another estimator (values a few % apart, gradients much more).
-    """
+    """RB-MaEM loss of the codes v0 (B, m) against the buffer (0 while it is empty), batch mean.
+    paper (Eq. 8): cos(V0, V*) + lambda ||V0||, V0 pushed from its nearest buffered code in angle (the
+        gradient, sin(angle) / |V0|, fades as codes align: README). AuthorsReplayBuffer: its own loss.
+    official: -log(mean_i d_i), d_i = min_j mean_k (V0_ik - R_jk)^2: Eq. 9's log-distance, no lambda."""
     if isinstance(buffer, AuthorsReplayBuffer):
         return buffer.loss(v0)
     bank = buffer.codes()
@@ -619,11 +506,8 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
 
 @torch.no_grad()
 def health(v, mu, buffer):
-    """The two figures that tell whether D's code space is alive (README, "The three scripts"):
-    cos_nn, the mean cosine of each sampled code V with its most similar buffered code (Eq. 8's
-    L_ent before weighting), and cos_batch, the mean pairwise cosine of the batch's mean codes mu
-    (not V, whose sampling noise would hide a shared direction). cos_batch 1.0000: every code points
-    the same way, the m-dim D is in effect 1-D and RB-MaEM's cosine has no force."""
+    """Is D's code space alive (README, "The three scripts")? cos_nn: Eq. 8's cosine of each V with its
+    nearest buffered code; cos_batch: the batch's mean pairwise cosine of mu (1.0000: D is in effect 1-D)."""
     u = F_nn.normalize(mu.detach().float(), dim=1)
     b = u.shape[0]
     out = {"cos_batch": ((u @ u.T).sum() - b) / max(b * (b - 1), 1)}
@@ -634,8 +518,7 @@ def health(v, mu, buffer):
 
 
 def entropy_weight(args, epoch):
-    """sigma, or sigma * min(epoch / warm-up, 1) with --entropy-warmup (official code: 100 epochs,
-    which makes the term 0 during the whole first epoch)."""
+    """sigma, or sigma * min(epoch / warm-up, 1) with --entropy-warmup (official: 100; 0 in epoch 0)."""
     if args.no_entropy:
         return 0.0
     if args.entropy_warmup > 0:
@@ -646,26 +529,21 @@ def entropy_weight(args, epoch):
 # ==================================================================================================
 # 4. Manifold regularisation: DLLE (Eq. 12-13) and DIsoMap (Eq. 14)
 # ==================================================================================================
-# Every function that draws randomness also accepts the draw as an argument, so a test can feed the
-# authors' stored draws; training leaves them None.
+# A function that draws randomness also takes the draw as an argument (a test feeds the authors').
 
 def rotate(x, angle):
-    """Rotate each image of (B, C, H, W) by its angle (B,) in radians, counter-clockwise as seen on
-    screen, about the centre (bilinear, zero padding outside)."""
+    """Each image of (B, C, H, W) turned by its angle (B,), radians counter-clockwise on screen."""
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(cos)
-    # affine_grid maps output pixels to input pixels (x right, y down): this matrix is that inverse
-    # map of a counter-clockwise turn on screen.
+    # affine_grid maps output to input pixels (x right, y down): the inverse of the turn on screen.
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F_nn.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F_nn.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def dlle_noise_std(args, step):
-    """F's noise std at G step `step`: --dlle-noise, or with --dlle-noise-anneal FROM TO (ours, 2-D
-    presets) falling linearly from it at FROM * steps to 0 at TO * steps. A function of the step and
-    --steps, so a run resumed with the same --steps gets the same values (as the lr decay; a larger
-    --steps on resume stretches both schedules)."""
+    """F's noise std at G step `step`: --dlle-noise, or with --dlle-noise-anneal FROM TO (ours) linear
+    from it at FROM * steps to 0 at TO * steps; a function of the step, as the lr (resume-safe)."""
     if args.dlle_noise_anneal is None:
         return args.dlle_noise
     start, end = (f * args.steps for f in args.dlle_noise_anneal)
@@ -673,20 +551,13 @@ def dlle_noise_std(args, step):
 
 
 def dlle_transform(x, args, D_plain=None, flip_dim=None, eps=None, std=None):
-    """F(x) of Eq. 12: a "different view of x" that counts as its neighbour on the manifold.
-
-    rot-noise  rotation by U(-rot_degrees, rot_degrees) + N(0, dlle_noise^2) noise (Suppl. CIFAR-10;
-               Table 2 row 3; the paper gives no angle range, ours: 15 degrees)
-    noise      N(0, dlle_noise^2) noise only (Suppl. CelebA, AnimeFace, FFHQ)
-    adv        adversarial noise (Table 2 row 2): one signed-gradient step of size dlle_noise that
-               increases ||D(x + delta) - D(x)||^2 from a random start (FGSM-style; the paper gives
-               no recipe, this one is ours). Needs D (unwrapped, no DDP sync, no update of SN).
-    flip-noise Official code (data_aug): flip the whole batch along height (dim 2) or width (dim 3),
-               one coin per batch, and add N(0, 0.001^2) noise.
-    flip_dim / eps: the flip and the N(0, 1) draw (noise = std * eps), drawn here if None.
-    std: the noise std (default --dlle-noise; training passes dlle_noise_std's value).
-    On 2-D points rotations and flips are not small moves, so only the noise part is applied.
-    """
+    """F(x) of Eq. 12, a "different view of x" (2-D points: the noise only):
+    rot-noise  rotation by U(-rot_degrees, rot_degrees) (range ours) + N(0, std^2) (Suppl. CIFAR-10)
+    noise      N(0, std^2) noise (Suppl. CelebA, AnimeFace, FFHQ)
+    adv        one signed-gradient step of size std raising ||D(x + delta) - D(x)||^2 from a random
+               start (Table 2's adversarial noise; the recipe is ours); the unwrapped D, SN not updated
+    flip-noise Official code (data_aug): the batch flipped along height or width (one coin) + noise
+    flip_dim / eps: the flip and the N(0, 1) draw, drawn if None; std: default --dlle-noise."""
     kind = args.dlle_transform
     std = args.dlle_noise if std is None else std
     images = x.dim() == 4
@@ -711,38 +582,28 @@ def dlle_transform(x, args, D_plain=None, flip_dim=None, eps=None, std=None):
 
 
 def dlle_loss(v, v_aug, variant="paper"):
-    """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, the per-sample L2 norm averaged over
-    the real and fake samples given (gradient through both branches: the paper specifies no stop-gradient; we use none).
-    official: MSE(D(x), D(F(x)).detach()): squared error averaged over elements, stop-gradient on
-    the transformed branch (the caller passes real and fake separately and sums)."""
+    """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, no stop-gradient (the paper states none).
+    official: MSE(D(x), D(F(x)).detach()) (the caller sums it over real and fake)."""
     if variant == "paper":
         return (v_aug - v).norm(dim=1).mean()
     return F_nn.mse_loss(v, v_aug.detach())
 
 
 def isomap_mix(x_real, x_fake, variant="paper", a=None):
-    """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i) (Eq. 14 names a pair {x_i, x_j};
-    pairing real with fake is train.py's); returns (x^, a (B, 1)).
-
-    paper: a ~ U(0, 1) per pair (a convex combination, Eq. 14's text).
-    official: a ~ N(0, 1) per pair: the "mix" is mostly an extrapolation (train.py at 2f18e97;
-    the authors' README lists it among its tricks).
-    """
+    """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i) (pairing real with fake: train.py);
+    returns (x^, a (B, 1)). paper: a ~ U(0, 1), Eq. 14's "convex combination". official: a ~ N(0, 1),
+    mostly an extrapolation (train.py at 2f18e97)."""
     if a is None:
         shape = (x_real.shape[0], 1)
-        a = torch.rand(shape, device=x_real.device) if variant == "paper" else \
-            torch.randn(shape, device=x_real.device)
+        a = (torch.rand if variant == "paper" else torch.randn)(shape, device=x_real.device)
     a_x = a.view(-1, *([1] * (x_real.dim() - 1))).to(x_real.dtype)
     return a_x * x_real + (1 - a_x) * x_fake, a
 
 
 def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
-    """paper (Eq. 14): psi = cos(V_x^, V^) with V^ = a V_i + (1 - a) V_j, the same combination in code
-    space. Eq. 14 writes the similarity itself; as a loss to minimise we use 1 - cos (mean over pairs).
-    The paper specifies no stop-gradient; we use none, so the target V^ is not detached and D
-    also moves V_i and V_j.
-    official: MSE(V_x^, (a V_i + (1 - a) V_j + noise).detach()), noise ~ N(0, 0.05^2) (drawn if None).
-    """
+    """paper (Eq. 14): 1 - cos(V_x^, V^), V^ = a V_i + (1 - a) V_j (Eq. 14 is the similarity; ours: 1 -
+    it as a loss, mean over pairs; no stop-gradient, as the paper states none: D moves V_i, V_j too).
+    official: MSE(V_x^, (a V_i + (1 - a) V_j + noise).detach()), noise ~ N(0, 0.05^2) (drawn if None)."""
     target = a * v_real + (1 - a) * v_fake                                     # (B, m)
     if variant == "paper":
         return (1 - F_nn.cosine_similarity(v_mix, target, dim=1)).mean()
@@ -753,24 +614,15 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # ==================================================================================================
 # 5. The two losses of a training step
 # ==================================================================================================
-# Who minimises L_ent is not stated in the paper (Fig. 1 says "real/generated", Sec. 1 "the
-# discriminator side"). We route it as the authors' train.py does: D spreads the codes of *real*
-# images against a buffer of real codes (and only D carries lambda ||V0||, which "stabilises the
-# discriminator": ours, the authors' code has no lambda term); G spreads the codes of its samples against a buffer of generated codes. D never
-# sees the generated-code term, so D cannot lower it for G.
+# Who minimises L_ent the paper leaves open (Fig. 1: "real/generated"). As train.py: D on real codes
+# against a buffer of real codes, G on its samples' codes against generated ones (D cannot lower G's
+# term). Only D carries lambda ||V0|| ("stabilization of the discriminator"; ours: train.py has none).
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
-    """D's loss on real x and fake = G(z) (B, ...), G fixed:
-        L_adv (Eq. 7's L_MaF; --loss hinge / ns: the backbone's) + w_iso L_Iso (Eq. 14)
-        + w_lle L_LLE (Eq. 12-13) + sigma (L_ent + lambda ||V0||) (Eq. 8, on the real codes).
-    The weights w: the paper states none; the authors' train.py sums the first three unweighted.
-
-    Every input of D goes through the DDP-wrapped D in *one* forward: one gradient all-reduce and
-    one spectral-norm power iteration per D step (Official code: five D calls per step, so five
-    power iterations). An ablation leaves its inputs out, so the L_MaF-only baseline costs exactly
-    a plain D step; a BN D (--arch pacgan) takes one forward per input. Returns (total, the terms
-    and the health figures for the log, not summed).
-    """
+    """D's loss on real x and fake = G(z) (B, ...), G fixed: L_adv (Eq. 7; --loss) + w_iso L_Iso (Eq. 14)
+    + w_lle L_LLE (Eq. 12-13) + sigma (L_ent + lambda ||V0||) (Eq. 8, real codes); w: train.py's 1. One
+    forward of all inputs: one all-reduce, one SN power iteration (Official code: five); a BN D
+    (pacgan) one per input. Returns (total, the terms and health figures for the log)."""
     variant = args.variant
     # ---- D's inputs, each (B, ...): real, fake, and the inputs of the terms switched on.
     inputs = {"real": x, "fake": fake}
@@ -802,18 +654,15 @@ def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
     weights = {adv: 1.0, "iso": args.iso_weight, "dlle": args.dlle_weight, "ent": ent_w}
     total = sum(weights[k] * term for k, term in terms.items())
 
-    # ---- not part of the loss: the health figures (log only), read before the buffer takes the
-    # batch; the buffer takes it also without the entropy term, for these figures.
+    # ---- apart from the loss: the health figures (log only); then the buffer takes the batch (always).
     figures = health(v["real"], mu_all[:x.shape[0]], buffers["real"])
     buffers["real"].push(v["real"])
     return total, dict(terms, **{"real_" + k: val for k, val in figures.items()})
 
 
 def g_step_loss(D_plain, fake, args, buffers, ent_w):
-    """G's loss: -L_MaF (Eq. 7; or --loss's) + sigma * L_ent (Eq. 8, no lambda term) on the codes of its samples,
-    which pushes each new sample away from its nearest buffered generated code in D's space
-    (maximises the entropy of P_g, Eq. 6). D_plain is the unwrapped D: its gradients here are never
-    applied (zeroed before D's next step). Returns (total, terms incl. health figures, not summed)."""
+    """G's loss: -L_MaF (Eq. 7; or --loss's) + sigma L_ent (Eq. 8, no lambda) of its samples' codes (H(P_g)
+    up, Eq. 6); D_plain's gradients are zeroed before D's step. Returns (total, terms and health figures)."""
     v_fake, mu = embed(D_plain, fake, with_mu=True)
     adv = "g_maf" if args.loss == "maf" else "g_adv"
     terms = {adv: adv_loss_g(v_fake, args.loss)}
@@ -827,11 +676,8 @@ def g_step_loss(D_plain, fake, args, buffers, ent_w):
 
 
 def make_buffers(args, per_rank_batch, device):
-    """A buffer of real codes (D's entropy term) and one of generated codes (G's), in both variants.
-    paper: FIFO buffers that start empty. official: FIFO buffers that start full of U(-1, 1) codes;
-    with --authors-buffer the authors' per-position buffers instead (AuthorsReplayBuffer). Under
-    torchrun each rank keeps its own buffers of its own codes (no all-gather): the estimator stays
-    local and costs no extra collective per step. All of them are saved in the checkpoint."""
+    """Buffers of real codes (D's term) and generated codes (G's): FIFOs, empty (paper) or full of
+    U(-1, 1) codes (official), or the authors' (--authors-buffer). Per rank, no all-gather (ours)."""
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     if args.authors_buffer:
         return {name: AuthorsReplayBuffer(args.buffer_size, per_rank_batch, args.m, device, gen) for name in ("real", "fake")}
@@ -843,15 +689,13 @@ def make_buffers(args, per_rank_batch, device):
 # ==================================================================================================
 
 def build_networks(args, channels):
-    """G: z -> x and the generalised D: x -> (mu, logvar) in R^{2m} (split by `embed`).
-    stylegan2: the official config's channel_base and minibatch-std group, scaled by width / 64."""
+    """G: z -> x and D: x -> (mu, logvar) in R^{2m} (embed splits it); stylegan2: the config's, x width/64."""
     d_out = 1 if getattr(args, "scalar_head", False) else 2 * args.m
     if args.arch == "stylegan2":
         cfg, _ = stylegan2_preset(args.img_size)
         base, top = cfg["channel_base"] * args.width // 64, 512 * args.width // 64
-        G = common.StyleGAN2Generator(args.z_dim, args.img_size, channels, channel_base=base,
-                                      channel_max=top, n_mapping=cfg["n_mapping"],
-                                      style_mixing=args.style_mixing)
+        G = common.StyleGAN2Generator(args.z_dim, args.img_size, channels, channel_base=base, channel_max=top,
+                                      n_mapping=cfg["n_mapping"], style_mixing=args.style_mixing)
         D = common.StyleGAN2Discriminator(args.img_size, channels, out_dim=d_out, channel_base=base,
                                           channel_max=top, mbstd_group=cfg["mbstd_group"])
         return G, D
@@ -863,33 +707,33 @@ def build_networks(args, channels):
     D = common.build_discriminator(args.arch, args.img_size, channels, width=args.width,
                                    out_dim=d_out, attention=attn, mlp_act=getattr(args, "d_act", "relu"))
     if args.arch == "mlp" and getattr(args, "d_spectral_norm", True):
-        common.add_spectral_norm(D)         # ours: the DCGAN and ResNet Ds carry spectral norm already
+        common.add_spectral_norm(D)         # ours (Eq. 10's Lipschitz D); the image Ds carry their own
     return G, D
 
 
 # Samplers on batch statistics: BigGAN's G_ema in batches of 50, PacGAN's G in batches of 128.
 BN_SAMPLING = {"biggan": True, "pacgan": common.PACGAN_BATCH}
-
-
-# Checkpoints name the StyleGAN2 resampling they were trained with: the official [1,3,3,1] filter
-# since issue 27; before it, bilinear / 2x2 average pooling (ours), whose weights do not fit.
+# The StyleGAN2 resampling a checkpoint was trained with (official [1,3,3,1] FIR since issue 27).
 SG2_RESAMPLING = "fir-1331"
 
 
-def check_stylegan2_checkpoint(ckpt, args, path):
-    """Refuse, in one line, a StyleGAN2 checkpoint from before the official resampling."""
+def check_checkpoint(ckpt, args, path, resume=False):
+    """Refuse, in one line, a checkpoint of an older maem_gan.py that this one cannot load (or resume)."""
     if args.arch == "stylegan2" and ckpt.get("sg2_resampling") != SG2_RESAMPLING:
-        raise common.UsageError(f"{path} comes from an older maem_gan.py whose StyleGAN2 resampled "
-                                f"bilinearly / by 2x2 average pooling, not with the official [1,3,3,1] "
-                                f"filter: its weights do not fit this network; start a new run")
+        why = "its StyleGAN2 resampled bilinearly / by 2x2 average pooling, not with the official [1,3,3,1] filter"
+    elif resume and args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
+        why = "before --d-spectral-norm and --d-act; its 2-D presets differ"
+    elif resume and set(ckpt["buffers"][0]) != {"real", "fake"}:
+        why = f"its replay buffers are {sorted(ckpt['buffers'][0])}"
+    else:
+        return
+    raise common.UsageError(f"{path} comes from an older maem_gan.py ({why}): start a new run")
 
 
 @torch.no_grad()
 def figure3(G, D, args, device, path, dims=4, top=5):
-    """Fig. 3: rank args.fig3_samples generated samples by each of the first `dims` code dimensions
-    (mu, no sampling) and show the top `top` per dimension, one row per dimension. Running top-k over
-    chunks, so 50K samples at 256x256 never sit in memory at once. 2-D data: a scatter plot, the
-    top samples of each dimension in their own colour over all samples (grey)."""
+    """Fig. 3: per code dimension (mu; the first `dims`) its top `top` of --fig3-samples samples, a row
+    each (running top-k); 2-D data: them in a colour per dimension over all samples (grey)."""
     G, D = common.unwrap(G), common.unwrap(D)
     g_mode, d_mode = G.training, D.training
     G.eval(), D.eval()
@@ -921,8 +765,7 @@ def figure3(G, D, args, device, path, dims=4, top=5):
 
 @torch.no_grad()
 def save_samples(G, args, z_fixed, real_points, path):
-    """A progress picture from a fixed z (no draw from the training RNG: a resumed run stays
-    bit-identical): an 8x8 grid, or for 2-D data the samples (red) over the data (grey)."""
+    """A picture from a fixed z, no training RNG: an 8x8 grid, or 2-D samples (red) over data (grey)."""
     G = common.unwrap(G)
     mode = G.training
     G.eval()
@@ -940,14 +783,12 @@ def save_samples(G, args, z_fixed, real_points, path):
 
 
 def load_sampler(ckpt_path, device="cpu"):
-    """For evaluate.py: a function n -> n samples of the checkpoint's G (points or images in [-1, 1]).
-    `sample.dataset` is the common.py dataset name (animeface / ffhq -> folder)."""
+    """For evaluate.py: n -> n samples of the checkpoint's G in [-1, 1]; .dataset is common.py's name."""
     ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
     args = argparse.Namespace(**ckpt["args"])
-    check_stylegan2_checkpoint(ckpt, args, ckpt_path)
+    check_checkpoint(ckpt, args, ckpt_path)
     channels = common.DATASETS[args.data_name]["channels"]
-    G, _ = build_networks(args, channels)
-    G = common.load_generator(G, ckpt, ckpt_path, device)
+    G = common.load_generator(build_networks(args, channels)[0], ckpt, ckpt_path, device)
 
     def sample(n):
         return common.generate(G, n, args.z_dim, device, bn_batch=BN_SAMPLING.get(args.arch, False))
@@ -960,55 +801,41 @@ def load_sampler(ckpt_path, device="cpu"):
 # ==================================================================================================
 # 7. Training
 # ==================================================================================================
-# The full objective, alternating (n_critic D steps per G step):
+# Alternating, n_critic D steps per G step (the weights and L_ent's routing: sections 1 and 5):
 #   D: min L_MaF (Eq. 7) + L_Iso (Eq. 14) + L_LLE (Eq. 12-13) + sigma (L_ent(real) + lambda ||V0||) (Eq. 8)
 #   G: min -L_MaF (Eq. 7) + sigma L_ent(generated) (Eq. 8)
-# The paper's: each term, sigma, lambda; the authors' code's: the unit weights and L_ent's routing (section 5).
 
 def learning_rate(args, epoch, step=0):
-    """Suppl.: lr x lr_decay every lr_decay_epochs data epochs (official: StepLR(50, 0.9) stepped
-    once per epoch), times common.lr_factor's linear decay to 0 after --lr-decay-from (ours, 2-D
-    presets). Derived from the stream's epoch and the step, so a resumed run needs no scheduler state."""
+    """Suppl.: lr x lr_decay every lr_decay_epochs epochs (official: StepLR(50, 0.9)), times the linear
+    decay after --lr-decay-from (ours, common.lr_factor); from epoch and step alone (resume-safe)."""
     return (args.lr * args.lr_decay ** (epoch // args.lr_decay_epochs)
             * common.lr_factor(step, args.steps, getattr(args, "lr_decay_from", 1.0)))
 
 
-def d_lr(args):
-    return args.lr if getattr(args, "lr_d", None) is None else args.lr_d     # --lr-d, default --lr
-
-
 def make_optimizers(args, G, D):
-    """Adam for G and D. Lazy regularisation (StyleGAN2, Sec. 4 / App. B): a regulariser applied
-    every k steps scales Adam's lr by c = k / (k + 1) and its betas to beta^c. c = 1 without one
-    (ours: ada-pytorch keeps the scaling with a zero weight). Returns (opt_g, opt_d, c_g, c_d)."""
+    """Adam for G and D; a lazy regulariser every k steps scales lr by c = k / (k + 1) and betas to
+    beta^c (StyleGAN2, App. B; c = 1 without one: ours). Returns (opt_g, opt_d, c_g, c_d)."""
     c_d = args.r1_every / (args.r1_every + 1) if args.r1_gamma > 0 else 1.0
     c_g = args.pl_every / (args.pl_every + 1) if args.pl_weight > 0 else 1.0
     opt_g = common.adam(G.parameters(), lr=args.lr * c_g, betas=(args.beta1 ** c_g, args.beta2 ** c_g))
-    opt_d = common.adam(D.parameters(), lr=d_lr(args) * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
+    opt_d = common.adam(D.parameters(), lr=common.d_lr(args) * c_d, betas=(args.beta1 ** c_d, args.beta2 ** c_d))
     return opt_g, opt_d, c_g, c_d
 
 
-def restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path):
-    """A resumed run's replay buffers and path-length mean, one per process (a different number of
-    processes starts them afresh)."""
+def restore_buffers(ckpt, buffers, pl_mean, rt):
+    """A resumed run's per-process replay buffers and path-length mean (afresh on another world size)."""
     saved = ckpt["buffers"]
-    if set(saved[0]) != set(buffers):
-        raise common.UsageError(f"{ckpt_path} holds replay buffers {sorted(saved[0])}, this "
-                                f"maem_gan.py keeps {sorted(buffers)}: it comes from an older "
-                                f"version; start a new run")
     if len(saved) == rt.world_size:
         for name, buf in buffers.items():
             buf.load_state_dict(saved[rt.rank][name])
         pl_mean.copy_(ckpt["pl_mean"][rt.rank])
     elif rt.is_main:
-        print(f"note: checkpoint has replay buffers of {len(saved)} process(es), this run has "
-              f"{rt.world_size}: the buffers start afresh")
+        print(f"note: the checkpoint's replay buffers are of {len(saved)} process(es): they start afresh")
 
 
 def train(args, rt, dataset):
     is_points = common.DATASETS[args.data_name]["kind"] == "points"
-    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed,
-                                num_workers=args.num_workers)
+    stream = common.BatchStream(dataset, args.batch_size, rt, seed=args.seed, num_workers=args.num_workers)
     # Same seed on every rank -> identical initial weights; then per-rank noise streams.
     G, D = build_networks(args, common.DATASETS[args.data_name]["channels"])
     common.seed_rank(rt, args.seed)
@@ -1020,28 +847,22 @@ def train(args, rt, dataset):
     ema = common.EMA(G, args.ema).to(rt.device) if args.ema > 0 else None
     pl_mean = torch.zeros((), device=rt.device)         # path-length running mean (per process)
 
-    step, ckpt = 0, None
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     nets, opts = {"G": G, "D": D, "G_ema": ema}, {"opt_g": opt_g, "opt_d": opt_d}
-    if args.resume:
-        ckpt = common.load_checkpoint(ckpt_path, method=METHOD)
-        if args.arch == "mlp" and "d_spectral_norm" not in ckpt["args"]:
-            raise common.UsageError(f"{ckpt_path} comes from an older maem_gan.py (before "
-                                    f"--d-spectral-norm and --d-act; its 2-D presets differ): start a new run")
-        check_stylegan2_checkpoint(ckpt, args, ckpt_path)
+    ckpt, step = common.resume_checkpoint(ckpt_path, args, METHOD), 0
+    if ckpt is not None:
+        check_checkpoint(ckpt, args, ckpt_path, resume=True)
         step = common.restore_training_state(ckpt, nets, opts, rt, stream, args.seed, ckpt_path)
-        restore_buffers(ckpt, buffers, pl_mean, rt, ckpt_path)
+        restore_buffers(ckpt, buffers, pl_mean, rt)
 
     log = common.Logger(args.out, rt.is_main, args.steps, start_step=step)
     meter = common.LossMeter(rt)
-    terms_on = [n for n, off in (("DIsoMap", args.no_disomap), ("DLLE", args.dlle_transform == "none"),
-                                 ("RB-MaEM", args.no_entropy)) if not off]
-    log.info(f"MaEM-GAN ({args.variant}) on {args.dataset}: {args.steps} steps, global batch "
-             f"{args.batch_size} on {rt.world_size} process(es), {rt.device}, m={args.m}, "
-             f"{args.arch}, terms: {ADV_NAMES[args.loss]} {' '.join(terms_on)}, sigma={args.sigma}, "
-             f"lambda={args.lambda_norm}, EMA {args.ema}, R1 {args.r1_gamma}, path length {args.pl_weight}, "
-             f"F={args.dlle_transform}, buffer {args.buffer_size}, seed {args.seed}; "
-             f"G {common.count_params(G)} / D {common.count_params(D)} params")
+    off = {"DIsoMap": args.no_disomap, "DLLE": args.dlle_transform == "none", "RB-MaEM": args.no_entropy}
+    log.info(f"MaEM-GAN ({args.variant}) on {args.dataset}: {args.steps} steps, global batch {args.batch_size} on "
+             f"{rt.world_size} process(es), {rt.device}, m={args.m}, {args.arch}, loss {args.loss}, terms "
+             f"{' '.join(k for k, v in off.items() if not v)}, sigma={args.sigma}, lambda={args.lambda_norm}, EMA "
+             f"{args.ema}, R1 {args.r1_gamma}, path length {args.pl_weight}, F={args.dlle_transform}, buffer "
+             f"{args.buffer_size}, seed {args.seed}; G {common.count_params(G)} / D {common.count_params(D)} params")
     # Progress pictures: a fixed z (and for 2-D data a fixed subset of the data), no training RNG.
     z_fixed = common.fixed_noise(2000 if is_points else 64, args.z_dim, rt.device, seed=args.seed + 1)
     real_points = dataset.points[common.seeded_subset(len(dataset), 2000)] if is_points else None
@@ -1052,7 +873,7 @@ def train(args, rt, dataset):
         # The epoch the next batch comes from (the stream only turns the epoch when it runs dry).
         epoch = stream.epoch + (stream.pos >= stream.steps_per_epoch)
         lr = learning_rate(args, epoch, step)
-        for opt, c in ((opt_g, c_g), (opt_d, c_d * d_lr(args) / args.lr)):
+        for opt, c in ((opt_g, c_g), (opt_d, c_d * common.d_lr(args) / args.lr)):
             common.set_lr([opt], lr * c)
         ent_w = entropy_weight(args, epoch)
 
@@ -1067,8 +888,7 @@ def train(args, rt, dataset):
             with rt.autocast():
                 with torch.no_grad():
                     fake = G(z).to(x.dtype)
-                d_loss, d_terms = d_step_loss(D, D_plain, x, fake, args, buffers, ent_w,
-                                              dlle_noise_std(args, step))
+                d_loss, d_terms = d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_noise_std(args, step))
             opt_d.zero_grad(set_to_none=True)
             rt.backward_step(d_loss, opt_d)
             if args.r1_gamma > 0 and (step * args.n_critic + i) % args.r1_every == 0:
@@ -1079,9 +899,8 @@ def train(args, rt, dataset):
                 rt.backward_step(r1 * (args.r1_gamma / 2 * args.r1_every), opt_d)
                 d_terms["r1"] = r1.detach()
 
-        # ---- G step: min_G -L_MaF + sigma L_ent(generated). Official code: G steps after the first
-        # D step of every n_critic and reuses that step's z; we step G after the n_critic D steps,
-        # with the last D step's z under --variant official and a fresh z on the paper path.
+        # ---- G step: min_G -L_MaF + sigma L_ent(generated), after the n_critic D steps. Official code:
+        # after the first of them, on its z; here the last D step's z (official) or a fresh one (paper).
         if args.variant == "paper":
             z = torch.randn(per_rank, args.z_dim, device=rt.device)
         with rt.autocast():
@@ -1089,8 +908,7 @@ def train(args, rt, dataset):
         opt_g.zero_grad(set_to_none=True)
         rt.backward_step(g_loss, opt_g)
         if args.pl_weight > 0 and step % args.pl_every == 0:
-            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k;
-            # through G's DDP wrapper (forward with return_ws), so the gradients are averaged.
+            # Official code ('Greg'): half the batch (pl_batch_shrink 2), weight pl_weight x k; via DDP.
             z_pl = torch.randn(max(per_rank // 2, 1), args.z_dim, device=rt.device)
             with rt.autocast():
                 pl, g_terms["pl_length"] = common.path_length_penalty(G, z_pl, pl_mean)
@@ -1119,10 +937,8 @@ def train(args, rt, dataset):
 
 @torch.no_grad()
 def code_directions(D, args, device, per_mode=200):
-    """2-D health check of the final D: the mean code (mu) of `per_mode` real points of each mode,
-    and the mean / max pairwise cosine between those mode codes. Near 1: every mode's code points
-    the same way, so the m-dim code space carries one direction only. The centred figure removes
-    the realness direction (1, ..., 1) first: what is left is what DIsoMap and RB-MaEM can shape."""
+    """2-D health check of the final D: the mean / max pairwise cosine of the modes' mean codes mu
+    (near 1: one direction for all); centred: without the realness direction (1, ..., 1)."""
     D = common.unwrap(D).eval()
     centers, std = common.synthetic_modes(args.data_name, args.data_std)
     gen = torch.Generator().manual_seed(args.seed + 5)
@@ -1132,11 +948,9 @@ def code_directions(D, args, device, per_mode=200):
     off = ~torch.eye(len(c), dtype=torch.bool)
     u = F_nn.normalize(mu, dim=1)
     cos = (u @ u.T)[off]
-    # The same without each code's mean over its m entries, the part L_MaF reads as realness.
     w = F_nn.normalize(mu - mu.mean(dim=1, keepdim=True), dim=1)
     cos_c = (w @ w.T)[off]
-    # How many directions the mode codes vary in: the participation ratio (sum l)^2 / sum l^2 of
-    # the eigenvalues l of their covariance, 1 when they lie on one line, up to min(K - 1, m).
+    # Directions the mode codes vary in: (sum l)^2 / sum l^2 of their covariance's eigenvalues l.
     lam = torch.linalg.eigvalsh(torch.cov(mu.T.double())).clamp_min(0)
     dims = (lam.sum() ** 2 / (lam ** 2).sum().clamp_min(1e-300)).item()
     return {"code_cos_modes_mean": round(cos.mean().item(), 4), "code_cos_modes_max": round(cos.max().item(), 4),
@@ -1144,35 +958,23 @@ def code_directions(D, args, device, per_mode=200):
 
 
 def final_metrics(G, D, args, rt):
-    """metrics.json: modes / high-quality fraction / reverse KL and the code-direction health check
-    (2-D); modes and reverse KL with the mode classifier (stacked); FID, IS and I-Variance (Table 4's
-    form) for other images."""
+    """metrics.json: 2-D modes and code directions; stacked modes (--classifier); FID, IS, I-Variance."""
     G = common.unwrap(G).eval()          # BN's running statistics, as the official test()
-    kind = common.DATASETS[args.data_name]["kind"]
 
     def draw(n):
         return common.generate(G, n, args.z_dim, rt.device, bn_batch=BN_SAMPLING.get(args.arch, False))
 
-    if kind == "points":
-        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
-        samples = common.sample_points(draw, args.eval_samples, rt.device)
-        metrics = common.mode_metrics_2d(samples.numpy(), args.data_name, args.data_std)
-        return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))   # no code: --scalar-head
+    if common.DATASETS[args.data_name]["kind"] == "points":           # no code directions with --scalar-head
+        metrics = common.run_points_metrics(draw, args, rt.device, args.data_name)
+        return dict(metrics, **(code_directions(D, args, rt.device) if args.m > 1 else {}))
     if args.data_name.startswith("stacked"):
         if not args.classifier:
-            print("note: mode metrics skipped: pass --classifier (train one with "
-                  "`python evaluate.py classifier --dataset fashion-mnist --out FILE`)", flush=True)
+            print("note: mode metrics skipped: pass --classifier (train one with `python evaluate.py "
+                  "classifier --dataset fashion-mnist --out FILE`)", flush=True)
             return {"skipped": "no --classifier"}
-        classifier = common.load_mode_classifier(args.classifier, rt.device, args.data_name)
-        chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
-        return common.stacked_mode_metrics(common.in_chunks(draw, args.eval_samples, chunk), classifier, rt.device)
-    # FID against the images this run trains on (its split; a folder cropped and resized as
-    # training reads it): common.real_stats, cached. No Inception weights offline: skipped.
-    real = args.fid_stats or dict(dataset=args.data_name, root=args.data_root, split=args.split,
-                                  img_size=args.img_size, download=args.download)
-    return common.image_metrics_or_skip(common.in_chunks(draw, args.eval_samples, 100), args.eval_samples,
-                                        ["fid", "is", "ivar"], real, rt.device,
-                                        inception_weights=args.inception_weights)
+        return common.run_stacked_metrics(draw, args, rt.device, args.data_name)
+    # Against the images the run trains on (its preset's split: train.py's train+test on CIFAR-10).
+    return common.run_image_metrics(draw, args, ["fid", "is", "ivar"], rt.device, args.data_name, args.split)
 
 
 def main(argv=None):

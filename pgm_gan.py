@@ -82,17 +82,19 @@ RUN_CONTROL = common.RUN_CONTROL + ("stage", "classifier")
 # trained the authors' partitioners (their repository only loads them); "ours" = none of them.
 # How the 2-D values were measured: README, "How the 2-D defaults were chosen".
 _TOY = dict(
-    # Official code 2d_mix/train.py: batch 100, z 2, width 200, d_iter 1, standard loss, maxout D
-    # (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU), lr 1e-3
-    # decaying over the second half, maxout kept (README, "How the 2-D defaults were chosen"),
-    # k = one partition per Gaussian (Sec. 5.1; their script fits 50 k-means clusters).
+    # Official code 2d_mix/train.py: batch 100, z 2, D width 200 (d_act_dim), d_iter 1, standard
+    # loss, maxout D (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU),
+    # lr 1e-3 decaying over the second half, maxout kept (README, "How the 2-D defaults were chosen"),
+    # G of width 200 too, k = one partition per Gaussian (Sec. 5.1; their script fits 50 k-means
+    # clusters; no mode count known: --k's help).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
-    # Guide: ours. Their reg_guide defaults to 0 and 2d_mix/run.sh passes none; their R is the
-    # mean over c. Our sum with lambda 1.0 equals their mean with lambda k (25 grid, 8 ring).
+    # Guide: ours (their reg_guide defaults to 0 and 2d_mix/run.sh passes none): R summed over c with
+    # lambda 1.0, where the official R is a mean; both units: --guide-reduce's help.
     guide_weight=1.0, guide_anneal=5e-5, guide_min=0.0, guide_reduce="sum", ema=0.0, ema_start=0,
-    # Partitioner: Sec. 5.1 (no pretext, S on the coordinates); official: fit on 10K points.
-    # Size, steps, lr and 3 restarts (best Eq. 5 on the whole graph): ours.
+    # Partitioner: Sec. 5.1 (no pretext, S on the coordinates); official: fit on 10K points. Size,
+    # steps, lr, 3 restarts (best Eq. 5 on the whole graph), and Eq. 5's alpha 0 / beta 5: ours, SCAN's
+    # image values carried over (the official 2-D S is instead fit by cross-entropy to k-means labels).
     part_blocks=4, part_width=64, part_levels=0, part_steps=1500, part_batch_size=512,
     part_lr=3e-3, part_restarts=3, part_samples=10_000, neighbors=20, alpha=0.0, beta=5.0,
     pretext_steps=0, pretext_batch_size=256, pretext_lr=0.4, temperature=0.1,
@@ -218,7 +220,10 @@ def parse_args(argv=None):
     g.add_argument("--k", type=int, default=None,
                    help="number of partitions = generators (200 images, Sec. 5.2; 1000 ImageNet, "
                         "Sec. 5.3; 2-D presets: one per Gaussian, 25 grid / 8 ring, Sec. 5.1; the official "
-                        "2d_mix script uses 50); --k 1 = one plain GAN (baseline)")
+                        "2d_mix script uses 50); --k 1 = one plain GAN (baseline). Modes unknown: run --stage "
+                        "partition --k 50 (an --out of its own), then use --k near the exp(H(pi)) of the partition "
+                        "sizes it prints (ring 8.0, grid 26.6 for 8 and 25 modes; one seed each: README, 'PGMGAN on "
+                        "2-D data')")
     g.add_argument("--partition", default="learned", choices=["learned", "random"],
                    help="learned: S from Eq. 5; random: uniformly random partition ids "
                         "(baseline 'Random Partition ID', Table 1; no guide, no rejection)")
@@ -232,7 +237,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("partitioner S = softmax(W phi(x)) (Eq. 5, Thm. 3)")
     g.add_argument("--neighbors", type=int, default=None,
                    help="neighbours per point in the kNN graph (SCAN: 20; official stacked MNIST: 10)")
-    g.add_argument("--alpha", type=float, default=None, help="weight of sum_i H(S(x_i)) in Eq. 5 (SCAN: 0)")
+    g.add_argument("--alpha", type=float, default=None, help="weight of sum_i H(S(x_i)) in Eq. 5 (SCAN: 0; at 0 "
+                   "nothing but the neighbour term sharpens each S(x_i): above the mode count S can stay undecided)")
     g.add_argument("--beta", type=float, default=None, help="weight of H(mean S) in Eq. 5 (SCAN: 5)")
     g.add_argument("--partitioner", default="lipschitz", choices=["lipschitz", "unconstrained"],
                    help="lipschitz: residual blocks with bounded branches (Sec. 4.2, Thm. 3); "
@@ -264,11 +270,7 @@ def parse_args(argv=None):
     g.add_argument("--arch", default=None, choices=["mlp", "resnet", "dcgan", "pacgan"],
                    help="G/D networks (mlp on 2-D; resnet = SN-GAN, Sec. 5; pacgan: PacGAN's stacked-MNIST G "
                         "and reduced D with k outputs, its own preset)")
-    g.add_argument("--d-width", type=int, default=None,
-                   help="--arch pacgan: D's width (2 = D at 1/4 of G, 4 = 1/2)")
-    g.add_argument("--redraw", action=argparse.BooleanOptionalAction, default=None,
-                   help="stacked data: fresh random triplets every epoch (PacGAN's on-the-fly data; "
-                        "common.StackedDataset); on in the pacgan presets")
+    common.add_pacgan_args(g)
     g.add_argument("--width", type=int, default=None, help="MLP hidden units (official 2-D: 200) / base channels (64)")
     g.add_argument("--d-act", default=None, choices=["maxout", "relu"],
                    help="activation of the mlp D on 2-D data (official: maxout, 5 pieces)")
@@ -304,27 +306,18 @@ def parse_args(argv=None):
                    help="EMA decay of G's weights, 0 = off (ours: the official image configs average "
                         "no weights; e.g. 0.9999)")
     g.add_argument("--ema-start", type=int, default=None, help="G step at which the EMA starts (ours: 10K)")
-    g.add_argument("--data-std", type=float, default=None, help="std of each 2-D mode (common.SYNTHETIC_STD)")
-    g.add_argument("--eval-samples", type=int, default=None,
-                   help="samples for metrics.json (paper and official code: 50K; fewer is ours, for "
-                        "time); 0 = no final metrics")
-    g.add_argument("--classifier", default=None,
-                   help="stacked datasets: mode classifier file (evaluate.py classifier) for modes / reverse KL")
-    g.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05 file for IS/FID")
-    g.add_argument("--fid-stats", default=None, help="real-data statistics .npz for FID")
+    common.add_eval_args(g, "samples for metrics.json (paper and official code: 50K; fewer is ours, for time); "
+                            "0 = no final metrics", classifier=True)
     common.add_runtime_args(p)
     args = p.parse_args(argv)
     common.apply_presets(args, preset_for(args), METHOD)
     points = common.dataset_info(data_name(args))["kind"] == "points"
     if args.img_size is None:
         args.img_size = 1 if points else IMG_SIZE.get(args.dataset, common.DATASETS[data_name(args)]["img_size"])
-    if (args.d_width is not None or args.redraw) and args.arch != "pacgan":
-        raise common.UsageError("--d-width and --redraw are for --arch pacgan (stacked data)")
     if points and args.arch != "mlp":
         raise common.UsageError("2-D data needs --arch mlp")
     if args.d_act is not None and args.arch != "mlp":
         raise common.UsageError(f"--d-act sets the mlp D of 2-D data; --arch {args.arch} has its own activations")
-    common.check_in(args, "lr_decay_from", "[0, 1]", "a fraction of --steps")
     common.check_flags(args, positive=("k", "z_dim", "n_dis", "width", "img_size", "lr", "lr_d", "d_width", "neighbors",
                                        "part_blocks", "part_width", "part_steps", "part_batch_size",
                                        "part_lr", "part_restarts", "part_samples", "pi_samples", "pretext_batch_size", "pretext_lr",
@@ -336,8 +329,7 @@ def parse_args(argv=None):
     common.check_in(args, "lipschitz", "(0, 1)", "Thm. 3 needs L < 1")
     if args.partitioner == "unconstrained" and not points:
         raise common.UsageError("--partitioner unconstrained is the 2-D ablation of Sec. 5.1 (grid/ring only)")
-    if not args.ema < 1:
-        raise common.UsageError("--ema must be < 1")
+    common.check_shared_flags(args)
     args.data_name = data_name(args)     # saved with the args: evaluate.py ckpt reads it
     return args
 
@@ -673,6 +665,8 @@ def build_gan(args, channels):
     size = args.img_size
     # The paper's G_i "share all weights except the input layer"; here, as in the official BigGAN G
     # (G_shared false), each partition has its own conditional-BN gains and biases in every block.
+    # 2-D (mlp): a learned 32-d embedding of the id concatenated to z (common.MLP; Official code: the
+    # 2d_mix get_models of Self-Conditioned GAN, models/cluster.py's embed_size 32).
     G = common.build_generator(args.arch, args.z_dim, size, channels, width=args.width, n_classes=args.k)
     # Official code: D's per-partition output (biggan.py `linear_c`) has a bias; ours
     # (common.OutputHeads) has none. Not added yet: it changes every measured run (README).
@@ -733,17 +727,13 @@ def final_metrics(sample_fn, args, device):
         progress.add(m)
         return x
     if is_points(args):
-        # Seeded as evaluate.py ckpt draws them (common.sample_points): it reproduces these numbers.
-        out = common.mode_metrics_2d(common.sample_points(draw, n, device).numpy(), args.dataset, args.data_std)
+        out = common.run_points_metrics(draw, args, device, args.dataset)
     elif args.dataset.startswith("stacked"):
-        classifier = common.load_mode_classifier(args.classifier, device, args.dataset)
-        chunk = 512 if args.arch == "pacgan" else 500          # pacgan: whole batches of 128
-        out = dict(common.stacked_mode_metrics(common.in_chunks(draw, n, chunk), classifier, device))
+        out = common.run_stacked_metrics(draw, args, device, args.dataset)
     else:
-        real = args.fid_stats or dict(dataset=data_name(args), root=args.data_root, split="train",
-                                      img_size=args.img_size)
-        out = common.image_metrics_or_skip(common.in_chunks(draw, n, 100), n, ["fid", "is"], real, device,
-                                           inception_weights=args.inception_weights)
+        # Against the training images (Official code: utils/get_gt_imgs.py takes CIFAR-10's train split
+        # and STL-10's train+unlabeled, which is what common's "train" reads for STL-10).
+        out = common.run_image_metrics(draw, args, ["fid", "is"], device, data_name(args), split="train")
         if "skipped" in out:                    # no Inception weights offline: training still counts
             return out
     return dict(out, **sampler_metrics(stats))
@@ -797,8 +787,10 @@ def pretext_net(args, channels):
 
 
 def run_pretext(args, rt, dataset, channels):
-    """Train phi_0 + projection head with Eq. 4 on two augmented views (common.train_simclr: SCAN's
-    SimCLR, resumable); save pretext.pt, phi_0 and the head for the partition stage."""
+    """Train phi_0 + projection head with Eq. 4 on two augmented views; save pretext.pt, phi_0 and the
+    head for the partition stage. Eq. 4 lives in common.py, section 5b: nt_xent (NT-Xent over the 2N
+    views of a batch, the other view of an image its positive), simclr_augment (SCAN's views),
+    train_simclr (SCAN's SGD schedule, resumable)."""
     common.train_simclr(lambda: pretext_net(args, channels), args, rt, dataset, METHOD)
 
 
@@ -814,6 +806,8 @@ def train_partitioner(S, args, rt, dataset, sub, nbrs, log, restart=0):
     device = rt.device
     common.seed_rank(rt, args.seed + 7919 * restart)
     S = rt.wrap(S.to(device))
+    # Weight decay: SCAN's 1e-4 (configs/scan/scan_cifar10.yml) on images; 0 on 2-D data (ours, as the
+    # official 2-D S's Adagrad).
     opt = torch.optim.Adam(S.parameters(), lr=args.part_lr, weight_decay=1e-4 if not is_points(args) else 0.0)
     meter = common.LossMeter(rt)
     per_rank = max(1, args.part_batch_size // rt.world_size)
@@ -910,7 +904,9 @@ def run_partition(args, rt, dataset, channels):
     before = common.saved_seconds(common.load_checkpoint(stage_path(args, "pretext.pt"))) \
         if uses_pretext(args) else 0.0
     rt.train_seconds = before + time.perf_counter() - start
-    log.info("partition: " + common.format_metrics(metrics))
+    # exp(H(pi)), the number of partitions in effective use, read to choose k (--k's help).
+    effective = torch.exp(common.entropy(sizes.double() / sizes.sum())).item()
+    log.info("partition: " + common.format_metrics(metrics) + f", exp(H(pi)) {effective:.1f}")
     if rt.is_main:
         common.save_checkpoint(stage_path(args, "partition.pt"), dict(
             method=METHOD, stage="partition", args=vars(args), S=None if S is None else S.state_dict(),
@@ -1023,8 +1019,8 @@ def run_gan(args, rt, dataset, channels):
             rt.backward_step(d_loss, opt_d)
 
         # ---- G step (Eq. 8): min_{G_i} adversarial loss + lambda * mean_j R_i(G_i(z_j)). Its labels
-        # y are the last D step's (partition_ids of that real batch), so the G_y train in its proportions. Eq. 8
-        # sums the adversarial term over j and averages R; we (and the official code) average both.
+        # y are the last D step's, the partition ids of that real batch, so each G_i trains in pi's share.
+        # Eq. 8 sums the adversarial term over j and averages R; we (and the official code) average both.
         # Official code: the G step reuses the last D step's z; ours draws a fresh z.
         lam = guide_weight(args, step)
         z = torch.randn(per_rank, args.z_dim, device=device)
