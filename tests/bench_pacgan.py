@@ -202,6 +202,28 @@ def curve(args):
         common.save_image_grid(x[:100], os.path.join(args.out, name.replace(".pt", ".png")), nrow=10)
         common.write_json(path, dict(classifier=args.classifier, n=args.count_samples, z_seed=COUNT_Z_SEED,
                                      rows=[done[k] for k in sorted(done)]))
+    if args.results:
+        export_curve(args, [done[k] for k in sorted(done)], sha)
+
+
+def export_curve(args, rows, sha):
+    """The repository's copy of a floor run's curve (--results): its flags, the classifier, and per
+    kept G both counts beside the D loss logged nearest that step (2 ln 2 = 1.386: D at chance)."""
+    run = json.load(open(os.path.join(args.out, "args.json")))
+    logged = {}
+    if os.path.isfile(os.path.join(args.out, "log.jsonl")):
+        logged = {r["step"]: r["d_loss"] for r in map(json.loads, open(os.path.join(args.out, "log.jsonl")))}
+    ck = torch.load(os.path.join(args.out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    keep = ("step", "seconds", "modes_raw", "kl_raw", "modes", "reverse_kl", "counted_fraction")
+    out = [dict({k: r.get(k) for k in keep}, d_loss=logged.get(r["step"])) for r in rows]
+    os.makedirs(args.results, exist_ok=True)
+    common.write_json(os.path.join(args.results, f"dcgan-d{run['d_width']}-s{run['seed']}-curve.json"), dict(
+        row="dcgan", d_width=run["d_width"], seed=run["seed"], dataset=DATASET, trained_steps=ck["step"],
+        command=f"OMP_NUM_THREADS=1 python tests/bench_pacgan.py floor --out RUN --steps {run['steps']} "
+                f"--seed {run['seed']} --d-width {run['d_width']}; python tests/bench_pacgan.py curve --out RUN "
+                f"--classifier CLF --results {os.path.relpath(args.results, ROOT)}",
+        classifier_sha256=sha, classifier_test_accuracy=classifier_info(args.classifier)[1],
+        samples=args.count_samples, z_seed=COUNT_Z_SEED, commit=git_commit(), rows=out))
 
 
 # ---------------------------------------------------------------- the table: rows, runs, counts
@@ -503,6 +525,7 @@ def main(argv=None):
     c.add_argument("--out", required=True)
     c.add_argument("--classifier", required=True)
     c.add_argument("--count-samples", type=int, default=COUNT_N, help=argparse.SUPPRESS)   # tests: fewer
+    c.add_argument("--results", default=None, help="also write the repository's copy, DIR/dcgan-d<w>-s<seed>-curve.json")
     c.add_argument("--every", type=int, default=1, help="count only the kept Gs whose step is a multiple of this")
     t = sub.add_parser("table", help="the table's runs: train, resume, count, keep results in the repository")
     t.add_argument("--rows", nargs="+", default=list(TABLE_ROWS), choices=list(TABLE_ROWS))

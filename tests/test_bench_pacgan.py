@@ -242,7 +242,8 @@ def test_curve_counts_each_kept_generator_once_per_classifier(tmp_path, capsys):
 
     def curve(clf, every=1):
         capsys.readouterr()
-        bench_pacgan.curve(argparse.Namespace(out=out, classifier=clf, count_samples=256, every=every))
+        bench_pacgan.curve(argparse.Namespace(out=out, classifier=clf, count_samples=256, every=every,
+                                              results=str(tmp_path / "results")))
         counted = [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()]
         return counted, json.load(open(os.path.join(out, "curve.json")))
 
@@ -259,3 +260,8 @@ def test_curve_counts_each_kept_generator_once_per_classifier(tmp_path, capsys):
     counted, rec = curve(clfs[1])                       # another classifier file: every G again
     assert counted == [2, 4]
     assert {r["protocol"]["classifier_sha256"] for r in rec["rows"]} == {common.file_sha256(clfs[1])}
+    kept = json.load(open(tmp_path / "results" / "dcgan-d2-s0-curve.json"))     # the repository's copy
+    assert kept["classifier_sha256"] == common.file_sha256(clfs[1]) and kept["trained_steps"] == 4
+    logged = {r["step"]: r["d_loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))}
+    assert [(r["step"], r["modes_raw"], r["d_loss"]) for r in kept["rows"]] == \
+        [(r["step"], r["modes_raw"], logged[r["step"]]) for r in rec["rows"]]
