@@ -33,6 +33,8 @@ Map of the paper to this file:
     Eq. 11  1-D Gaussian loss (baseline)         -> gaussian_loss("w2-1d")
     Eq. 12-13 z~-discriminator D_z (App. A.1)    -> dz_step / gf_losses, --gauss-loss zdisc
     Table 1 modes / quality / reverse KL         -> evaluate_points (reverse_kl_hq: Sec. 5.1's form)
+            quality: within 3 std of our mode std (0.01 ring, 0.05 grid; Sec. 5.1: 0.001 / 0.0025), so a
+            tolerance 10x (ring) / 20x (grid) looser than the paper's, on data as much wider (--data-std)
     Fig. 3  inverse, latent, samples, mode share -> figure3
     App. A.2 Tables 3-4 (F and G for images)     -> common.ResNetEncoder / common.InvertResNetGenerator
 """
@@ -69,8 +71,8 @@ _TOY = dict(
     # Ours: no weight averaging (sample the trained G itself, as the paper does); logging.
     ema=0.0, ema_start=0, log_every=500, sample_every=4000, ckpt_every=4000)
 _IMAGES = dict(
-    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (Table 4) and F (Table 3, whose last
-    # layer is Linear 20: the latent dimension l = 20); base channels 64 (Tables 3-4).
+    # Sec. 5.2 / App. A.2: 100K steps of batch 64, ResNet G (InvertGAN Table 4) and F (InvertGAN Table 3,
+    # whose last layer is Linear 20: the latent dimension l = 20); base channels 64 (InvertGAN Tables 3-4).
     arch="invert-resnet", z_dim=20, batch_size=64, steps=100_000, width=64,
     # Ours: the image D (the appendix gives none: SNGAN's ResNet D, see build_networks) and the
     # optimiser settings (the paper gives none): Adam 2e-4 (0.5, 0.999), constant, one D step per
@@ -82,15 +84,16 @@ _PACGAN = dict(
     # batch 128, z 256, Adam betas (0.5, 0.99), lr 1e-4 for G (and F, trained with G, Eq. 10) and
     # 2e-4 for D (and D_z), 500K iterations, 25,600 counted samples. model.py: G and D (common.
     # PacGANGenerator / PacGANDiscriminator, D width 2 = 1/4 of G; BN in D, no spectral norm), BCE
-    # with the non-saturating G loss (InvertGAN's own, Eq. 4), one D step per G step (n_dis 1, also
-    # ours for InvertGAN), a constant lr. Data drawn afresh (redraw, common.StackedDataset).
+    # with the non-saturating G loss (PacGAN's model.py; ours for InvertGAN, whose Eq. 4 is the minimax
+    # form: gan_loss_g), one D step per G step (n_dis 1, also ours for InvertGAN), a constant lr. Data
+    # drawn afresh (redraw, common.StackedDataset).
     # Ours: F sized like G (common.PacGANEncoder); InvertGAN's L_cons / L_Gau unchanged; a fresh z
     # for the G/F step (PacGAN reuses the D step's z: same distribution); no EMA; logging.
     arch="pacgan", img_size=28, z_dim=256, batch_size=128, steps=500_000, width=8, d_width=2,
     lr=1e-4, lr_d=2e-4, beta1=0.5, beta2=0.99, lr_decay_from=1.0, n_dis=1, ema=0.0, ema_start=0,
     redraw=True, eval_samples=25_600, log_every=500, sample_every=5000, ckpt_every=5000)
 PRESETS = {
-    # PacGAN's Table 3 benchmark on the stacked datasets (_PACGAN): keyed (dataset, arch).
+    # The PacGAN Table 3 benchmark on the stacked datasets (_PACGAN): keyed (dataset, arch).
     ("stacked-mnist", "pacgan"): _PACGAN,
     ("stacked-fashion-mnist", "pacgan"): _PACGAN,
     # Sec. 5.1: Fig. 3 after 24K mini-batches; 50K test samples.
@@ -139,18 +142,19 @@ def parse_args(argv=None):
                          epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
     p.add_argument("--dataset", required=True, choices=sorted({k if isinstance(k, str) else k[0] for k in PRESETS}),
                    help="ring/grid (Sec. 5.1), cifar10/cifar100/stl10 (Sec. 5.2), stacked-(fashion-)mnist "
-                        "with --arch pacgan (PacGAN's Table 3 protocol, ours)")
+                        "with --arch pacgan (the PacGAN Table 3 protocol, ours)")
     p.add_argument("--steps", type=int, default=None, help="G updates (24K on the ring, Fig. 3; 48K on the grid, ours; 100K on images, Sec. 5.2)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (128 on 2-D, Sec. 5.1; 64 on images, Sec. 5.2)")
-    p.add_argument("--z-dim", type=int, default=None, help="latent dimension l (2 on 2-D; 20 on images, Table 3)")
+    p.add_argument("--z-dim", type=int, default=None,
+                   help="latent dimension l (2 on 2-D; 20 on images, InvertGAN Table 3)")
     p.add_argument("--arch", default=None, choices=["mlp", "invert-resnet", "pacgan"],
                    help="networks (mlp: 4 linear+ReLU; invert-resnet: App. A.2; pacgan: PacGAN's stacked-MNIST "
                         "G and reduced D, with F sized like G (common.PacGANEncoder: G's layers reversed, no BN; "
-                        "ours, as Table 3's F mirrors Table 4's G) and D_z as for images)")
+                        "ours, as InvertGAN Table 3's F mirrors its Table 4's G) and D_z as for images)")
     common.add_pacgan_args(p)
     p.add_argument("--width", type=int, default=None,
                    help="hidden units of the MLPs G, F, D, D_z (ours: 128) / base channels of the image "
-                        "G, F (64, Tables 3-4) and D (ours: 64)")
+                        "G, F (64, InvertGAN Tables 3-4) and D (ours: 64)")
     p.add_argument("--img-size", type=int, default=None, help="image resolution (default: the dataset's, 48 for STL-10)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate for G and F (and D, D_z without --lr-d; ours)")
     p.add_argument("--lr-d", type=float, default=None,
@@ -314,7 +318,7 @@ def build_networks(args, channels):
     """G: z -> x, D: x -> logit, F: x -> z (the inverse), and D_z: z -> logit for zdisc.
 
     2-D data: four linear layers with ReLU for each (Sec. 5.1); hidden width ours (128).
-    Images: Table 4 G and Table 3 F (App. A.2). Their ResnetBlock internals are ours, as the
+    Images: InvertGAN Table 4 G and Table 3 F (App. A.2). Their ResnetBlock internals are ours, as the
     tables give only kernels and widths: LeakyReLU 0.2 before each conv, no normalisation, residual
     scaled by 0.1 (Mescheder et al.'s GAN_stability, whose blocks the tables match; see
     common.InvertResBlock). The image D is ours: the appendix gives none, so SNGAN's ResNet D

@@ -26,7 +26,7 @@ Launch:
 
 Map of the paper to this file:
     Eq. 7     L_MaF, the m-dim WGAN loss           -> maf_loss_d / maf_loss_g
-    (Sec. 3)  re-parameterised code V              -> embed
+    Suppl.    re-parameterised code V              -> embed (Suppl. = the Implementation Details)
     Eq. 8     RB-MaEM entropy loss + buffer        -> ReplayBuffer, entropy_loss ("paper");
               the authors' buffer (--authors-buffer)  -> AuthorsReplayBuffer
               who minimises it on which codes        -> section 5's header, d_step_loss / g_step_loss
@@ -57,11 +57,10 @@ METHOD = "maem_gan"
 # 1. Arguments and per-dataset presets
 # ==================================================================================================
 
-# Flags left at None take their values from these tables, each over the one before: PRESETS
-# [dataset], BACKBONE_PRESETS[(dataset, --arch)] (stylegan2: + stylegan2_preset), the --variant's.
-# Sources: "Suppl." = the paper's Implementation Details; "Official code: FILE" = HaozheLiu-ST/MEE;
-# "ours" = neither. sigma: the paper gives its values but no equation with it; that it weights L_ent
-# is our reading (train.py's entropy_lr). `data` and `split` name common.py's dataset.
+# Flags left at None take their values from these tables, each over the one before: PRESETS[dataset],
+# BACKBONE_PRESETS[(dataset, --arch)] (stylegan2: + stylegan2_preset), the --variant's. Sources: "Suppl."
+# = the paper's Implementation Details; "Official code: FILE" = HaozheLiu-ST/MEE; "ours" = neither. sigma:
+# Suppl. gives values, no equation; that it weights L_ent is ours (section 5). `data`, `split`: common.py's.
 _NO_EXTRAS = dict(  # no backbone extras: the paper names none for its DCGAN and ResNet
     ema=0.0, ema_start=0, r1_gamma=0.0, r1_every=1, pl_weight=0.0, pl_every=1, style_mixing=0.0, attn_res=[])
 _CIFAR = dict(
@@ -216,7 +215,7 @@ def build_parser():
                         "stylegan2; pacgan: PacGAN's stacked-MNIST protocol; recipes: the backbone presets)")
     g.add_argument("--loss", default=None, choices=["maf", "hinge", "ns"],
                    help="adversarial loss on the realness (1/m) sum_k V_k: maf = L_MaF (Eq. 7); hinge (BigGAN's) "
-                        "or ns = non-saturating (StyleGAN2's): ours, section 2")
+                        "or ns = non-saturating (StyleGAN2's): ours, this script's section 2")
     g.add_argument("--d-spectral-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral norm on the MLP D (--arch mlp; the image Ds always carry it); 2-D presets: off "
                         "(ours: it drops Eq. 10's Lipschitz premise, README)")
@@ -242,7 +241,7 @@ def build_parser():
     g.add_argument("--lr-decay-from", type=float, default=None, help="fraction of --steps after which the lr falls "
                    "linearly to 0 (ours, 2-D presets; 1 = never, the paper's)")
     g.add_argument("--ema", type=float, default=None, help="decay of an EMA of G's weights for samples and metrics, "
-                   "0 = none (paper: none; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
+                   "0 = none (paper: not stated; BigGAN 0.9999; StyleGAN2 0.5^(batch / (ema_kimg * 1000)))")
     g.add_argument("--ema-start", type=int, default=None, help="the EMA copies G up to this G step (BigGAN: 1000)")
     g.add_argument("--attn-res", type=int, nargs="*", default=None, help="biggan: self-attention resolutions (official: none)")
     g = p.add_argument_group("StyleGAN2 regularisers (--arch stylegan2; official: stylegan2-ada-pytorch)")
@@ -255,15 +254,15 @@ def build_parser():
     g = p.add_argument_group("MaEM terms (Eq. 8, 12-14) and the Table 1-3 ablations")
     g.add_argument("--sigma", type=float, default=None, help="weight of L_ent (Suppl.'s sigma: 5e-4 CIFAR-10/"
                    "AnimeFace, 5e-2 CelebA; that it weights L_ent: ours, as train.py's entropy_lr)")
-    g.add_argument("--lambda-norm", type=float, default=None,
-                   help="lambda of Eq. 8's ||V0|| term (Suppl.: 0 CIFAR-10, 5 AnimeFace; unused by --variant official)")
+    g.add_argument("--lambda-norm", type=float, default=None, help="lambda of Eq. 8's ||V0|| (Suppl.: 0 CIFAR-10, "
+                   "5 AnimeFace); in D's L_ent only, so times sigma (ours); unused by --variant official")
     g.add_argument("--buffer-size", type=int, default=1024, help="replay buffer length (Suppl./Table 3: 1024)")
     g.add_argument("--authors-buffer", action="store_true", help="--variant official only: the authors' replay "
                    "buffer, bug included (one slot per batch position after 17 updates: AuthorsReplayBuffer)")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips of real images (paper: none stated; official code: on)")
     g.add_argument("--entropy-warmup", type=int, default=None, help="epochs of sigma's linear warm-up from 0 "
-                   "(paper: 0 = none; official code: 100)")
+                   "(paper: not stated; --variant paper: 0 = none; official code: 100)")
     g.add_argument("--dlle-transform", default=None, choices=DLLE_TRANSFORMS, help="F(x) of DLLE (Table 2): "
                    "rot-noise (CIFAR-10), noise (CelebA/AnimeFace), adv, flip-noise (official code), none (= --no-dlle)")
     g.add_argument("--dlle-noise", type=float, default=None,
@@ -339,6 +338,7 @@ def embed(D, x, sample=True, with_mu=False):
     mu, logvar = out.chunk(2, dim=1)                       # (B, m) each
     if not sample:
         return mu
+    # Every loss term takes a fresh draw of V, not mu (the paper does not say; Official code: models.py DCGAN_D).
     v = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
     return (v, mu) if with_mu else v
 
@@ -353,8 +353,7 @@ def maf_loss_g(v_fake):
     return -v_fake.mean()
 
 
-# BigGAN / StyleGAN2: the paper "adds the proposed learning objective" (Tables 6-7), L_MaF unsaid. Ours:
-# the backbone's loss on Eq. 7's realness r(x) = (1/m) sum_k V_k(x), the MaEM terms as they are.
+# BigGAN / StyleGAN2 (Tables 6-7, L_MaF unsaid), ours: their loss on Eq. 7's realness r(x) = mean_k V_k(x).
 
 def adv_loss_d(v_real, v_fake, kind="maf"):
     """D's adversarial loss on the codes (B, m): maf = L_MaF (Eq. 7); hinge (BigGAN) E[relu(1 - r(x))]
@@ -486,7 +485,8 @@ def entropy_loss(v0, buffer, lambda_norm=0.0, variant="paper"):
     """RB-MaEM loss of the codes v0 (B, m) against the buffer (0 while it is empty), batch mean.
     paper (Eq. 8): cos(V0, V*) + lambda ||V0||, V0 pushed from its nearest buffered code in angle (the
         gradient, sin(angle) / |V0|, fades as codes align: README). AuthorsReplayBuffer: its own loss.
-    official: -log(mean_i d_i), d_i = min_j mean_k (V0_ik - R_jk)^2: Eq. 9's log-distance, no lambda."""
+    official: -log(mean_i d_i), d_i = min_j mean_k (V0_ik - R_jk)^2, no lambda: the authors' form
+        (train.py), minus the log of a mean of squared distances, not Eq. 9's mean of log distances."""
     if isinstance(buffer, AuthorsReplayBuffer):
         return buffer.loss(v0)
     bank = buffer.codes()
@@ -583,7 +583,8 @@ def dlle_transform(x, args, D_plain=None, flip_dim=None, eps=None, std=None):
 
 def dlle_loss(v, v_aug, variant="paper"):
     """paper (Eq. 12-13): E_{x ~ P_r, P_g} ||D(F(x)) - D(x)||_2, no stop-gradient (the paper states none).
-    official: MSE(D(x), D(F(x)).detach()) (the caller sums it over real and fake)."""
+    official: MSE(D(x), D(F(x)).detach()) (the caller sums it over real and fake). v, v_aug: independent
+    draws of V: at F = identity ||v_aug - v|| ~ sqrt(2 sum exp(logvar)), so DLLE lowers D's logvar too."""
     if variant == "paper":
         return (v_aug - v).norm(dim=1).mean()
     return F_nn.mse_loss(v, v_aug.detach())
@@ -591,8 +592,8 @@ def dlle_loss(v, v_aug, variant="paper"):
 
 def isomap_mix(x_real, x_fake, variant="paper", a=None):
     """x^_ij = a x_i + (1 - a) x_j for the pairs (real_i, fake_i) (pairing real with fake: train.py);
-    returns (x^, a (B, 1)). paper: a ~ U(0, 1), Eq. 14's "convex combination". official: a ~ N(0, 1),
-    mostly an extrapolation (train.py at 2f18e97)."""
+    returns (x^, a (B, 1)). paper: a ~ U(0, 1) (no law in the paper; Official code: train.py at 59f6212),
+    Eq. 14's "convex combination". official: a ~ N(0, 1), an extrapolation mostly (train.py at 2f18e97)."""
     if a is None:
         shape = (x_real.shape[0], 1)
         a = (torch.rand if variant == "paper" else torch.randn)(shape, device=x_real.device)
@@ -614,15 +615,19 @@ def isomap_loss(v_mix, v_real, v_fake, a, variant="paper", noise=None):
 # ==================================================================================================
 # 5. The two losses of a training step
 # ==================================================================================================
-# Who minimises L_ent the paper leaves open (Fig. 1: "real/generated"). As train.py: D on real codes
-# against a buffer of real codes, G on its samples' codes against generated ones (D cannot lower G's
-# term). Only D carries lambda ||V0|| ("stabilization of the discriminator"; ours: train.py has none).
+# The objectives, every term on a fresh draw of V (embed; mu only in R1, adv's probe, logs and pictures):
+#   D: min L_adv(V_x, V_G(z)) (Eq. 7; --loss) + w_iso L_Iso (Eq. 14, on a x + (1 - a) G(z)) + w_lle L_LLE
+#        (Eq. 12-13, on x and G(z)) + sigma L_ent(V_x against the buffer of real codes)
+#   G: min L_adv's G side (V_G(z)) + sigma L_ent(V_G(z) against the buffer of generated codes, lambda = 0)
+# L_ent = cos(V0, V*) + lambda ||V0|| (Eq. 8), so D's ||V0|| weighs sigma * lambda (ours: sigma is in no
+# equation); L_adv weighs 1, w_iso = w_lle = 1 (Official code: train.py). Who minimises L_ent the paper
+# leaves open (Fig. 1): as train.py, D on real codes, G on generated ones (D cannot lower G's term); lambda
+# on D only (ours, for Eq. 8's "stabilization of the discriminator"). --variant official: train.py's terms.
 
 def d_step_loss(D, D_plain, x, fake, args, buffers, ent_w, dlle_std=None):
-    """D's loss on real x and fake = G(z) (B, ...), G fixed: L_adv (Eq. 7; --loss) + w_iso L_Iso (Eq. 14)
-    + w_lle L_LLE (Eq. 12-13) + sigma (L_ent + lambda ||V0||) (Eq. 8, real codes); w: train.py's 1. One
-    forward of all inputs: one all-reduce, one SN power iteration (Official code: five); a BN D
-    (pacgan) one per input. Returns (total, the terms and health figures for the log)."""
+    """D's loss on real x and fake = G(z) (B, ...), G fixed (the block above). One forward of all
+    inputs: one all-reduce, one SN power iteration (Official code: five); a BN D (pacgan) one per
+    input. Returns (total, the terms and health figures for the log)."""
     variant = args.variant
     # ---- D's inputs, each (B, ...): real, fake, and the inputs of the terms switched on.
     inputs = {"real": x, "fake": fake}
@@ -801,9 +806,6 @@ def load_sampler(ckpt_path, device="cpu"):
 # ==================================================================================================
 # 7. Training
 # ==================================================================================================
-# Alternating, n_critic D steps per G step (the weights and L_ent's routing: sections 1 and 5):
-#   D: min L_MaF (Eq. 7) + L_Iso (Eq. 14) + L_LLE (Eq. 12-13) + sigma (L_ent(real) + lambda ||V0||) (Eq. 8)
-#   G: min -L_MaF (Eq. 7) + sigma L_ent(generated) (Eq. 8)
 
 def learning_rate(args, epoch, step=0):
     """Suppl.: lr x lr_decay every lr_decay_epochs epochs (official: StepLR(50, 0.9)), times the linear
@@ -877,7 +879,7 @@ def train(args, rt, dataset):
             common.set_lr([opt], lr * c)
         ent_w = entropy_weight(args, epoch)
 
-        # ---- D step(s): min_D L_MaF + L_Iso + L_LLE + sigma (L_ent(real) + lambda ||V0||) (G fixed).
+        # ---- D step(s), G fixed: min_D d_step_loss (the objectives: section 5).
         for i in range(args.n_critic):
             x, _ = next(stream)
             if args.hflip and x.dim() == 4:
@@ -899,7 +901,7 @@ def train(args, rt, dataset):
                 rt.backward_step(r1 * (args.r1_gamma / 2 * args.r1_every), opt_d)
                 d_terms["r1"] = r1.detach()
 
-        # ---- G step: min_G -L_MaF + sigma L_ent(generated), after the n_critic D steps. Official code:
+        # ---- G step: min_G g_step_loss, after the n_critic D steps. Official code:
         # after the first of them, on its z; here the last D step's z (official) or a fresh one (paper).
         if args.variant == "paper":
             z = torch.randn(per_rank, args.z_dim, device=rt.device)

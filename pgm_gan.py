@@ -20,6 +20,18 @@ Ctrl-C or SIGTERM saved them; a cut-off partition stage starts again):
     partition  kNN graph on the pretext features + S trained with Eq. 5  -> partition.pt
     gan        the mixture of GANs with the guide                        -> ckpt.pt, metrics.json
 
+Defaults that differ from the paper:
+  * Image presets (not --arch pacgan): the hinge loss instead of Eq. 2 / 8's log loss (Official code:
+    configs/*/scan_guide*.yaml, gan_type hinge; --loss standard for Eq. 2).
+  * Image presets: R_i averaged over c instead of Eq. 6's sum, with lambda 6.0 (Official code:
+    clusterers/scan_selflabel_guide.py label_guide, configs' weight_guide 6.0): in Eq. 6's units
+    lambda = 6/k, 0.03 at k = 200 (--guide-reduce sum --guide-weight 0.03: the same loss).
+  * Image Gs: per-partition conditional-BN gains and biases in every block instead of sharing all
+    weights but the input layer (Sec. 4; Official code: BigGAN G with G_shared false; build_gan).
+  * Eq. 5 with means instead of sums and SCAN's weights alpha 0, beta 5 (the paper gives none; SCAN's
+    scan_cifar10.yml, whose code trained the authors' partitioners; partition_loss).
+  * G's standard loss is the non-saturating -log D(G(z)), not Eq. 8's log(1 - D(G(z))) (ours; g_loss_fn).
+
 Launch:
     python pgm_gan.py --dataset grid                                   # 2-D, all stages (CPU, ~12 min)
     python pgm_gan.py --dataset grid --partition random                # baseline "Random Partition ID"
@@ -49,7 +61,8 @@ Map of the paper to this file:
                                                           -> LipschitzLayer, ResidualBlock, Partitioner
     Fig. 3  -R_i over the plane                           -> figure3
     Fig. 4  real vs generated 2-D points                  -> figure4
-    Table 1 modes / reverse KL, partition NMI             -> final_metrics (common.clustering_metrics)
+    Table 1 modes / reverse KL (stacked), FID / IS        -> final_metrics
+    (ours)  partition NMI / accuracy / purity (no table)  -> run_partition (common.clustering_metrics)
 """
 
 import argparse
@@ -85,8 +98,8 @@ _TOY = dict(
     # Official code 2d_mix/train.py: batch 100, z 2, D width 200 (d_act_dim), d_iter 1, standard
     # loss, maxout D (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU),
     # lr 1e-3 decaying over the second half, maxout kept (README, "How the 2-D defaults were chosen"),
-    # G of width 200 too, k = one partition per Gaussian (Sec. 5.1; their script fits 50 k-means
-    # clusters; no mode count known: --k's help).
+    # G of width 200 too, k = one partition per Gaussian (inferred from Sec. 5.1, where S puts each
+    # Gaussian in its own cluster; their script fits 50 k-means clusters; no mode count known: --k's help).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
     # Guide: ours (their reg_guide defaults to 0 and 2d_mix/run.sh passes none): R summed over c with
@@ -103,7 +116,8 @@ _IMAGES = dict(
     # GAN. Sec. 5: SN-GAN networks, k = 200. Official code (configs/*/scan_guide*_biggan*.yaml,
     # train.py): z 128, batch 100, Adam 2e-4 betas (0, 0.999), hinge loss, G every 4th D step
     # (train.py: `it % 4`), lambda 6.0 minus 1.2e-4 per G step with R averaged over c (mean).
-    # Sec. 5.4 / Table 4 keep lambda 6.0 for every k, which only the mean makes k-independent.
+    # Sec. 5.4 / Table 4 keep lambda 6.0 for every k (on Eq. 6's sum; 6.0 on the mean = 6/k on it).
+    # That the paper's 6.0 was the mean's, as only the mean keeps lambda k-independent, is our argument.
     # No weight averaging: take_model_average is false (configs/cifar|stl10/default.yaml) and
     # the `biggan: ema` keys only reach the BigGAN constructor's unused **kwargs. Steps: ours.
     arch="resnet", width=64, z_dim=128, batch_size=100, steps=60_000, lr=2e-4, beta1=0.0,
@@ -167,9 +181,10 @@ PRESETS = {
 }
 # One line per preset for --help: where its values come from.
 PRESET_SOURCES = {
-    "grid": "Sec. 5.1 (k = 25) + official 2d_mix/train.py (batch 100, z 2, width 200, maxout D, "
-            "standard loss); steps, lr, guide (sum, 1.0) and partitioner size ours",
-    "ring": "as grid, k = 8 (appendix: 2D-ring; official 2d_mix/train.py)",
+    "grid": "Sec. 5.1 (25 Gaussians, one cluster each: k = 25 inferred) + official 2d_mix/train.py (batch "
+            "100, z 2, width 200, maxout D, standard loss); steps, lr, guide (sum, 1.0) and partitioner size ours",
+    "ring": "as grid, k = 8 inferred alike (Sec. 5 names a 2D-ring, results in its appendix, absent from our "
+            "text; 8 Gaussians: official 2d_mix/inputs.py get_data_ring)",
     "stacked-mnist": "Table 1 + official configs/stacked_mnist/scan_guide97_biggan_D4.yaml (guide "
                      "mean 6.0); pretext/partition training from SCAN's configs",
     "stacked-fashion-mnist": "ours: the stacked-mnist preset on Fashion-MNIST",
@@ -212,18 +227,18 @@ def parse_args(argv=None):
                          formatter_class=common.PresetHelpFormatter,
                          epilog=common.presets_epilog(PRESETS, PRESET_SOURCES))
     p.add_argument("--dataset", required=True, choices=sorted(k for k in PRESETS if isinstance(k, str)),
-                   help="grid/ring (Sec. 5.1, appendix), stacked-mnist (Table 1), "
+                   help="grid (Sec. 5.1), ring (named in Sec. 5), stacked-mnist (Table 1), "
                         "stacked-fashion-mnist (ours), cifar10 (Table 1), stl10 48x48 (Table 2), "
                         "imagenet 128x128 folder (Table 3)")
     p.add_argument("--stage", default="all", choices=STAGES, help="which stage(s) to run")
     g = p.add_argument_group("partitions (Sec. 4.1) and baselines (Sec. 5.2)")
     g.add_argument("--k", type=int, default=None,
                    help="number of partitions = generators (200 images, Sec. 5.2; 1000 ImageNet, "
-                        "Sec. 5.3; 2-D presets: one per Gaussian, 25 grid / 8 ring, Sec. 5.1; the official "
-                        "2d_mix script uses 50); --k 1 = one plain GAN (baseline). Modes unknown: run --stage "
-                        "partition --k 50 (an --out of its own), then use --k near the exp(H(pi)) of the partition "
-                        "sizes it prints (ring 8.0, grid 26.6 for 8 and 25 modes; one seed each: README, 'PGMGAN on "
-                        "2-D data')")
+                        "Sec. 5.3; 2-D presets: one per Gaussian as inferred from Sec. 5.1, 25 grid / 8 ring; "
+                        "the official 2d_mix script uses 50); --k 1 = one plain GAN (baseline). Modes unknown: "
+                        "run --stage partition --k 50 (an --out of its own), then use --k near the exp(H(pi)) of "
+                        "the partition sizes it prints (ring 8.0, grid 26.6 for 8 and 25 modes; one seed each: "
+                        "README, 'PGMGAN on 2-D data')")
     g.add_argument("--partition", default="learned", choices=["learned", "random"],
                    help="learned: S from Eq. 5; random: uniformly random partition ids "
                         "(baseline 'Random Partition ID', Table 1; no guide, no rejection)")
@@ -289,7 +304,9 @@ def parse_args(argv=None):
                    help="hinge (official images) or standard = Eq. 2 with the non-saturating G loss "
                         "(official 2-D)")
     g.add_argument("--guide-weight", type=float, default=None,
-                   help="initial lambda of Eq. 8 (Sec. 5.4: 6.0); 0 = baseline 'Partition GAN'")
+                   help="initial lambda of Eq. 8 (Sec. 5.4: 6.0, on Eq. 6's summed R; the image presets' 6.0 is the "
+                        "official one, on the mean over c: = 6/k on the sum; that the paper's 6.0 is the mean's, "
+                        "as only the mean makes lambda k-independent, is our argument); 0 = baseline 'Partition GAN'")
     g.add_argument("--guide-anneal", type=float, default=None,
                    help="lambda decreases by this much per G step (official: 1.2e-4)")
     g.add_argument("--guide-min", type=float, default=None, help="floor of lambda (official: 0 / 1e-4)")
