@@ -5,6 +5,8 @@ Every number comes from running the real script in a subprocess and reading what
 
     python tests/bench_maem.py cost      # ms per training step: full MaEM-GAN vs L_MaF alone
     python tests/bench_maem.py toy --seeds 0 1 2 3 4 --jobs 2   # ring, grid: modes, quality, reverse KL, health
+    python tests/bench_maem.py toy --rows preset baseline --seeds 0 1 2 3 4 --keep runs/2d-maem --results tests/results/2d
+                                         # the preset beside its no-term baseline, bench_2d.py's columns
     python tests/bench_maem.py ablation2d --seeds 0 1 2 --jobs 2  # the ablation rows on the grid
     python tests/bench_maem.py ablation  # the ablation rows on stacked Fashion-MNIST: modes / 1000, reverse KL
 
@@ -17,7 +19,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,12 +79,11 @@ def cost(args, workdir, extra):
     return result
 
 
-# What a 2-D row reports: metrics.json's figures, and the health figures of the last log line.
-TOY_COLUMNS = [("modes", "modes"), ("hq_fraction", "quality"), ("reverse_kl", "reverse KL"),
-               ("real_cos_nn", "cos_nn (real)"), ("real_cos_batch", "cos_batch (real)"),
+# What a 2-D row reports: bench_2d.HEAD's columns (metrics.json's mode and within-mode figures),
+# then the health figures of D's codes (metrics.json) and of the last log line.
+TOY_COLUMNS = [("real_cos_nn", "cos_nn (real)"), ("real_cos_batch", "cos_batch (real)"),
                ("code_cos_modes_mean", "mode-code cos"), ("code_cos_modes_centred_mean", "centred"),
-               ("code_dims", "code dims"),
-               ("wall_seconds", "seconds")]
+               ("code_dims", "code dims")]
 
 
 def health_of(ckpt_path):
@@ -98,12 +98,20 @@ def health_of(ckpt_path):
     return maem_gan.code_directions(D, args, "cpu")
 
 
+def slug(name):
+    return name.split(" (")[0].replace(" ", "_").replace("+", "p")
+
+
 def toy_runs(rows, args, workdir, extra):
     """rows: [(name, dataset, flags)]; every row x seed is one maem_gan.py run, `--jobs` at a time,
-    each on one thread. A finished run (metrics.json present) is read, not rerun."""
+    each on one thread. A finished run (metrics.json present) is read, not rerun; its wall seconds
+    are those the benchmark measured (wall.json), else the run's train_seconds. With --results,
+    each run's result file goes there (bench_2d.write_result; rows named by ROW_NAMES)."""
+    import bench_2d
+
     jobs = []
-    for name, dataset, flags in rows:
-        for seed in args.seeds:
+    for seed in args.seeds:                # seed-major: a benchmark cut short still has paired rows
+        for name, dataset, flags in rows:
             out = os.path.join(workdir, f"{dataset}-{name.replace(' ', '_').replace('+', 'p')}-s{seed}")
             cmd = ["--dataset", dataset, "--seed", str(seed), "--device", args.device,
                    "--log-every", "1000", *(["--steps", str(args.steps)] if args.steps else []), *flags, *extra]
@@ -111,13 +119,20 @@ def toy_runs(rows, args, workdir, extra):
 
     def one(job):
         name, dataset, seed, cmd, out = job
+        wall_path = os.path.join(out, "wall.json")
         if os.path.isfile(os.path.join(out, "metrics.json")):
             lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
             metrics = json.load(open(os.path.join(out, "metrics.json")))
-            wall = metrics["train_seconds"]
+            wall = json.load(open(wall_path))["wall_seconds"] if os.path.isfile(wall_path) else metrics["train_seconds"]
         else:
             shutil.rmtree(out, ignore_errors=True)
             wall, lines, metrics = run(cmd, out)
+            with open(wall_path, "w") as f:
+                json.dump({"wall_seconds": wall}, f)
+        if args.results:
+            bench_2d.write_result(args.results, "maem", dataset, ROW_NAMES.get(name, slug(name)), seed, metrics,
+                                  "OMP_NUM_THREADS=1 python maem_gan.py " + " ".join(cmd), wall,
+                                  "python tests/bench_maem.py " + " ".join(sys.argv[1:]))
         if "code_dims" not in metrics:                         # a run of an older maem_gan.py
             metrics = dict(metrics, **health_of(os.path.join(out, "ckpt.pt")))
         row = dict(metrics, wall_seconds=round(wall, 1), row=name, dataset=dataset, seed=seed,
@@ -129,29 +144,22 @@ def toy_runs(rows, args, workdir, extra):
     print(f"{len(jobs)} runs, {args.jobs} at a time, OMP_NUM_THREADS={env_threads}", flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(one, jobs))
-    table = ["| row | dataset | " + " | ".join(title for _, title in TOY_COLUMNS) + " |",
-             "|---" * (len(TOY_COLUMNS) + 2) + "|"]
-    for name, dataset, _ in rows:
-        got = [r for r in results if r["row"] == name and r["dataset"] == dataset]
-        cells = []
-        for key, _ in TOY_COLUMNS:
-            vals = [r[key] for r in got if r.get(key) is not None]
-            if not vals:
-                cells.append("-")
-            elif key == "modes":
-                cells.append(f"{statistics.mean(vals):.1f} ({min(vals)}-{max(vals)})")
-            else:
-                fmt = "{:.1f}" if key == "wall_seconds" else "{:.3f}" if key != "hq_fraction" else "{:.1%}"
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{fmt.format(statistics.mean(vals))} ± {fmt.format(sd)}")
-        table.append(f"| {name} | {dataset} | " + " | ".join(cells) + " |")
-    print(f"\n{len(args.seeds)} seeds each, mean ± std (modes: mean (min-max))\n" + "\n".join(table), flush=True)
+    groups = [(dataset, name, [r for r in results if r["row"] == name and r["dataset"] == dataset])
+              for name, dataset, _ in rows]
+    table = bench_2d.table(groups, TOY_COLUMNS)
+    print(f"\n{len(args.seeds)} seeds each, mean ± std (bench_2d.py's columns)\n" + "\n".join(table), flush=True)
     return {"runs": results, "table": table}
 
 
+# `toy --rows`: the preset and its baseline in the same setting (same nets, budget, seeds).
+TOY_ROWS = {"preset": ("MaEM-GAN", []), "baseline": ABLATION_ROWS[0]}
+ROW_NAMES = {name: key for key, (name, _) in TOY_ROWS.items()}      # result files' row names
+
+
 def toy(args, workdir, extra):
-    """ring and grid with the presets' defaults (flags after `--` apply to every run)."""
-    return toy_runs([("MaEM-GAN", d, []) for d in args.datasets.split(",")], args, workdir, extra)
+    """ring and grid with the presets' defaults, each --rows row (flags after `--` apply to every run)."""
+    rows = [(TOY_ROWS[r][0], d, TOY_ROWS[r][1]) for d in args.datasets.split(",") for r in args.rows]
+    return toy_runs(rows, args, workdir, extra)
 
 
 # Two more rows on 2-D data, each term alone, to tell which term balances the modes and which
@@ -216,9 +224,13 @@ def main():
     c.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
     t = sub.add_parser("toy", help="ring / grid mode coverage, several seeds")
     t.add_argument("--datasets", default="ring,grid")
+    t.add_argument("--rows", nargs="+", default=["preset"], choices=list(TOY_ROWS),
+                   help="preset: MaEM-GAN; baseline: the same preset with --no-disomap --no-dlle --no-entropy")
     t2 = sub.add_parser("ablation2d", help="the ablation rows on a 2-D preset, several seeds")
     t2.add_argument("--dataset", default="grid")
     for sp in (t, t2):
+        sp.add_argument("--results", default=None,
+                        help="write each run's result file here (bench_2d.py; the repository's: tests/results/2d)")
         sp.add_argument("--steps", type=int, default=None, help="G steps (default: the preset's)")
         sp.add_argument("--seeds", type=int, nargs="+", default=[0])
         sp.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")

@@ -6,6 +6,8 @@
     python tests/bench_pgm.py toy --out runs/bench-pgm --summary    # only print the finished table
     python tests/bench_pgm.py toy --out /tmp/smoke --smoke          # a few steps of every run (CI)
     python tests/bench_pgm.py toy --out runs/x --variants pgmgan unconstrained --probe   # Fig. 3: descents on R_i
+    python tests/bench_pgm.py toy --out runs/2d-pgm --variants partition gan --seeds 0 1 2 --results tests/results/2d
+    python tests/bench_pgm.py toy --out runs/2d-pgm-k16 --datasets ring --tag k16 --results tests/results/2d -- --k 16
 
 Variants (PGMGAN's Table 1 rows, from flags of the same script):
     pgmgan     default flags
@@ -16,6 +18,10 @@ Variants (PGMGAN's Table 1 rows, from flags of the same script):
 Every run is one `pgm_gan.py` process with OMP_NUM_THREADS=1 (`--jobs` at a time); runs whose
 metrics.json exists are skipped, and a run cut off earlier is continued with --resume, so an
 interrupted benchmark picks up where it stopped. Extra flags for pgm_gan.py go after `--`.
+The 2-D table has bench_2d.py's columns (modes, quality, reverse KL, within-mode std ratio, centre
+offset, MMD) and PGMGAN's own (acceptance, partition NMI); with --results each finished run's result
+file goes there as <results>/pgm-<dataset>-<variant>[-<tag>]-s<seed>.json (--tag names what the
+flags after `--` change, e.g. k16).
 For stacked Fashion-MNIST the mode classifier is trained first (common.train_mode_classifier,
 as `evaluate.py classifier`) unless --classifier names one; the pretext and partition stages run
 once and the "partition" variant reuses their files (same partitioner, no guide).
@@ -168,9 +174,11 @@ def launch(out, dataset, flags, log_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def run_all(jobs_list, n_jobs):
+def run_all(jobs_list, n_jobs, on_exit=None):
     """jobs_list: [(out, dataset, flags, before)] where `before` is a callable run just before the
-    job starts (or None). Runs them `n_jobs` at a time; returns {out: exit code}."""
+    job starts (or None). Runs them `n_jobs` at a time; returns {out: exit code}. A run that exits
+    0 gets wall.json (its process's wall seconds; of the last part only, if it was resumed), then
+    on_exit(out) is called."""
     codes, running, todo = {}, [], list(jobs_list)
     while todo or running:
         while todo and len(running) < n_jobs:
@@ -182,18 +190,23 @@ def run_all(jobs_list, n_jobs):
                 if all(b is not None for _, _, _, b in todo) and not running:
                     raise SystemExit(f"cannot start {out}: its input never appeared")
                 break
-            running.append((out, launch(out, dataset, flags, out.rstrip("/") + ".log")))
+            running.append((out, launch(out, dataset, flags, out.rstrip("/") + ".log"), time.perf_counter()))
         time.sleep(2)
         for item in list(running):
-            out, proc = item
+            out, proc, t0 = item
             if proc.poll() is not None:
                 codes[out] = proc.returncode
                 running.remove(item)
                 print(f"{out}: exit {proc.returncode}", flush=True)
+                if proc.returncode == 0:
+                    with open(os.path.join(out, "wall.json"), "w") as f:
+                        json.dump({"wall_seconds": time.perf_counter() - t0}, f)
+                    if on_exit is not None:
+                        on_exit(out)
     return codes
 
 
-def summary(out, variants, datasets, seeds, keys):
+def summary(out, variants, datasets, seeds, keys, means=True):
     rows = []
     for dataset in datasets:
         for variant in variants:
@@ -209,7 +222,7 @@ def summary(out, variants, datasets, seeds, keys):
     print("|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
-    if len(seeds) > 1:
+    if means and len(seeds) > 1:
         mean_table(out, variants, datasets, seeds, keys)
     return rows
 
@@ -244,7 +257,50 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-TOY_KEYS = ["modes", "hq_fraction", "reverse_kl", "acceptance", "forced", "partition_nmi", "partitions_used"]
+TOY_KEYS = ["modes", "hq_fraction", "reverse_kl", "std_ratio_median", "std_ratio_min", "centre_offset_median",
+            "mmd2", "acceptance", "forced", "partition_nmi", "partitions_used"]
+TOY_EXTRA = [("acceptance", "acceptance"), ("partition_nmi", "partition NMI"), ("partitions_used", "partitions used")]
+
+
+def finished_2d(out, variant, dataset, seed):
+    """metrics.json of a finished run with seed and wall_seconds (wall.json, else None), or None."""
+    run = run_dir(out, variant, dataset, seed)
+    if not os.path.isfile(os.path.join(run, "metrics.json")):
+        return None
+    wall = os.path.join(run, "wall.json")
+    return dict(json.load(open(os.path.join(run, "metrics.json"))), seed=seed,
+                wall_seconds=json.load(open(wall))["wall_seconds"] if os.path.isfile(wall) else None)
+
+
+def toy_table(out, variants, datasets, seeds):
+    """bench_2d.table of the finished 2-D runs, PGMGAN's own columns after it."""
+    import bench_2d
+
+    groups = [(d, v, [m for m in (finished_2d(out, v, d, s) for s in seeds) if m]) for d in datasets for v in variants]
+    lines = bench_2d.table(groups, TOY_EXTRA)
+    print("\n" + "\n".join(lines))
+    return lines
+
+
+def record_2d(args, extra, variant, dataset, seed):
+    """Write one finished 2-D run's result file into args.results (bench_2d.write_result)."""
+    import bench_2d
+
+    out = run_dir(args.out, variant, dataset, seed)
+    m = finished_2d(args.out, variant, dataset, seed)
+    metrics = {k: v for k, v in m.items() if k not in ("seed", "wall_seconds")}
+    row = variant + (f"-{args.tag}" if args.tag else "")
+    flags = ["--dataset", dataset, "--out", "OUT", "--device", "cpu", *toy_flags(args, variant, seed, extra)]
+    bench_2d.write_result(args.results, "pgm", dataset, row, seed, metrics,
+                          "OMP_NUM_THREADS=1 python pgm_gan.py " + " ".join(flags), m["wall_seconds"],
+                          "python tests/bench_pgm.py " + " ".join(sys.argv[1:]))
+    return out
+
+
+def toy_flags(args, variant, seed, extra):
+    return [*VARIANTS[variant], "--seed", str(seed), *(SMOKE_TOY if args.smoke else []), *extra]
+
+
 STACKED_KEYS = ["modes", "reverse_kl", "acceptance", "forced", "partition_nmi", "partition_accuracy",
                 "partitions_used"]
 
@@ -259,15 +315,25 @@ def bench_toy(args, extra):
                         print(f"{dataset} {variant} seed {seed}: {100 * guide_probe(out):.1f} % of descents "
                               f"on R_i end outside A_i", flush=True)
         return None
+    if args.smoke and args.results:
+        raise SystemExit("--smoke runs are not results: leave out --results")
+    which = {run_dir(args.out, v, d, s): (v, d, s) for s in args.seeds for d in args.datasets for v in args.variants}
+    on_exit = (lambda out: record_2d(args, extra, *which[out])) if args.results else None
     if not args.summary:
         jobs = []
         for seed in args.seeds:
             for dataset in args.datasets:
                 for variant in args.variants:
-                    flags = [*VARIANTS[variant], "--seed", str(seed), *(SMOKE_TOY if args.smoke else []), *extra]
+                    flags = toy_flags(args, variant, seed, extra)
                     jobs.append((run_dir(args.out, variant, dataset, seed), dataset, flags, None))
-        run_all(jobs, args.jobs)
-    return summary(args.out, args.variants, args.datasets, args.seeds, TOY_KEYS)
+        run_all(jobs, args.jobs, on_exit)
+    if args.results:               # also the runs finished before (result files are rewritten)
+        for out, (v, d, s) in which.items():
+            if finished_2d(args.out, v, d, s):
+                record_2d(args, extra, v, d, s)
+    rows = summary(args.out, args.variants, args.datasets, args.seeds, TOY_KEYS, means=False)
+    toy_table(args.out, args.variants, args.datasets, args.seeds)
+    return rows
 
 
 def bench_stacked(args, extra):
@@ -338,6 +404,10 @@ def main():
         s.add_argument("--summary", action="store_true", help="only print the table of finished runs")
         s.add_argument("--probe", action="store_true",
                        help="toy: gradient descent on R_i of each finished run's partitioner (Fig. 3)")
+        if datasets:
+            s.add_argument("--results", default=None,
+                           help="write each finished run's result file here (bench_2d.py; the repository's: tests/results/2d)")
+            s.add_argument("--tag", default=None, help="appended to the variant in result files' row names (e.g. k16)")
     argv = sys.argv[1:]
     extra = []
     if "--" in argv:
