@@ -237,7 +237,7 @@ def main():
     a = sub.add_parser("ablation", help="Table 1 rows on stacked Fashion-MNIST")
     a.add_argument("--steps", type=int, default=1500, help="G steps per row (fit one row in ~30 CPU minutes)")
     a.add_argument("--log-every", type=int, default=100)
-    a.add_argument("--eval-samples", type=int, default=26_000, help="samples classified per row")
+    a.add_argument("--eval-samples", type=int, default=25_600, help="samples classified per row (common.STACKED_SAMPLES)")
     a.add_argument("--classifier", default="runs/fmnist-classifier.pt")
     a.add_argument("--classifier-epochs", type=int, default=12)
     a.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package)")
