@@ -167,7 +167,7 @@ ROWS = ["dcgan", "maem", "invert", "pgm"]
 
 def table(out, results, root, clf, *extra):
     proc = run_script(["tests/bench_pacgan.py", "table", "--smoke", "--out", out, "--results", results,
-                       "--data-root", root, "--classifier", clf, "--rows", *ROWS, "--seeds", "0",
+                       "--data-root", root, "--classifier", clf, "--rows", *ROWS, "--seeds", "0", "--d-width", "2",
                        "--steps", "4", "--ckpt-every", "2", "--log-every", "1", "--jobs", "2", "--count-samples", "256",
                        *extra], timeout=600)
     return proc
