@@ -4792,11 +4792,13 @@ def mmd_to_mixture(samples, centers, std):
 
 def mode_metrics_2d(samples, dataset, data_std=None):
     """Every 2-D figure of (N, 2) samples of `ring` or `grid`: mode_stats ('modes', 'hq_fraction',
-    'reverse_kl', 'non_finite'), 'reverse_kl_hq' (InvertGAN's form), within_mode_stats and
-    mmd_to_mixture. The one function behind every 2-D metrics.json and evaluate.py points / ckpt."""
+    'reverse_kl', 'non_finite'), 'reverse_kl_hq' (InvertGAN's form), within_mode_stats,
+    mmd_to_mixture and 'samples' (N, non-finite rows included). The one function behind every
+    2-D metrics.json and evaluate.py points / ckpt."""
     centers, std = synthetic_modes(dataset, data_std)
     centers = centers.double().numpy()
-    return dict(mode_stats(samples, centers, std), reverse_kl_hq=_reverse_kl_hq(samples, centers, std),
+    return dict(mode_stats(samples, centers, std), samples=len(samples),
+                reverse_kl_hq=_reverse_kl_hq(samples, centers, std),
                 **within_mode_stats(samples, centers, std), **mmd_to_mixture(samples, centers, std))
 
 

@@ -496,12 +496,13 @@ def test_non_finite_samples_belong_to_no_mode():
     pts[10:20, 0] = np.inf
     m = common.mode_metrics_2d(pts, "grid")
     assert m["non_finite"] == 90 and m["modes"] == 10 and m["hq_fraction"] == pytest.approx(0.1)
+    assert m["samples"] == 100                                      # N counts the non-finite rows too
     assert m["reverse_kl"] == pytest.approx(math.log(25 / 10))     # uniform over 10 of 25 modes
     assert m["mmd2"] > 0 and math.isfinite(m["mmd2"])                 # NaN rows: points at infinity
     m = common.mode_metrics_2d(np.full((5, 2), np.nan), "grid")
     within = ("std_ratio_median", "std_ratio_min", "std_ratio_max", "centre_offset_median", "centre_offset_max")
     assert {k: v for k, v in m.items() if not k.startswith("mmd2")} == {
-        "modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": 5, "reverse_kl_hq": 0.0,
+        "modes": 0, "hq_fraction": 0.0, "reverse_kl": None, "non_finite": 5, "reverse_kl_hq": 0.0, "samples": 5,
         **dict.fromkeys(within)}
 
 
