@@ -7,6 +7,7 @@ Every number comes from running the real script in a subprocess and reading what
     python tests/bench_maem.py toy --seeds 0 1 2 3 4 --jobs 2   # ring, grid: modes, quality, reverse KL, health
     python tests/bench_maem.py toy --rows preset baseline --seeds 0 1 2 3 4 --keep runs/2d-maem --results tests/results/2d
                                          # the preset beside its no-term baseline, bench_2d.py's columns
+                                         # (--rows image-setting: L_MaF + spectral norm on D)
     python tests/bench_maem.py ablation2d --seeds 0 1 2 --jobs 2  # the ablation rows on the grid
     python tests/bench_maem.py ablation  # the ablation rows on stacked Fashion-MNIST: modes / 1000, reverse KL
 
@@ -151,8 +152,11 @@ def toy_runs(rows, args, workdir, extra):
     return {"runs": results, "table": table}
 
 
-# `toy --rows`: the preset and its baseline in the same setting (same nets, budget, seeds).
-TOY_ROWS = {"preset": ("MaEM-GAN", []), "baseline": ABLATION_ROWS[0]}
+# `toy --rows`: the preset and its baseline in the same setting (same nets, budget, seeds), and
+# the paper's image setting carried over to 2-D (issue 26): L_MaF (Eq. 7) as the adversarial loss
+# and spectral norm on the MLP D, every other value the 2-D preset's.
+TOY_ROWS = {"preset": ("MaEM-GAN", []), "baseline": ABLATION_ROWS[0],
+            "image-setting": ("MaEM-GAN, image loss (L_MaF + SN)", ["--loss", "maf", "--d-spectral-norm"])}
 ROW_NAMES = {name: key for key, (name, _) in TOY_ROWS.items()}      # result files' row names
 
 
@@ -225,7 +229,9 @@ def main():
     t = sub.add_parser("toy", help="ring / grid mode coverage, several seeds")
     t.add_argument("--datasets", default="ring,grid")
     t.add_argument("--rows", nargs="+", default=["preset"], choices=list(TOY_ROWS),
-                   help="preset: MaEM-GAN; baseline: the same preset with --no-disomap --no-dlle --no-entropy")
+                   help="preset: MaEM-GAN; baseline: the same preset with --no-disomap --no-dlle --no-entropy; "
+                        "image-setting: the same preset with --loss maf --d-spectral-norm (the paper's "
+                        "image loss and Lipschitz D carried over to 2-D)")
     t2 = sub.add_parser("ablation2d", help="the ablation rows on a 2-D preset, several seeds")
     t2.add_argument("--dataset", default="grid")
     for sp in (t, t2):

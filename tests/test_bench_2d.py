@@ -135,3 +135,15 @@ def test_maem_bench_reads_a_finished_baseline_and_records_it(tmp_path, monkeypat
     assert rec["wall_seconds"] == 150.0 and "real_cos_nn" not in rec["metrics"]
     assert got["table"][2].startswith(f"| ring | {name} | 1 | 8.0 (8-8) | 96.0 % |")
     assert got["table"][2].endswith("| 150 | 0.500 | - | - | - | 2.000 |")
+
+
+def test_maem_image_setting_row_changes_only_the_loss_and_spectral_norm():
+    import bench_maem
+    import maem_gan
+
+    for dataset in ("ring", "grid"):
+        preset = vars(maem_gan.parse_args(["--dataset", dataset]))
+        row = vars(maem_gan.parse_args(["--dataset", dataset, *bench_maem.TOY_ROWS["image-setting"][1]]))
+        assert (row["loss"], row["d_spectral_norm"]) == ("maf", True) and (preset["loss"], preset["d_spectral_norm"]) == ("ns", False)
+        assert {k for k in row if row[k] != preset[k]} == {"loss", "d_spectral_norm"}
+    assert bench_maem.ROW_NAMES["MaEM-GAN, image loss (L_MaF + SN)"] == "image-setting"
