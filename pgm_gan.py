@@ -237,8 +237,8 @@ def parse_args(argv=None):
                         "Sec. 5.3; 2-D presets: one per Gaussian as inferred from Sec. 5.1, 25 grid / 8 ring; "
                         "the official 2d_mix script uses 50); --k 1 = one plain GAN (baseline). Modes unknown: "
                         "run --stage partition --k 50 (an --out of its own), then use --k near the exp(H(pi)) of "
-                        "the partition sizes it prints (ring 8.0, grid 26.6 for 8 and 25 modes; one seed each: "
-                        "README, 'PGMGAN on 2-D data')")
+                        "the partition sizes it prints (ring 8.0-8.5, grid 25.4-26.6 for 8 and 25 modes, 3 seeds "
+                        "each: README, 'PGMGAN on 2-D data')")
     g.add_argument("--partition", default="learned", choices=["learned", "random"],
                    help="learned: S from Eq. 5; random: uniformly random partition ids "
                         "(baseline 'Random Partition ID', Table 1; no guide, no rejection)")
