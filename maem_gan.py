@@ -203,7 +203,9 @@ def build_parser():
                          formatter_class=common.PresetHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(PRESETS),
                    help="cifar10 (Suppl., DCGAN; --arch biggan: Table 6), celeba (Suppl., 256, DCGAN), animeface / "
-                        "ffhq (image folders, ResNet; --arch stylegan2: Table 7), stacked-(fashion-)mnist, ring, grid (ours)")
+                        "ffhq (image folders, ResNet; --arch stylegan2: Table 7), stacked-(fashion-)mnist, ring, grid (ours; "
+                        "they run the method, they do not show it: D's codes fall onto one ray, D reaches chance "
+                        "early, the no-term baseline covers the same modes and no seed meets the spread targets; README)")
     p.add_argument("--variant", default="paper", choices=VARIANTS,
                    help="paper: Eq. 8, 12-14 as written; official: train.py's losses and defaults (below), with "
                         "FIFO buffers (theirs: --authors-buffer) and 1 SN power iteration per D step (theirs: 5)")
