@@ -128,6 +128,8 @@ def floor(args):
         opt_d.step()
         # G step on the same z, against the updated D (non-saturating loss). G is unchanged since
         # `fake` was drawn and its BN uses batch statistics, so G(z) again would equal `fake`: reuse it.
+        if getattr(args, "fresh_z", False):    # speed only: the method scripts' G step, on a fresh z
+            fake = G(torch.randn(BATCH, Z_DIM, generator=gen))
         g_loss = bce(D(fake), ones)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -242,6 +244,9 @@ TABLE_ROWS = {
 # (its D head adds 256 weights), so this row is the DCGAN through a method script: the scripts' overhead.
 SPEED_ROWS = {
     "dcgan-script": ("pgm_gan", "DCGAN through pgm_gan.py --k 1", ["--k", "1"]),
+    # The floor with the scripts' algorithm (a fresh z and a second G forward for the G step):
+    # dcgan-script over this row is the scripts' overhead, this row over the floor the algorithm's.
+    "dcgan-fresh-z": ("floor", "the floor loop, G step on a fresh z", ["--fresh-z"]),
 }
 # Extra flags per script for a smoke run (tests only: small batch and stages, not evidence).
 SMOKE = {
@@ -314,7 +319,7 @@ class TableRun:
         if self.script == "floor":         # resumes from its own ckpt.pt
             return head + [os.path.abspath(__file__), "floor", "--out", self.out, "--steps", str(a.steps),
                            "--seed", str(self.seed), "--d-width", str(a.d_width), "--data-root", a.data_root,
-                           "--ckpt-every", str(every), "--log-every", str(log_every)]
+                           "--ckpt-every", str(every), "--log-every", str(log_every)] + self.flags
         cmd = head + [os.path.join(ROOT, self.script + ".py"), "--dataset", DATASET, "--arch", "pacgan",
                       "--data-root", a.data_root, "--device", "cpu", "--seed", str(self.seed), "--out", self.out,
                       "--steps", str(a.steps), "--d-width", str(a.d_width), "--log-every", str(log_every),
@@ -481,34 +486,48 @@ def _interval_seconds(path, start, floor):
 
 def speed(args):
     """Each row's G steps/s on one core, the floor loop timed just before it (same networks and
-    losses, same machine state), after --warmup steps; prints every row's ratio to the floor."""
+    losses, same machine state), after --warmup steps; --repeat rounds over the rows, interleaved;
+    prints each row's median rate and median ratio of step time to the floor's (every ratio beside)."""
     args.out, args.data_root = os.path.abspath(args.out), os.path.abspath(args.data_root)
     total = args.warmup + args.steps
-    lines = ["| row | G steps/s | floor steps/s | step time, row / floor |", "|---|---|---|---|"]
     stages = ["--pretext-steps", "10", "--part-steps", "10", "--part-samples", "2000", "--pi-samples", "2000"]
+    rates = {row: [] for row in args.rows}
+    floors = {row: [] for row in args.rows}
+    for round_ in range(args.repeat):
+        for row in args.rows:
+            for which in ("dcgan", row) if row != "dcgan" else ("dcgan",):
+                os.makedirs(args.out, exist_ok=True)
+                ns = argparse.Namespace(out=args.out, results=args.out, steps=total, count_samples=COUNT_N,
+                                        d_width=args.d_width, data_root=args.data_root, ckpt_every=total,
+                                        log_every=args.warmup, smoke=False)
+                run = TableRun(which, 0, ns)
+                shutil.rmtree(run.out, ignore_errors=True)
+                cmd = run.command(False) + (stages if run.script == "pgm_gan" else [])
+                env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
+                with open(run.log, "w") as log:
+                    rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                if rc != 0:
+                    print(f"{which}: exit {rc}, see {run.log}", flush=True)
+                    rate = None
+                else:
+                    seconds, n = _interval_seconds(run.path("log.jsonl"), args.warmup, run.script == "floor")
+                    rate = n / seconds
+                    print(f"round {round_ + 1}: {which}: {rate:.2f} G steps/s over {n} steps after "
+                          f"{args.warmup}", flush=True)
+                (floors if which == "dcgan" else rates)[row].append(rate)
+            if row == "dcgan":
+                rates[row] = floors[row]
+    lines = [f"| row | G steps/s (median of {args.repeat}) | floor steps/s | step time, row / floor (median) "
+             "| every round's ratio |", "|---|---|---|---|---|"]
     for row in args.rows:
-        rates = {}
-        for which in ("dcgan", row) if row != "dcgan" else ("dcgan",):
-            os.makedirs(args.out, exist_ok=True)
-            ns = argparse.Namespace(out=args.out, results=args.out, steps=total,
-                                    count_samples=COUNT_N,
-                                    d_width=args.d_width, data_root=args.data_root, ckpt_every=total,
-                                    log_every=args.warmup, smoke=False)
-            run = TableRun(which, 0, ns)
-            shutil.rmtree(run.out, ignore_errors=True)
-            cmd = run.command(False) + (stages if run.script == "pgm_gan" else [])
-            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
-            with open(run.log, "w") as log:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
-                print(f"{which}: exit {rc}, see {run.log}", flush=True)
-                rates[which] = None
-                continue
-            seconds, n = _interval_seconds(run.path("log.jsonl"), args.warmup, run.script == "floor")
-            rates[which] = n / seconds
-            print(f"{which}: {rates[which]:.2f} G steps/s over {n} steps after {args.warmup}", flush=True)
-        r, f = rates.get(row), rates.get("dcgan")
-        lines.append(f"| {row} | {r and f'{r:.2f}'} | {f and f'{f:.2f}'} | {f'{f / r:.2f}x' if r and f else '-'} |")
+        pairs = [(r, f) for r, f in zip(rates[row], floors[row]) if r and f]
+        if not pairs:
+            lines.append(f"| {row} | - | - | - | - |")
+            continue
+        ratios = [f / r for r, f in pairs]
+        lines.append(f"| {row} | {statistics.median(r for r, _ in pairs):.2f} | "
+                     f"{statistics.median(f for _, f in pairs):.2f} | {statistics.median(ratios):.2f}x | "
+                     f"{', '.join(f'{x:.2f}' for x in ratios)} |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     with open(os.path.join(args.out, "speed.md"), "w") as fh:
@@ -527,6 +546,8 @@ def main(argv=None):
     f.add_argument("--ckpt-every", type=int, default=5000)
     f.add_argument("--log-every", type=int, default=500)
     f.add_argument("--data-root", default=common.FASHION_MNIST_SYSTEM_DIR)
+    f.add_argument("--fresh-z", action="store_true",
+                   help="speed only, not the protocol: the G step on a fresh z (G forward again), as the method scripts do")
     c = sub.add_parser("curve", help="count every kept G of a run")
     c.add_argument("--out", required=True)
     c.add_argument("--classifier", required=True)
@@ -558,6 +579,7 @@ def main(argv=None):
                    choices=list(TABLE_ROWS) + list(SPEED_ROWS))
     s.add_argument("--steps", type=int, default=300, help="timed G steps after the warm-up")
     s.add_argument("--warmup", type=int, default=50)
+    s.add_argument("--repeat", type=int, default=1, help="rounds over the rows (interleaved); medians reported")
     s.add_argument("--d-width", type=int, default=4, choices=[2, 4])
     s.add_argument("--out", default="/work/bench-runs/pacgan-speed")
     s.add_argument("--data-root", default=common.FASHION_MNIST_SYSTEM_DIR)

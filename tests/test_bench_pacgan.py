@@ -265,3 +265,21 @@ def test_curve_counts_each_kept_generator_once_per_classifier(tmp_path, capsys):
     logged = {r["step"]: r["d_loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))}
     assert [(r["step"], r["modes_raw"], r["d_loss"]) for r in kept["rows"]] == \
         [(r["step"], r["modes_raw"], logged[r["step"]]) for r in rec["rows"]]
+
+
+def test_floor_fresh_z_changes_only_the_g_step(tmp_path):
+    """`speed`'s dcgan-fresh-z row: the same D step as the protocol's floor, then G's step on a new z
+    (the scripts' algorithm), so after one step D matches the protocol run and G does not."""
+    root = str(tmp_path / "fmnist")
+    write_mnist(root, n_train=300, n_test=10)
+    state = {}
+    for fresh in (False, True):
+        out = str(tmp_path / f"fresh{fresh}")
+        bench_pacgan.floor(argparse.Namespace(out=out, steps=1, seed=0, d_width=2, ckpt_every=1, log_every=1,
+                                              data_root=root, fresh_z=fresh))
+        state[fresh] = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    for k, v in state[False]["D"].items():      # D's weights (its BN statistics also see the G step's fakes)
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, state[True]["D"][k]), k
+    assert any(not torch.equal(v, state[True]["G"][k]) for k, v in state[False]["G"].items()
+               if v.is_floating_point())
