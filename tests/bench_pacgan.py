@@ -484,6 +484,24 @@ def _interval_seconds(path, start, floor):
     return t, recs[-1]["step"] - start
 
 
+def speed_table(rows, rates, floors, repeat):
+    """The markdown of `speed`: per row, the medians over the rounds of its G steps/s and of the floor's
+    timed just before it, and the median of the per-round ratios floor rate / row rate (= row step
+    time / floor step time); a round where either run failed (None) is left out."""
+    lines = [f"| row | G steps/s (median of {repeat}) | floor steps/s | step time, row / floor (median) "
+             "| every round's ratio |", "|---|---|---|---|---|"]
+    for row in rows:
+        pairs = [(r, f) for r, f in zip(rates[row], floors[row]) if r and f]
+        if not pairs:
+            lines.append(f"| {row} | - | - | - | - |")
+            continue
+        ratios = [f / r for r, f in pairs]
+        lines.append(f"| {row} | {statistics.median(r for r, _ in pairs):.2f} | "
+                     f"{statistics.median(f for _, f in pairs):.2f} | {statistics.median(ratios):.2f}x | "
+                     f"{', '.join(f'{x:.2f}' for x in ratios)} |")
+    return "\n".join(lines) + "\n"
+
+
 def speed(args):
     """Each row's G steps/s on one core, the floor loop timed just before it (same networks and
     losses, same machine state), after --warmup steps; --repeat rounds over the rows, interleaved;
@@ -517,18 +535,7 @@ def speed(args):
                 (floors if which == "dcgan" else rates)[row].append(rate)
             if row == "dcgan":
                 rates[row] = floors[row]
-    lines = [f"| row | G steps/s (median of {args.repeat}) | floor steps/s | step time, row / floor (median) "
-             "| every round's ratio |", "|---|---|---|---|---|"]
-    for row in args.rows:
-        pairs = [(r, f) for r, f in zip(rates[row], floors[row]) if r and f]
-        if not pairs:
-            lines.append(f"| {row} | - | - | - | - |")
-            continue
-        ratios = [f / r for r, f in pairs]
-        lines.append(f"| {row} | {statistics.median(r for r, _ in pairs):.2f} | "
-                     f"{statistics.median(f for _, f in pairs):.2f} | {statistics.median(ratios):.2f}x | "
-                     f"{', '.join(f'{x:.2f}' for x in ratios)} |")
-    text = "\n".join(lines) + "\n"
+    text = speed_table(args.rows, rates, floors, args.repeat)
     print(text, flush=True)
     with open(os.path.join(args.out, "speed.md"), "w") as fh:
         fh.write(text)

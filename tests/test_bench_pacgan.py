@@ -283,3 +283,16 @@ def test_floor_fresh_z_changes_only_the_g_step(tmp_path):
             assert torch.equal(v, state[True]["D"][k]), k
     assert any(not torch.equal(v, state[True]["G"][k]) for k, v in state[False]["G"].items()
                if v.is_floating_point())
+
+
+def test_speed_table_pairs_each_round_with_its_own_floor():
+    """Ratios are row step time / floor step time (floor rate / row rate), per round against the floor
+    timed beside it, median over rounds; a failed run (None) drops its round only."""
+    rates = {"maem": [5.0, 2.0, 4.0, None]}
+    floors = {"maem": [10.0, 8.0, 12.0, 9.0]}
+    line = bench_pacgan.speed_table(["maem"], rates, floors, 4).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # rounds: 10/5 = 2.00, 8/2 = 4.00, 12/4 = 3.00 -> median 3.00x; rates median 4.00, floors median 10.00
+    assert cells == ["maem", "4.00", "10.00", "3.00x", "2.00, 4.00, 3.00"]
+    assert "| dcgan-script | - | - | - | - |" in bench_pacgan.speed_table(
+        ["dcgan-script"], {"dcgan-script": [None]}, {"dcgan-script": [9.0]}, 1)
