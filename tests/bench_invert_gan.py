@@ -10,7 +10,9 @@ skips runs whose metrics.json exists (so an interrupted benchmark continues). Th
 bench_2d.py's columns: the standard reverse KL (all samples) and the paper's (reverse_kl_hq:
 high-quality samples only, Sec. 5.1), and the within-mode ones (std ratio, centre offset, MMD).
 With --results each finished run's result file (metrics, command, wall seconds) goes there, as
-<results>/invert-<dataset>-<method>-s<seed>.json. Methods (Table 1 rows):
+<results>/invert-<dataset>-<method>[-<tag>]-s<seed>.json (--tag names what the flags after -- change;
+--results with such flags and no --tag is refused, so a variant never overwrites a preset's row).
+Methods (Table 1 rows):
     invertgan  default flags (p-norm MD Gaussian loss + L_cons)
     gan        --lambda-cons 0 --gauss-loss none      (plain GAN, same networks)
     1d         --gauss-loss w2-1d                     (the 1-D Gaussian loss of Eq. 11)
@@ -52,10 +54,11 @@ def finished(out, method, dataset, seed):
                 wall_seconds=json.load(open(wall))["wall_seconds"] if os.path.isfile(wall) else None)
 
 
-def record(results, out, method, dataset, seed, extra):
+def record(results, out, method, dataset, seed, extra, tag=None):
     m = finished(out, method, dataset, seed)
     metrics = {k: v for k, v in m.items() if k not in ("seed", "wall_seconds")}
-    bench_2d.write_result(results, "invert", dataset, method, seed, metrics,
+    row = method + (f"-{tag}" if tag else "")
+    bench_2d.write_result(results, "invert", dataset, row, seed, metrics,
                           "OMP_NUM_THREADS=1 python invert_gan.py " + " ".join(command(method, dataset, seed, "OUT", extra)),
                           m["wall_seconds"], "python tests/bench_invert_gan.py " + " ".join(sys.argv[1:]))
 
@@ -79,8 +82,11 @@ def main():
     p.add_argument("--summary", action="store_true", help="only print the table of finished runs")
     p.add_argument("--results", default=None,
                    help="write each finished run's result file here (bench_2d.py; the repository's: tests/results/2d)")
+    p.add_argument("--tag", default=None, help="appended to the method in result files' row names (e.g. zdisc)")
     p.add_argument("extra", nargs="*", help="extra flags for invert_gan.py (after --)")
     args = p.parse_args()
+    if args.results and args.extra and not args.tag:
+        p.error("flags after -- with --results need --tag (else they would overwrite the preset's result files)")
     if not args.summary:
         todo = [(m, d, s) for s in args.seeds for m in args.methods for d in args.datasets
                 if not os.path.isfile(os.path.join(run_dir(args.out, m, d, s), "metrics.json"))]
@@ -107,13 +113,13 @@ def main():
                         with open(os.path.join(run_dir(args.out, m, d, s), "wall.json"), "w") as f:
                             json.dump({"wall_seconds": time.perf_counter() - t0}, f)
                         if args.results:
-                            record(args.results, args.out, m, d, s, args.extra)
+                            record(args.results, args.out, m, d, s, args.extra, args.tag)
     if args.results:               # also the runs finished before (result files are rewritten)
         for d in args.datasets:
             for m in args.methods:
                 for s in args.seeds:
                     if finished(args.out, m, d, s):
-                        record(args.results, args.out, m, d, s, args.extra)
+                        record(args.results, args.out, m, d, s, args.extra, args.tag)
     summary(args.out, args.methods, args.datasets, args.seeds)
 
 

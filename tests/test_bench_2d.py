@@ -100,6 +100,24 @@ def test_invert_bench_records_the_baseline_with_its_flags(tmp_path, monkeypatch,
                    "| 0.0001 / 2e-05 | 0 of 1 | - |"]
 
 
+def test_invert_bench_tags_a_variant_and_never_overwrites_the_preset_row(tmp_path, monkeypatch):
+    import bench_invert_gan
+
+    out, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    finished_run(bench_invert_gan.run_dir(out, "invertgan", "grid", 4), metrics(kl=0.1))
+    argv = ["bench_invert_gan.py", "--out", out, "--methods", "invertgan", "--datasets", "grid", "--seeds", "4",
+            "--summary", "--results", results]
+    monkeypatch.setattr(sys, "argv", argv + ["--", "--gauss-loss", "zdisc"])
+    with pytest.raises(SystemExit) as e:                  # variant flags without a tag: refused
+        bench_invert_gan.main()
+    assert e.value.code == 2 and not os.path.exists(results)
+    monkeypatch.setattr(sys, "argv", argv + ["--tag", "zdisc", "--", "--gauss-loss", "zdisc"])
+    bench_invert_gan.main()
+    assert os.listdir(results) == ["invert-grid-invertgan-zdisc-s4.json"]
+    rec = json.load(open(os.path.join(results, "invert-grid-invertgan-zdisc-s4.json")))
+    assert rec["row"] == "invertgan-zdisc" and rec["command"].endswith("--seed 4 --out OUT --device cpu --gauss-loss zdisc")
+
+
 def test_pgm_bench_tags_the_row_and_keeps_the_extra_flags(tmp_path, capsys):
     import bench_pgm
 
