@@ -12,7 +12,9 @@ Every number comes from running the real script in a subprocess and reading what
     python tests/bench_maem.py ablation  # the ablation rows on stacked Fashion-MNIST: modes / 1000, reverse KL
 
 Set OMP_NUM_THREADS yourself (1 on a shared CPU). `--json FILE` writes the results; `--keep DIR`
-keeps the runs (default: a temporary folder). Extra flags after `--` go to every maem_gan.py run.
+keeps the runs (default: a temporary folder). Extra flags after `--` go to every maem_gan.py run;
+with --results they (or --steps) need `--tag T`, which names the result files' row (preset-T) and
+the run folders, e.g. `toy --rows preset --tag nc3 --results tests/results/2d -- --n-critic 3`.
 """
 
 import argparse
@@ -107,13 +109,15 @@ def toy_runs(rows, args, workdir, extra):
     """rows: [(name, dataset, flags)]; every row x seed is one maem_gan.py run, `--jobs` at a time,
     each on one thread. A finished run (metrics.json present) is read, not rerun; its wall seconds
     are those the benchmark measured (wall.json), else the run's train_seconds. With --results,
-    each run's result file goes there (bench_2d.write_result; rows named by ROW_NAMES)."""
+    each run's result file goes there (bench_2d.write_result; rows named by ROW_NAMES, plus -TAG
+    with --tag, which also names the run folders, so a variant never reads or overwrites a preset run)."""
     import bench_2d
 
+    tag = f"-{args.tag}" if getattr(args, "tag", None) else ""
     jobs = []
     for seed in args.seeds:                # seed-major: a benchmark cut short still has paired rows
         for name, dataset, flags in rows:
-            out = os.path.join(workdir, f"{dataset}-{name.replace(' ', '_').replace('+', 'p')}-s{seed}")
+            out = os.path.join(workdir, f"{dataset}-{name.replace(' ', '_').replace('+', 'p')}{tag}-s{seed}")
             cmd = ["--dataset", dataset, "--seed", str(seed), "--device", args.device,
                    "--log-every", "1000", *(["--steps", str(args.steps)] if args.steps else []), *flags, *extra]
             jobs.append((name, dataset, seed, cmd, out))
@@ -131,7 +135,7 @@ def toy_runs(rows, args, workdir, extra):
             with open(wall_path, "w") as f:
                 json.dump({"wall_seconds": wall}, f)
         if args.results:
-            bench_2d.write_result(args.results, "maem", dataset, ROW_NAMES.get(name, slug(name)), seed, metrics,
+            bench_2d.write_result(args.results, "maem", dataset, ROW_NAMES.get(name, slug(name)) + tag, seed, metrics,
                                   "OMP_NUM_THREADS=1 python maem_gan.py " + " ".join(cmd), wall,
                                   "python tests/bench_maem.py " + " ".join(sys.argv[1:]))
         if "code_dims" not in metrics:                         # a run of an older maem_gan.py
@@ -240,6 +244,8 @@ def main():
         sp.add_argument("--steps", type=int, default=None, help="G steps (default: the preset's)")
         sp.add_argument("--seeds", type=int, nargs="+", default=[0])
         sp.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+        sp.add_argument("--tag", default=None, help="appended to the row in result files and run folders "
+                        "(needed with --results when --steps or flags after -- change the runs)")
     a = sub.add_parser("ablation", help="Table 1 rows on stacked Fashion-MNIST")
     a.add_argument("--steps", type=int, default=1500, help="G steps per row (fit one row in ~30 CPU minutes)")
     a.add_argument("--log-every", type=int, default=100)
@@ -252,6 +258,8 @@ def main():
         sp.add_argument("--json", default=None, help="write the results here")
         sp.add_argument("--keep", default=None, help="keep the runs in this folder")
     args = p.parse_args(argv)
+    if args.cmd in ("toy", "ablation2d") and args.results and (extra or args.steps) and not args.tag:
+        p.error("--steps or flags after -- with --results need --tag (else they would overwrite the preset's result files)")
     workdir = args.keep or tempfile.mkdtemp(prefix="bench_maem-")
     os.makedirs(workdir, exist_ok=True)
     try:

@@ -155,6 +155,30 @@ def test_maem_bench_reads_a_finished_baseline_and_records_it(tmp_path, monkeypat
     assert got["table"][2].endswith("| 150 | 0.500 | - | - | - | 2.000 |")
 
 
+def test_maem_bench_tag_keeps_a_variant_apart_from_the_finished_preset(tmp_path, monkeypatch):
+    import bench_maem
+
+    work, results = tmp_path / "runs", str(tmp_path / "results")
+    finished_run(str(work / "grid-MaEM-GAN-s1"), metrics(), log={"step": 10})      # the preset's run
+    ran = []
+
+    def fake_run(cmd, out):
+        ran.append(cmd)
+        os.makedirs(out)
+        return 60.0, [{"step": 10}], dict(metrics(kl=0.2), code_dims=1.0)
+    monkeypatch.setattr(bench_maem, "run", fake_run)
+    args = argparse.Namespace(datasets="grid", rows=["preset"], seeds=[1], device="cpu", steps=None, jobs=1,
+                              results=results, tag="nc3")
+    bench_maem.toy(args, str(work), ["--n-critic", "3"])
+    assert len(ran) == 1 and ran[0][-2:] == ["--n-critic", "3"]       # not read from the preset's folder
+    assert os.listdir(results) == ["maem-grid-preset-nc3-s1.json"]
+    assert json.load(open(os.path.join(results, "maem-grid-preset-nc3-s1.json")))["metrics"]["reverse_kl"] == 0.2
+    monkeypatch.setattr(sys, "argv", ["bench_maem.py", "toy", "--results", results, "--", "--n-critic", "3"])
+    with pytest.raises(SystemExit) as e:                  # variant flags with --results and no --tag
+        bench_maem.main()
+    assert e.value.code == 2
+
+
 def test_maem_image_setting_row_changes_only_the_loss_and_spectral_norm():
     import bench_maem
     import maem_gan
