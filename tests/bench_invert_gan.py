@@ -11,7 +11,8 @@ bench_2d.py's columns: the standard reverse KL (all samples) and the paper's (re
 high-quality samples only, Sec. 5.1), and the within-mode ones (std ratio, centre offset, MMD).
 With --results each finished run's result file (metrics, command, wall seconds) goes there, as
 <results>/invert-<dataset>-<method>[-<tag>]-s<seed>.json (--tag names what the flags after -- change;
---results with such flags and no --tag is refused, so a variant never overwrites a preset's row).
+its runs go to OUT/<tag>/; --results with such flags and no --tag is refused, so a variant never
+reuses a preset's run or overwrites its row).
 Methods (Table 1 rows):
     invertgan  default flags (p-norm MD Gaussian loss + L_cons)
     gan        --lambda-cons 0 --gauss-loss none      (plain GAN, same networks)
@@ -87,6 +88,8 @@ def main():
     args = p.parse_args()
     if args.results and args.extra and not args.tag:
         p.error("flags after -- with --results need --tag (else they would overwrite the preset's result files)")
+    if args.tag:                   # a tagged variant's runs live apart from the preset's (never reused)
+        args.out = os.path.join(args.out, args.tag)
     if not args.summary:
         todo = [(m, d, s) for s in args.seeds for m in args.methods for d in args.datasets
                 if not os.path.isfile(os.path.join(run_dir(args.out, m, d, s), "metrics.json"))]

@@ -21,7 +21,7 @@ interrupted benchmark picks up where it stopped. Extra flags for pgm_gan.py go a
 The 2-D table has bench_2d.py's columns (modes, quality, reverse KL, within-mode std ratio, centre
 offset, MMD) and PGMGAN's own (acceptance, partition NMI); with --results each finished run's result
 file goes there as <results>/pgm-<dataset>-<variant>[-<tag>]-s<seed>.json (--tag names what the
-flags after `--` change, e.g. k16).
+flags after `--` change, e.g. k16, and puts the runs in OUT/<tag>/; --results with such flags needs it).
 For stacked Fashion-MNIST the mode classifier is trained first (common.train_mode_classifier,
 as `evaluate.py classifier`) unless --classifier names one; the pretext and partition stages run
 once and the "partition" variant reuses their files (same partitioner, no guide).
@@ -306,6 +306,8 @@ STACKED_KEYS = ["modes", "reverse_kl", "acceptance", "forced", "partition_nmi", 
 
 
 def bench_toy(args, extra):
+    if args.tag:                   # a tagged variant's runs live apart from the preset's (never reused)
+        args.out = os.path.join(args.out, args.tag)
     if args.probe:
         for dataset in args.datasets:
             for variant in args.variants:
@@ -414,6 +416,8 @@ def main():
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args = p.parse_args(argv)
+    if args.cmd == "toy" and args.results and extra and not args.tag:
+        p.error("flags after -- with --results need --tag (else they would overwrite the preset's result files)")
     if args.cmd == "knn":
         bench_knn(args)
     elif args.cmd == "toy":

@@ -104,7 +104,7 @@ def test_invert_bench_tags_a_variant_and_never_overwrites_the_preset_row(tmp_pat
     import bench_invert_gan
 
     out, results = str(tmp_path / "runs"), str(tmp_path / "results")
-    finished_run(bench_invert_gan.run_dir(out, "invertgan", "grid", 4), metrics(kl=0.1))
+    finished_run(bench_invert_gan.run_dir(out, "invertgan", "grid", 4), metrics(kl=0.5))     # the preset's
     argv = ["bench_invert_gan.py", "--out", out, "--methods", "invertgan", "--datasets", "grid", "--seeds", "4",
             "--summary", "--results", results]
     monkeypatch.setattr(sys, "argv", argv + ["--", "--gauss-loss", "zdisc"])
@@ -113,26 +113,37 @@ def test_invert_bench_tags_a_variant_and_never_overwrites_the_preset_row(tmp_pat
     assert e.value.code == 2 and not os.path.exists(results)
     monkeypatch.setattr(sys, "argv", argv + ["--tag", "zdisc", "--", "--gauss-loss", "zdisc"])
     bench_invert_gan.main()
+    assert not os.path.exists(results)                    # the preset's finished run is not the variant's
+    finished_run(bench_invert_gan.run_dir(os.path.join(out, "zdisc"), "invertgan", "grid", 4), metrics(kl=0.1))
+    bench_invert_gan.main()
     assert os.listdir(results) == ["invert-grid-invertgan-zdisc-s4.json"]
     rec = json.load(open(os.path.join(results, "invert-grid-invertgan-zdisc-s4.json")))
     assert rec["row"] == "invertgan-zdisc" and rec["command"].endswith("--seed 4 --out OUT --device cpu --gauss-loss zdisc")
 
 
-def test_pgm_bench_tags_the_row_and_keeps_the_extra_flags(tmp_path, capsys):
+def test_pgm_bench_tags_the_row_and_keeps_the_extra_flags(tmp_path, capsys, monkeypatch):
     import bench_pgm
 
     out, results = str(tmp_path / "runs"), str(tmp_path / "results")
-    finished_run(bench_pgm.run_dir(out, "pgmgan", "ring", 0), metrics(acceptance=1.0, partition_nmi=1.0))
-    json.dump({"wall_seconds": 600.0}, open(os.path.join(bench_pgm.run_dir(out, "pgmgan", "ring", 0), "wall.json"), "w"))
+    finished_run(bench_pgm.run_dir(out, "pgmgan", "ring", 1), metrics(acceptance=1.0, partition_nmi=1.0))  # preset's
+    tagged = bench_pgm.run_dir(os.path.join(out, "k16"), "pgmgan", "ring", 0)
+    finished_run(tagged, metrics(acceptance=1.0, partition_nmi=1.0))
+    json.dump({"wall_seconds": 600.0}, open(os.path.join(tagged, "wall.json"), "w"))
     args = argparse.Namespace(out=out, probe=False, smoke=False, summary=True, results=results, tag="k16",
-                              seeds=[0], datasets=["ring"], variants=["pgmgan", "gan"])
+                              seeds=[0, 1], datasets=["ring"], variants=["pgmgan", "gan"])
     bench_pgm.bench_toy(args, ["--k", "16"])
+    assert os.listdir(results) == ["pgm-ring-pgmgan-k16-s0.json"]      # seed 1's preset run is not the variant's
     rec = json.load(open(os.path.join(results, "pgm-ring-pgmgan-k16-s0.json")))
     assert rec["command"].endswith("--seed 0 --k 16") and rec["wall_seconds"] == 600.0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ring | pgmgan | 1 |")]
     assert rows and rows[0].endswith("| 600 | 1.000 | 1.000 | - |")
     with pytest.raises(SystemExit, match="smoke"):
         bench_pgm.bench_toy(argparse.Namespace(**dict(vars(args), smoke=True)), [])
+    monkeypatch.setattr(sys, "argv", ["bench_pgm.py", "toy", "--out", out, "--summary", "--results", results,
+                                      "--", "--k", "16"])
+    with pytest.raises(SystemExit) as e:                  # variant flags with --results and no --tag
+        bench_pgm.main()
+    assert e.value.code == 2
 
 
 def test_maem_bench_reads_a_finished_baseline_and_records_it(tmp_path, monkeypatch):
