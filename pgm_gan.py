@@ -99,8 +99,9 @@ _TOY = dict(
     # loss, maxout D (5 pieces), 50K evaluation samples. Ours: 8K steps (its 100K do not fit a CPU),
     # Adam lr 1e-3, betas (0.5, 0.999), decaying over the second half (theirs, from Self-Conditioned
     # GAN's 2d_mix/config.py: 1e-4, (0.8, 0.999), constant), maxout kept (README, "How the 2-D
-    # defaults were chosen"), G of width 200 too, k = one partition per Gaussian (inferred from Sec. 5.1, where S puts each
-    # Gaussian in its own cluster; their script fits 50 k-means clusters; no mode count known: --k's help).
+    # defaults were chosen"), G of width 200 too, k = one partition per Gaussian (inferred from
+    # Sec. 5.1, where S puts each Gaussian in its own cluster; their script fits 50 k-means
+    # clusters; no mode count known: --k's help).
     arch="mlp", width=200, z_dim=2, batch_size=100, steps=8_000, lr=1e-3, beta1=0.5, beta2=0.999,
     n_dis=1, loss="standard", d_act="maxout", lr_decay_from=0.5, eval_samples=50_000,
     # Guide: ours (their reg_guide defaults to 0 and 2d_mix/run.sh passes none): R summed over c with
