@@ -184,10 +184,11 @@ def test_maem_bench_tag_keeps_a_variant_apart_from_the_finished_preset(tmp_path,
     assert len(ran) == 1 and ran[0][-2:] == ["--n-critic", "3"]       # not read from the preset's folder
     assert os.listdir(results) == ["maem-grid-preset-nc3-s1.json"]
     assert json.load(open(os.path.join(results, "maem-grid-preset-nc3-s1.json")))["metrics"]["reverse_kl"] == 0.2
-    monkeypatch.setattr(sys, "argv", ["bench_maem.py", "toy", "--results", results, "--", "--n-critic", "3"])
-    with pytest.raises(SystemExit) as e:                  # variant flags with --results and no --tag
-        bench_maem.main()
-    assert e.value.code == 2
+    for variant in (["--", "--n-critic", "3"], ["--steps", "20000"]):   # a variant with --results and no --tag
+        monkeypatch.setattr(sys, "argv", ["bench_maem.py", "toy", "--results", results, *variant])
+        with pytest.raises(SystemExit) as e:
+            bench_maem.main()
+        assert e.value.code == 2
 
 
 def test_maem_image_setting_row_changes_only_the_loss_and_spectral_norm():
