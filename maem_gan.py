@@ -237,8 +237,9 @@ def build_parser():
     common.add_pacgan_args(g)
     g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (Suppl.: 0.0)")
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (Suppl.: 0.999 CIFAR-10, 0.9 AnimeFace)")
-    g.add_argument("--n-critic", type=int, default=None, help="D updates per G update (official README: 3; 2-D presets: 1, ours). On the ring 3 "
-                        "widens the modes to the spread target's edge at some cost in balance; on the grid (seed 0) it "
+    g.add_argument("--n-critic", type=int, default=None,
+                   help="D updates per G update (official README: 3; 2-D presets: 1, ours). On the ring 3 widens "
+                        "the modes to the spread target's edge at some cost in balance; on the grid (seed 0) it "
                         "costs a mode or the balance (README)")
     g.add_argument("--lr-decay", type=float, default=None, help="lr factor per --lr-decay-epochs (Suppl.: 0.9)")
     g.add_argument("--lr-decay-epochs", type=int, default=None, help="epochs between lr decays (Suppl.: 50 CIFAR-10, 1 CelebA)")

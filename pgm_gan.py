@@ -301,9 +301,10 @@ def parse_args(argv=None):
                         "(1 = constant, as in the official image configs; 2-D default ours)")
     g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (official images: 0)")
     g.add_argument("--beta2", type=float, default=None, help="Adam beta2 (official images: 0.999)")
-    g.add_argument("--n-dis", type=int, default=None, help="D updates per G update (official images: 4; 2-D: 1, official 2d_mix). On 2-D "
-                        "data 1 squeezes each mode (std ratio 0.10 ring, 0.44 grid); 4 with --lr 2e-4 --beta1 0 "
-                        "keeps most of its spread (0.82, 0.86; ours; README, PGMGAN on 2-D data)")
+    g.add_argument("--n-dis", type=int, default=None,
+                   help="D updates per G update (official images: 4; 2-D: 1, official 2d_mix). On 2-D data 1 "
+                        "squeezes each mode (std ratio 0.10 ring, 0.44 grid); 4 with --lr 2e-4 --beta1 0 keeps "
+                        "most of its spread (0.82, 0.86; ours; README, PGMGAN on 2-D data)")
     g.add_argument("--loss", default=None, choices=["hinge", "standard"],
                    help="hinge (official images) or standard = Eq. 2 with the non-saturating G loss "
                         "(official 2-D)")
